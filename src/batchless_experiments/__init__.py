@@ -1,0 +1,1 @@
+"""Experiments, benchmarks and the `batchless` command line (outside the library package)."""
