@@ -1,0 +1,199 @@
+r"""The maths of Batchless Normalization as pure tensor functions.
+
+Every channel ``c`` has a learnable Gaussian :math:`\mathcal{N}(\mu_c, \sigma_c^2)`. The output is
+
+.. math::  y = \frac{x - \mu}{\sigma} \gamma + \beta
+
+in training and evaluation alike, and :math:`\mu, \sigma` are trained by the negative log likelihood of
+the layer's input, reduced as a mean over all its elements and gauged to be ~0 when the input really is
+:math:`\mathcal{N}(\mu, \sigma^2)`:
+
+.. math::  \mathrm{NLL} = \operatorname{mean}\Big[\log\sigma_c + \tfrac12\big(\tfrac{x-\mu_c}{\sigma_c}\big)^2\Big]
+           - \operatorname{sg}\big[\operatorname{mean}_c \log\sigma_c + \tfrac12\big]
+
+Stop-gradients both ways: the output treats :math:`\mu, \sigma` as constants, the NLL treats ``x`` as a
+constant. The NLL therefore depends on the input only through two per-channel moments of the normalised
+input :math:`\hat x = (x - \mu)/\sigma`, ``a = mean_c(x_hat)`` and ``b = mean_c(x_hat ** 2)``, which is all
+this module keeps of the activations:
+
+.. math::  \frac{\partial\,\mathrm{NLL}}{\partial \mu_c} = -\frac{a_c}{C\sigma_c}, \qquad
+           \frac{\partial\,\mathrm{NLL}}{\partial \sigma_c} = \frac{1 - b_c}{C\sigma_c}
+
+with ``C`` the number of channels. Moments of :math:`\hat x` rather than raw sums of ``x`` and ``x**2`` keep
+them exact for badly scaled inputs (``x * 100 + 1000``). Statistics are computed in float32 (float64 for
+float64 inputs); outputs come back in the input dtype.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+from .errors import BatchlessError
+from .weighting import resolve_weight
+
+STD_PARAMS = ("log", "abs", "inv")
+
+
+def std_from_param(raw: Tensor, std_param: str, eps: float) -> Tensor:
+    """sigma as a differentiable function of the raw parameter ``s``.
+
+    ``"log"``: ``exp(s)``; ``"abs"``: ``|s| + eps``; ``"inv"``: ``s`` stores ``1/sigma``, so ``1 / (|s| + eps)``.
+    """
+    if std_param == "log":
+        return raw.exp()
+    if std_param == "abs":
+        return raw.abs() + eps
+    if std_param == "inv":
+        return (raw.abs() + eps).reciprocal()
+    raise BatchlessError(f"std_param must be one of {STD_PARAMS}, got {std_param!r}")
+
+
+def param_from_std(std: Tensor, std_param: str, eps: float) -> Tensor:
+    """The raw parameter whose :func:`std_from_param` is ``std`` (clamped where ``eps`` makes it unreachable)."""
+    std = torch.as_tensor(std)
+    if std_param == "log":
+        return std.log()
+    if std_param == "abs":
+        return (std - eps).clamp_min(0.0)
+    if std_param == "inv":
+        return (std.reciprocal() - eps).clamp_min(0.0)
+    raise BatchlessError(f"std_param must be one of {STD_PARAMS}, got {std_param!r}")
+
+
+def _reduce_dims(x: Tensor) -> list[int]:
+    return [0, *range(2, x.dim())]
+
+
+def _channel_view(t: Tensor, x: Tensor) -> Tensor:
+    """(C,) or (1,) -> broadcastable against x of shape (N, C, *)."""
+    return t.reshape(1, -1, *([1] * (x.dim() - 2)))
+
+
+def _compute_dtype(x: Tensor) -> torch.dtype:
+    return torch.promote_types(x.dtype, torch.float32)
+
+
+def channel_moments(x: Tensor, mean: Tensor, std: Tensor) -> tuple[Tensor, Tensor]:
+    """Per-channel ``a = mean(x_hat)`` and ``b = mean(x_hat ** 2)`` of ``x_hat = (x - mean) / std``.
+
+    One read of ``x`` and no activation-sized temporary (on this project's CPUs a fresh activation-sized
+    buffer costs more than the arithmetic): row sums and row 2-norms of the (N, C, rest) view, combined in
+    float64. The raw second moment loses ~1e-7 * (mean_x**2 / var_x) in relative precision, which is
+    negligible for the NLL gradient unless a channel's mean exceeds ~1000 of its standard deviations.
+    An empty batch has no evidence: a = 0, b = 1, so its NLL and gradients are 0.
+    """
+    cd = _compute_dtype(x)
+    n = x.numel() // x.shape[1]
+    if n == 0:
+        return torch.zeros_like(std), torch.ones_like(std)
+    if x.is_contiguous() and x.dim() > 2:
+        rows = x.view(x.shape[0], x.shape[1], -1)
+        s1 = rows.sum(-1, dtype=cd).sum(0, dtype=torch.float64)
+        s2 = torch.linalg.vector_norm(rows, dim=-1, dtype=cd).double().square().sum(0)
+    else:  # (N, C) inputs and other memory formats (channels_last): reduce over all but dim 1
+        dims = _reduce_dims(x)
+        s1 = x.sum(dims, dtype=cd).double()
+        s2 = torch.linalg.vector_norm(x, dim=dims, dtype=cd).double().square()
+    mean64, std64 = mean.double(), std.double()
+    m = s1 / n
+    a = (m - mean64) / std64
+    b = (s2 / n - 2.0 * mean64 * m + mean64 * mean64).clamp_min(0.0) / (std64 * std64)
+    return a.to(std.dtype), b.to(std.dtype)
+
+
+class _BatchlessTrain(torch.autograd.Function):
+    """Training forward: the output, plus the per-channel moments (a, b) of x_hat.
+
+    The output and the gradients for x, weight and bias are those of an eval-mode batch norm with
+    ``running_mean = mean`` and ``running_var = std**2`` (eps 0), so PyTorch's native fused kernels do
+    them; mean/std are constants in this path. When ``nll_weight`` is not None (implicit mode) backward
+    also gives mean/std ``nll_weight * dNLL``; otherwise mean/std get no gradient here.
+    """
+
+    @staticmethod
+    def forward(ctx, x, mean, std, weight, bias, nll_weight):
+        cd = _compute_dtype(x)
+        channels = x.shape[1]
+        with torch.autocast(x.device.type, enabled=False):
+            mean_c = mean.detach().to(cd).expand(channels)  # (1,) when one Gaussian is shared by all channels
+            std_c = std.detach().to(cd).expand(channels)
+            var_c = std_c * std_c
+            y = F.batch_norm(x, mean_c, var_c, weight, bias, False, 0.0, 0.0)
+            a, b = channel_moments(x, mean_c, std_c)
+        ctx.save_for_backward(x, mean_c, var_c, weight, a, b)
+        ctx.shared = mean.shape[0] != channels
+        ctx.nll_weight = nll_weight
+        ctx.mark_non_differentiable(a, b)
+        return y, a, b
+
+    @staticmethod
+    def backward(ctx, gy, _ga, _gb):
+        x, mean_c, var_c, weight, a, b = ctx.saved_tensors
+        need = ctx.needs_input_grad
+        gx, gw, gb = torch.ops.aten.native_batch_norm_backward(
+            gy, x, weight, mean_c, var_c, None, None, False, 0.0, [need[0], need[3], need[4]]
+        )
+        gmean = gstd = None
+        if ctx.nll_weight is not None:
+            w = resolve_weight(ctx.nll_weight)
+            denom = var_c.sqrt() * a.numel()
+            gmean, gstd = -a / denom * w, (1.0 - b) / denom * w
+            if ctx.shared:
+                gmean, gstd = gmean.sum(0, keepdim=True), gstd.sum(0, keepdim=True)
+        return gx, gmean, gstd, gw, gb, None
+
+
+def nll_from_moments(mean: Tensor, std: Tensor, a: Tensor, b: Tensor) -> Tensor:
+    """The gauged layer NLL as a differentiable function of ``mean`` and ``std`` (the input is constant).
+
+    ``a``, ``b`` are the per-channel moments of x_hat taken at ``mean0 = mean.detach()``, ``std0 =
+    std.detach()``; with ``d = mean0 - mean`` the expected squared deviation from ``mean`` is
+    ``std0**2 * b + 2 * d * std0 * a + d**2`` exactly, so value, gradient and curvature are the NLL's own.
+    """
+    mean0, std0 = mean.detach(), std.detach()
+    d = mean0 - mean
+    sq = std0 * std0 * b + 2.0 * d * std0 * a + d * d
+    per_channel = std.log() + 0.5 * sq / (std * std)
+    gauge = (std0.log().expand_as(per_channel).mean() + 0.5).detach()
+    return per_channel.mean() - gauge
+
+
+def gauged_nll(a: Tensor, b: Tensor) -> Tensor:
+    """The gauged NLL's value from the moments alone: ``0.5 * (mean(b) - 1)`` (0 when x ~ N(mu, sigma^2))."""
+    return 0.5 * (b.mean() - 1.0)
+
+
+def batchless_norm(
+    x: Tensor,
+    mean: Tensor,
+    std: Tensor,
+    weight: Tensor | None = None,
+    bias: Tensor | None = None,
+    *,
+    training: bool = False,
+    nll_weight=None,
+) -> tuple[Tensor, Tensor | None]:
+    """Batchless normalisation of ``x`` (N, C, *) with per-channel (C,) or shared (1,) ``mean``/``std``.
+
+    Returns ``(y, nll)``. In evaluation (``training=False``) ``nll`` is None and the layer is the fixed
+    affine map of an eval-mode BatchNorm. In training, ``nll`` is the gauged layer NLL: differentiable in
+    ``mean``/``std`` when ``nll_weight`` is None (explicit mode: add it to the loss), detached otherwise
+    (implicit mode: the backward of ``y`` already delivers ``nll_weight * dNLL`` to ``mean``/``std``).
+    """
+    if not training:
+        mean_e, std_e = mean.detach().expand(x.shape[1]), std.detach().expand(x.shape[1])
+        cd = _compute_dtype(x)
+        y = F.batch_norm(x.to(cd), mean_e.to(cd), (std_e * std_e).to(cd),
+                         None if weight is None else weight.to(cd), None if bias is None else bias.to(cd),
+                         False, 0.0, 0.0)
+        return y.to(x.dtype), None
+    implicit = nll_weight is not None
+    y, a, b = _BatchlessTrain.apply(x, mean if implicit else mean.detach(), std if implicit else std.detach(),
+                                    weight, bias, nll_weight)
+    if implicit:
+        return y, gauged_nll(a, b).detach()
+    return y, nll_from_moments(mean, std, a, b)
+
+

@@ -1,0 +1,50 @@
+"""Collecting the NLL and the statistics parameters of a model's batchless layers."""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+
+import torch
+from torch import Tensor, nn
+
+from .modules import _BatchlessNorm
+
+
+def batchless_layers(model: nn.Module) -> Iterator[tuple[str, _BatchlessNorm]]:
+    """``(dotted name, layer)`` for every batchless layer in ``model`` (the root included), each once."""
+    for name, module in model.named_modules():
+        if isinstance(module, _BatchlessNorm):
+            yield name, module
+
+
+def nll_loss(model: nn.Module) -> Tensor:
+    """Sum over the model's batchless layers of the gauged NLL of their last training forward.
+
+    In ``nll="explicit"`` mode the result is differentiable in the layers' ``mean``/``std``: add it to the
+    task loss (weight 1 reproduces the paper). In ``nll="implicit"`` mode the values are detached (the
+    gradient is already delivered by the task loss's backward), for monitoring. Layers that have not run a
+    training forward contribute nothing; a model without any gives a zero tensor.
+    """
+    total = None
+    for _, layer in batchless_layers(model):
+        if layer._last_nll is not None:
+            layer._nll_used = True
+            total = layer._last_nll if total is None else total + layer._last_nll
+    if total is None:
+        param = next(model.parameters(), None)
+        return torch.zeros((), device=None if param is None else param.device)
+    return total
+
+
+def statistics_parameters(model: nn.Module) -> Iterator[nn.Parameter]:
+    """Every ``mean`` and ``raw_std`` parameter of the model's batchless layers.
+
+    For optimizer parameter groups, e.g. no weight decay and their own learning rate::
+
+        stats = set(bl.statistics_parameters(model))
+        rest = [p for p in model.parameters() if p not in stats]
+        opt = torch.optim.AdamW([{"params": rest}, {"params": list(stats), "weight_decay": 0.0}])
+    """
+    for _, layer in batchless_layers(model):
+        yield layer.mean
+        yield layer.raw_std

@@ -1,0 +1,216 @@
+"""``BatchlessNorm1d/2d/3d``: drop-in replacements for ``nn.BatchNorm1d/2d/3d``.
+
+The modules own the parameters, check arguments and inputs, and pick the mode; the maths lives in
+:mod:`batchless.functional`. They deliberately do not subclass ``torch.nn.modules.batchnorm._BatchNorm``:
+third-party code matches that class with ``isinstance`` and would rewrite or refuse these layers.
+"""
+
+from __future__ import annotations
+
+import warnings
+
+import torch
+from torch import Tensor, nn
+
+from . import functional as BF
+from .errors import BatchlessError
+from .weighting import current_nll_weight
+
+NLL_MODES = ("implicit", "explicit")
+
+
+class _BatchlessNorm(nn.Module):
+    r"""Normalises each channel with a learned Gaussian: ``y = (x - mean) / std * weight + bias``.
+
+    ``mean`` and ``std`` (:math:`\mu, \sigma`) are trainable parameters, trained only by the negative log
+    likelihood (NLL) of the layer's input under :math:`\mathcal{N}(\mu, \sigma^2)`; the task loss never reaches
+    them and the NLL never reaches the input. The same formula holds in training and evaluation, so a batch's
+    output equals the concatenation of its instances' outputs and the layer works at batch size 1.
+    See Berger & Uc Cetina, "Batchless Normalization", arXiv:2212.14729.
+
+    Statistics cover every dimension but the channel dimension (dim 1): the batch and all spatial positions;
+    with ``shared=True`` one Gaussian covers all channels too (the paper's cross-channel sharing; ``weight``
+    and ``bias`` stay per channel, as in ``nn.BatchNorm``).
+
+    Training vs evaluation: in training every forward computes the layer's gauged NLL from two per-channel
+    moments of the input (no copy of the activations is kept). With ``nll="implicit"`` (default) the backward
+    of whatever loss you compute from the output also delivers the NLL gradient (weight 1, or the weight set
+    by :func:`batchless.nll_weight`) to ``mean`` and ``std``: an unchanged training loop trains them.
+    With ``nll="explicit"`` add it yourself: ``loss = task_loss + batchless.nll_loss(model)``. In evaluation
+    no NLL is recorded and nothing is trained.
+
+    Args:
+        num_features: number of channels ``C``.
+        eps: guards ``std`` away from zero in the ``"abs"`` and ``"inv"`` parametrizations. Default: 1e-5.
+            Unlike in BatchNorm it is not added to a variance.
+        affine: learn ``weight`` and ``bias`` (gamma, beta). Default: True.
+        std_param: parametrization of ``std`` by the raw parameter ``raw_std``: ``"log"`` (exp(s), default),
+            ``"abs"`` (abs(s) + eps) or ``"inv"`` (s stores 1/std).
+        init_mean, init_std: starting values of ``mean`` and ``std``. Default: 0 and 1. Prefer
+            :func:`batchless.init_from_data` before training.
+        nll: ``"implicit"`` or ``"explicit"``, see above. Default: ``"implicit"``.
+        shared: one Gaussian for all channels instead of one per channel. Default: False.
+
+    Shape: input ``(N, C, *)``, output the same shape, dtype and memory format.
+
+    Example::
+
+        >>> import torch, batchless as bl
+        >>> layer = bl.BatchlessNorm2d(16)
+        >>> y = layer(torch.randn(1, 16, 8, 8))   # works at batch size 1
+        >>> y.shape
+        torch.Size([1, 16, 8, 8])
+    """
+
+    _version = 1
+    _input_dims: tuple[int, ...] = ()
+
+    def __init__(
+        self,
+        num_features: int,
+        eps: float = 1e-5,
+        affine: bool = True,
+        std_param: str = "log",
+        init_mean: float = 0.0,
+        init_std: float = 1.0,
+        nll: str = "implicit",
+        shared: bool = False,
+        device=None,
+        dtype=None,
+    ) -> None:
+        _check_arguments(num_features, eps, std_param, init_std, nll)
+        super().__init__()
+        factory = {"device": device, "dtype": dtype}
+        self.num_features = num_features
+        self.eps = eps
+        self.affine = affine
+        self.std_param = std_param
+        self.init_mean = init_mean
+        self.init_std = init_std
+        self.nll = nll
+        self.shared = shared
+        stat_shape = (1,) if shared else (num_features,)
+        self.mean = nn.Parameter(torch.empty(stat_shape, **factory))
+        self.raw_std = nn.Parameter(torch.empty(stat_shape, **factory))
+        if affine:
+            self.weight = nn.Parameter(torch.empty(num_features, **factory))
+            self.bias = nn.Parameter(torch.empty(num_features, **factory))
+        else:
+            self.register_parameter("weight", None)
+            self.register_parameter("bias", None)
+        self._last_nll: Tensor | None = None
+        self._nll_used = True
+        self.reset_parameters()
+
+    def reset_parameters(self) -> None:
+        with torch.no_grad():
+            self.mean.fill_(self.init_mean)
+            self.set_std(torch.full_like(self.raw_std, self.init_std))
+            if self.affine:
+                nn.init.ones_(self.weight)
+                nn.init.zeros_(self.bias)
+
+    @property
+    def std(self) -> Tensor:
+        """sigma: a differentiable function of ``raw_std`` (always > 0)."""
+        return BF.std_from_param(self.raw_std, self.std_param, self.eps)
+
+    @torch.no_grad()
+    def set_std(self, std: Tensor) -> None:
+        """Set ``raw_std`` so that ``std`` equals ``std`` (as closely as the parametrization allows)."""
+        self.raw_std.copy_(BF.param_from_std(std.to(self.raw_std), self.std_param, self.eps))
+
+    def _check_input(self, x: Tensor) -> None:
+        if x.dim() not in self._input_dims:
+            raise BatchlessError(
+                f"{type(self).__name__} expects a {' or '.join(f'{d}D' for d in self._input_dims)} input "
+                f"(N, C, ...), got a {x.dim()}D input of shape {tuple(x.shape)}"
+            )
+        if x.shape[1] != self.num_features:
+            raise BatchlessError(
+                f"{type(self).__name__}({self.num_features}) expects {self.num_features} channels in dim 1, "
+                f"got {x.shape[1]} (input shape {tuple(x.shape)})"
+            )
+        if not x.is_floating_point():
+            raise BatchlessError(f"{type(self).__name__} expects a floating-point input, got {x.dtype}")
+
+    def forward(self, x: Tensor) -> Tensor:
+        self._check_input(x)
+        if not self.training:
+            return BF.batchless_norm(x, self.mean, self.std, self.weight, self.bias)[0]
+        implicit = self.nll == "implicit"
+        if not implicit and not self._nll_used and not torch.compiler.is_compiling():
+            _warn_unused_nll()
+        y, nll = BF.batchless_norm(
+            x, self.mean, self.std, self.weight, self.bias,
+            training=True, nll_weight=current_nll_weight() if implicit else None,
+        )
+        self._last_nll = nll
+        self._nll_used = implicit
+        return y
+
+    def extra_repr(self) -> str:
+        s = f"{self.num_features}, eps={self.eps}, affine={self.affine}, std_param={self.std_param!r}, nll={self.nll!r}"
+        return s + (", shared=True" if self.shared else "")
+
+    def _load_from_state_dict(self, state_dict, prefix, local_metadata, strict, missing_keys,
+                              unexpected_keys, error_msgs):
+        if prefix + "running_mean" in state_dict:
+            raise BatchlessError(
+                f"the checkpoint holds a BatchNorm at {prefix[:-1] or 'the root'!r} (running_mean/running_var), "
+                f"but this is a {type(self).__name__}: load it into the original BatchNorm model and convert "
+                "it with batchless.convert_batchnorm(model)"
+            )
+        # _version 1 is the first format; later versions translate older keys here.
+        super()._load_from_state_dict(state_dict, prefix, local_metadata, strict, missing_keys,
+                                      unexpected_keys, error_msgs)
+
+    def __getstate__(self):
+        state = super().__getstate__()
+        state["_last_nll"] = None  # an autograd graph is neither picklable nor worth keeping
+        return state
+
+
+class BatchlessNorm1d(_BatchlessNorm):
+    __doc__ = _BatchlessNorm.__doc__.replace("BatchlessNorm2d(16)", "BatchlessNorm1d(16)").replace(
+        "randn(1, 16, 8, 8)", "randn(1, 16, 8)").replace("Size([1, 16, 8, 8])", "Size([1, 16, 8])")
+    _input_dims = (2, 3)
+
+
+class BatchlessNorm2d(_BatchlessNorm):
+    __doc__ = _BatchlessNorm.__doc__
+    _input_dims = (4,)
+
+
+class BatchlessNorm3d(_BatchlessNorm):
+    __doc__ = _BatchlessNorm.__doc__.replace("BatchlessNorm2d(16)", "BatchlessNorm3d(16)").replace(
+        "randn(1, 16, 8, 8)", "randn(1, 16, 4, 8, 8)").replace("Size([1, 16, 8, 8])", "Size([1, 16, 4, 8, 8])")
+    _input_dims = (5,)
+
+
+def _check_arguments(num_features, eps, std_param, init_std, nll) -> None:
+    if isinstance(num_features, bool) or not isinstance(num_features, int) or num_features <= 0:
+        raise BatchlessError(f"num_features must be a positive int (the channel count C), got {num_features!r}")
+    if not eps >= 0:
+        raise BatchlessError(f"eps must be >= 0, got {eps!r}")
+    if std_param not in BF.STD_PARAMS:
+        raise BatchlessError(f"std_param must be one of {BF.STD_PARAMS}, got {std_param!r}")
+    if not init_std > 0:
+        raise BatchlessError(f"init_std must be > 0 (a standard deviation), got {init_std!r}")
+    if nll not in NLL_MODES:
+        raise BatchlessError(f"nll must be one of {NLL_MODES}, got {nll!r}")
+
+
+_warned_unused = False
+
+
+def _warn_unused_nll() -> None:
+    global _warned_unused
+    if not _warned_unused:
+        _warned_unused = True
+        warnings.warn(
+            "a BatchlessNorm layer with nll='explicit' ran a second training forward without its NLL being "
+            "collected, so its mean/std are not learning: add batchless.nll_loss(model) to the loss, e.g. "
+            "`loss = task_loss + batchless.nll_loss(model)`, or build the layers with nll='implicit'",
+            stacklevel=3,
+        )

@@ -1,0 +1,80 @@
+"""``nll_weight``: how strongly the implicit NLL gradient counts, for loops that scale their loss.
+
+In ``nll="implicit"`` mode the NLL gradient reaches ``mean``/``std`` through the backward of the task loss,
+with weight 1 per training forward, whatever the loop multiplies its loss by. Two common loops scale the
+loss and should scale the NLL alike:
+
+* gradient accumulation over ``k`` micro-batches with ``(loss / k).backward()``: use ``nll_weight(1 / k)``
+  (or let :func:`batchless.accumulate` do it) so that the k forwards add up to one full-batch NLL gradient;
+* mixed precision with ``torch.amp.GradScaler``: use ``nll_weight(scaler)``. The scaler multiplies the loss
+  by its scale before backward and divides every gradient by it in ``unscale_``/``step``; with this the NLL
+  gradient is multiplied by the same scale (read at backward time, no host-device sync), so it comes out
+  of ``unscale_`` unchanged and inf/NaN checks see it like every other gradient.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import numbers
+
+from torch import Tensor
+
+from .errors import BatchlessError
+
+_stack: list = []
+
+
+@contextlib.contextmanager
+def nll_weight(weight):
+    """Weight the implicit NLL gradient of the training forwards run inside the block.
+
+    Args:
+        weight: a number >= 0, a 0-dim tensor, or a ``torch.amp.GradScaler`` (its current scale).
+            Weights of nested blocks multiply.
+
+    Example::
+
+        >>> import torch, batchless as bl
+        >>> model = torch.nn.Sequential(torch.nn.Linear(4, 8), bl.BatchlessNorm1d(8))
+        >>> for chunk in torch.randn(8, 4).chunk(4):
+        ...     with bl.nll_weight(1 / 4):
+        ...         (model(chunk).square().mean() / 4).backward()
+    """
+    if isinstance(weight, numbers.Real) and not isinstance(weight, bool):
+        if not weight >= 0:
+            raise BatchlessError(f"nll_weight must be >= 0, got {weight!r}")
+    elif isinstance(weight, Tensor):
+        if weight.numel() != 1:
+            raise BatchlessError(f"nll_weight tensor must hold one value, got shape {tuple(weight.shape)}")
+    elif not (hasattr(weight, "is_enabled") and hasattr(weight, "_scale")):
+        raise BatchlessError(
+            f"nll_weight expects a number, a 0-dim tensor or a torch.amp.GradScaler, got {type(weight).__name__}"
+        )
+    _stack.append(weight)
+    try:
+        yield
+    finally:
+        _stack.pop()
+
+
+def current_nll_weight():
+    """The weight in force: 1.0 outside any block, else the enclosing blocks' weights (resolved lazily)."""
+    return tuple(_stack) if _stack else 1.0
+
+
+def resolve_weight(weight) -> float | Tensor:
+    """A weight as a number or tensor, at backward time.
+
+    Accepts a number, a 0-dim tensor, a ``GradScaler`` (its scale is created lazily and updated in place,
+    so it is read here, not at forward time) or a tuple of these (nested blocks: their product).
+    """
+    if isinstance(weight, tuple):
+        out = 1.0
+        for w in weight:
+            out = out * resolve_weight(w)
+        return out
+    if isinstance(weight, (numbers.Real, Tensor)):
+        return weight
+    if not weight.is_enabled() or weight._scale is None:
+        return 1.0
+    return weight._scale
