@@ -1,0 +1,106 @@
+"""Command-line options shared by ``demo`` and ``sweep``, and their translation into a TrainConfig."""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+
+import torch
+
+from .data import DATASETS
+from .models import NORMS, is_batchless
+from .train import NLL_MODES, STATS_OPTIMIZERS, TrainConfig
+
+
+def int_list(text: str) -> list[int]:
+    """``"1,2,4"`` -> ``[1, 2, 4]``, each >= 1."""
+    try:
+        values = [int(v) for v in text.split(",") if v.strip()]
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected comma-separated integers like 1,8,64; received {text!r}") from None
+    if not values or min(values) < 1:
+        raise argparse.ArgumentTypeError(f"expected integers >= 1 like 1,8,64; received {text!r}")
+    return values
+
+
+def norm_list(text: str) -> list[str]:
+    """``"none,bn,batchless"`` -> the list, each a known norm name."""
+    values = [v.strip() for v in text.split(",") if v.strip()]
+    unknown = [v for v in values if v not in NORMS]
+    if not values or unknown:
+        raise argparse.ArgumentTypeError(
+            f"expected comma-separated norms from {', '.join(NORMS)}; received {text!r}"
+            + (f" (unknown: {', '.join(unknown)})" if unknown else ""))
+    return values
+
+
+def positive_int(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        value = 0
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"expected an integer >= 1; received {text!r}")
+    return value
+
+
+def positive_float(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        value = 0.0
+    if not value > 0:
+        raise argparse.ArgumentTypeError(f"expected a number > 0; received {text!r}")
+    return value
+
+
+def add_training_options(p: argparse.ArgumentParser, *, epochs: int, num_samples: int | None) -> None:
+    d = TrainConfig()
+    p.add_argument("--epochs", type=positive_int, default=epochs, help=f"epochs per cell (default {epochs})")
+    p.add_argument("--lr", type=positive_float, default=d.lr, help=f"Adam learning rate (default {d.lr})")
+    p.add_argument("--num-samples", type=positive_int, default=num_samples,
+                   help="size of the generated dataset (mnist1d default 5000, synthetic 6000); caps cifar10")
+    p.add_argument("--width", type=positive_int, default=d.width, help="channels of the MNIST-1D CNN")
+    p.add_argument("--device", default="cpu", help="torch device (default cpu)")
+    p.add_argument("--threads", type=positive_int, default=None,
+                   help="torch.set_num_threads for the run (default: torch's choice)")
+    g = p.add_argument_group("batchless options (ablations; the defaults are the paper's method)")
+    g.add_argument("--no-data-init", dest="data_init", action="store_false",
+                   help="start from mu=0, sigma=1 instead of initializing mu/sigma from training data")
+    g.add_argument("--init-samples", type=positive_int, default=d.init_samples,
+                   help=f"training instances for the data init (default {d.init_samples})")
+    g.add_argument("--stats-lr-scale", type=positive_float, default=d.stats_lr_scale,
+                   help="learning-rate multiplier for mu/sigma (default 1: one learning rate for everything)")
+    g.add_argument("--stats-optimizer", choices=STATS_OPTIMIZERS, default=d.stats_optimizer,
+                   help="optimizer for mu/sigma: adam (with the weights), sgd, or ema (natural-gradient SGD, "
+                        "equivalent to an exponential moving average with rate lr*stats-lr-scale)")
+    g.add_argument("--nll-mode", choices=NLL_MODES, default=d.nll_mode, help="library NLL mode")
+    g.add_argument("--nll-weight", type=float, default=d.nll_weight, help="weight of the NLL (default 1)")
+
+
+def config_from_args(args: argparse.Namespace, dataset: str) -> TrainConfig:
+    return TrainConfig(dataset=dataset, epochs=args.epochs, lr=args.lr, num_samples=args.num_samples,
+                       width=args.width, data_init=args.data_init, init_samples=args.init_samples,
+                       stats_lr_scale=args.stats_lr_scale, stats_optimizer=args.stats_optimizer,
+                       nll_mode=args.nll_mode, nll_weight=args.nll_weight)
+
+
+BATCHLESS_ONLY = ("data_init", "init_samples", "stats_lr_scale", "stats_optimizer", "nll_mode", "nll_weight")
+
+
+def config_for_norm(config: TrainConfig, norm: str) -> TrainConfig:
+    """The config a cell of ``norm`` runs under: the batchless-only options are reset to their defaults for
+    the other norms, so that a baseline cell is shared by every ablation that does not change it."""
+    if is_batchless(norm):
+        return config
+    default = TrainConfig()
+    return dataclasses.replace(config, **{k: getattr(default, k) for k in BATCHLESS_ONLY})
+
+
+def apply_threads(args: argparse.Namespace) -> None:
+    if args.threads:
+        torch.set_num_threads(args.threads)
+
+
+__all__ = ["DATASETS", "add_training_options", "apply_threads", "config_for_norm", "config_from_args",
+           "int_list", "norm_list"]

@@ -1,0 +1,151 @@
+"""``batchless report``: mean ± std over seeds per norm x batch size, JSON export, paper-style plot.
+
+Rows are labelled by norm plus the options that differ from the defaults (e.g.
+``batchless [stats_lr_scale=0.1]``), so ablations of one store appear as rows of their own.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import statistics
+from collections import defaultdict
+
+from .models import NORMS
+from .store import ResultStore
+from .train import TrainConfig
+
+METRICS = ("test_acc", "val_acc_best", "test_acc_at_best_val", "val_acc_best_epoch", "wall_s", "act_mem_mb")
+PERCENT = ("test_acc", "val_acc_best", "test_acc_at_best_val")
+
+
+def label(row: dict) -> str:
+    """``norm`` plus the config fields that differ from the defaults."""
+    config = TrainConfig(**row["config"])
+    changes = config.changes()
+    if not changes:
+        return row["norm"]
+    return f"{row['norm']} [{', '.join(f'{k}={v}' for k, v in sorted(changes.items()))}]"
+
+
+def load_rows(path: str, dataset: str | None = None) -> list[dict]:
+    if not os.path.exists(path):
+        raise FileNotFoundError(f"no results file at {path}; run `batchless sweep --results {path} ...` first")
+    with ResultStore(path) as store:
+        rows = [r for r in store.rows() if dataset in (None, r["dataset"])]
+    for r in rows:
+        r["label"] = label(r)
+    return rows
+
+
+def group(rows: list[dict], metric: str) -> dict[tuple[str, str], dict[int, list[float]]]:
+    """``{(dataset, label): {batch_size: [metric per seed]}}``, labels in the order of ``NORMS``."""
+    out: dict = defaultdict(lambda: defaultdict(list))
+    for r in sorted(rows, key=lambda r: (NORMS.index(r["norm"]), r["label"])):
+        out[(r["dataset"], r["label"])][r["batch_size"]].append(float(r[metric]))
+    return out
+
+
+def mean_std(values: list[float]) -> tuple[float, float]:
+    return statistics.fmean(values), (statistics.stdev(values) if len(values) > 1 else 0.0)
+
+
+def _fmt(values: list[float], metric: str) -> str:
+    m, s = mean_std(values)
+    k = 100.0 if metric in PERCENT else 1.0
+    return f"{m * k:.1f} ± {s * k:.1f}"
+
+
+def table(rows: list[dict], metric: str = "test_acc") -> str:
+    """Markdown table(s), one per dataset: rows = norm label, columns = batch sizes, entries mean ± std."""
+    groups = group(rows, metric)
+    out = []
+    for dataset in dict.fromkeys(d for d, _ in groups):
+        keys = [k for k in groups if k[0] == dataset]
+        sizes = sorted({b for k in keys for b in groups[k]})
+        unit = " (%)" if metric in PERCENT else ""
+        out.append(f"**{dataset}**, {metric}{unit}, mean ± std over seeds (n = seeds per cell)\n")
+        out.append("| norm | " + " | ".join(f"bs {b}" for b in sizes) + " | n |")
+        out.append("|---" * (len(sizes) + 2) + "|")
+        for key in keys:
+            cells = groups[key]
+            ns = sorted({len(v) for v in cells.values()})
+            entries = [_fmt(cells[b], metric) if b in cells else "—" for b in sizes]
+            n = str(ns[0]) if len(ns) == 1 else f"{ns[0]}–{ns[-1]}"
+            out.append(f"| {key[1]} | " + " | ".join(entries) + f" | {n} |")
+        out.append("")
+    return "\n".join(out)
+
+
+def json_records(rows: list[dict]) -> list[dict]:
+    keep = ("dataset", "norm", "label", "batch_size", "seed", "test_acc", "test_loss", "val_acc_best",
+            "val_acc_best_epoch", "val_loss_best", "test_acc_at_best_val", "wall_s", "act_mem_mb", "max_rss_mb",
+            "config", "history")
+    return [{k: r[k] for k in keep} for r in rows]
+
+
+def plot(rows: list[dict], path: str, metric: str = "test_acc", title: str | None = None) -> None:
+    """Accuracy vs batch size (log scale), one line per norm label with ± std bars; one panel per dataset."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    groups = group(rows, metric)
+    datasets = list(dict.fromkeys(d for d, _ in groups))
+    fig, axes = plt.subplots(1, max(len(datasets), 1), figsize=(7 * max(len(datasets), 1), 4.5), squeeze=False)
+    k = 100.0 if metric in PERCENT else 1.0
+    for ax, dataset in zip(axes[0], datasets, strict=False):
+        for (d, name), cells in groups.items():
+            if d != dataset:
+                continue
+            sizes = sorted(cells)
+            stats = [mean_std(cells[b]) for b in sizes]
+            ax.errorbar(sizes, [m * k for m, _ in stats], yerr=[s * k for _, s in stats], marker="o",
+                        capsize=3, label=name)
+        ax.set_xscale("log", base=2)
+        ax.set_xlabel("batch size")
+        ax.set_ylabel(metric + (" (%)" if metric in PERCENT else ""))
+        ax.set_title(title or dataset)
+        ax.grid(alpha=0.3)
+        ax.legend(fontsize=7)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+
+
+def run(args: argparse.Namespace) -> int:
+    rows = load_rows(args.results, args.dataset)
+    if args.json:
+        print(json.dumps(json_records(rows), indent=1))
+    else:
+        if not rows:
+            print(f"no finished cells in {args.results}")
+        for metric in args.metrics:
+            print(table(rows, metric))
+    if args.plot:
+        plot(rows, args.plot, args.metrics[0])
+    return 0
+
+
+def _metric_list(text: str) -> list[str]:
+    values = [v.strip() for v in text.split(",") if v.strip()]
+    bad = [v for v in values if v not in METRICS]
+    if not values or bad:
+        raise argparse.ArgumentTypeError(f"expected metrics from {', '.join(METRICS)}; received {text!r}")
+    return values
+
+
+def add_parser(subparsers) -> argparse.ArgumentParser:
+    p = subparsers.add_parser("report", help="tables, JSON and plot of a results store",
+                              description="Mean ± std over seeds per norm x batch size, and the paper-style plot.")
+    p.add_argument("--results", required=True, help="SQLite results file written by sweep or demo")
+    p.add_argument("--json", action="store_true", help="print one JSON object per finished cell instead")
+    p.add_argument("--plot", default=None, help="write accuracy vs batch size to this PNG file")
+    p.add_argument("--dataset", default=None, help="only this dataset")
+    p.add_argument("--metrics", type=_metric_list, default=["test_acc", "val_acc_best"],
+                   help=f"comma-separated from {', '.join(METRICS)} (default test_acc,val_acc_best; "
+                        "the plot shows the first)")
+    p.set_defaults(func=run)
+    return p

@@ -1,0 +1,91 @@
+"""The results store: one SQLite file, one row per finished cell.
+
+A cell is written in a single transaction when it finishes (``INSERT OR IGNORE`` on the cell's key), so a
+process killed at any moment loses at most the running cell, never leaves a half-written row and never
+duplicates one; SQLite's journal makes the write atomic. WAL mode lets ``report`` read while a sweep writes,
+and lets several sweeps share one file.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import sqlite3
+import time
+from collections.abc import Iterator
+
+from .train import Cell, CellResult
+
+SCHEMA = """
+CREATE TABLE IF NOT EXISTS cells (
+    key TEXT PRIMARY KEY,
+    dataset TEXT NOT NULL,
+    norm TEXT NOT NULL,
+    batch_size INTEGER NOT NULL,
+    seed INTEGER NOT NULL,
+    config TEXT NOT NULL,
+    test_acc REAL NOT NULL,
+    test_loss REAL NOT NULL,
+    val_acc_best REAL NOT NULL,
+    val_acc_best_epoch INTEGER NOT NULL,
+    val_loss_best REAL NOT NULL,
+    test_acc_at_best_val REAL NOT NULL,
+    wall_s REAL NOT NULL,
+    act_mem_mb REAL NOT NULL,
+    max_rss_mb REAL NOT NULL,
+    history TEXT NOT NULL,
+    finished_at REAL NOT NULL
+)
+"""
+
+COLUMNS = ("dataset", "norm", "batch_size", "seed", "config", "test_acc", "test_loss", "val_acc_best",
+           "val_acc_best_epoch", "val_loss_best", "test_acc_at_best_val", "wall_s", "act_mem_mb", "max_rss_mb",
+           "history", "finished_at")
+
+
+class ResultStore:
+    """SQLite-backed store of finished cells (use as a context manager or call :meth:`close`)."""
+
+    def __init__(self, path: str) -> None:
+        self.path = path
+        self.db = sqlite3.connect(path, timeout=60.0, isolation_level=None)
+        self.db.execute("PRAGMA journal_mode=WAL")
+        self.db.execute("PRAGMA synchronous=FULL")
+        self.db.execute(SCHEMA)
+
+    def __enter__(self) -> ResultStore:
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+    def close(self) -> None:
+        self.db.close()
+
+    def has(self, cell: Cell) -> bool:
+        return self.db.execute("SELECT 1 FROM cells WHERE key = ?", (cell.key,)).fetchone() is not None
+
+    def add(self, cell: Cell, result: CellResult) -> bool:
+        """Write a finished cell in one transaction; returns False if it was already there."""
+        history = json.dumps([dataclasses.asdict(e) for e in result.history])
+        row = (cell.key, cell.config.dataset, cell.norm, cell.batch_size, cell.seed, cell.config.to_json(),
+               result.test_acc, result.test_loss, result.val_acc_best, result.val_acc_best_epoch,
+               result.val_loss_best, result.test_acc_at_best_val, result.wall_s, result.act_mem_mb,
+               result.max_rss_mb, history, time.time())
+        with self.db:  # BEGIN ... COMMIT (ROLLBACK on error)
+            self.db.execute("BEGIN IMMEDIATE")
+            cur = self.db.execute(
+                f"INSERT OR IGNORE INTO cells (key, {', '.join(COLUMNS)}) VALUES ({', '.join('?' * 17)})", row)
+        return cur.rowcount == 1
+
+    def rows(self) -> Iterator[dict]:
+        """Every finished cell as a dict (``config`` and ``history`` decoded), in insertion order."""
+        cur = self.db.execute(f"SELECT {', '.join(COLUMNS)} FROM cells ORDER BY rowid")
+        for values in cur:
+            row = dict(zip(COLUMNS, values, strict=True))
+            row["config"] = json.loads(row["config"])
+            row["history"] = json.loads(row["history"])
+            yield row
+
+    def count(self) -> int:
+        return self.db.execute("SELECT COUNT(*) FROM cells").fetchone()[0]

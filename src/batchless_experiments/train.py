@@ -1,0 +1,370 @@
+"""Training one cell of the batch-size study: (dataset, norm, batch size, seed, config) -> a result record.
+
+The loop is the paper's: Adam with default settings on the cross-entropy, a fixed number of epochs, 20%
+of the training data held out for validation. Batchless layers are trained in the library's implicit mode
+(an unchanged training loop) and initialized from data unless the config says otherwise. The options
+beyond the paper are the ablations of EXPERIMENTS.md: a separate learning rate or optimizer for the
+statistics, data initialization off, explicit NLL with a weight.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import copy
+import dataclasses
+import hashlib
+import json
+import resource
+import sys
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import TypeVar
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from .data import DATASETS, Splits
+from .models import build_model, check_norm, is_batchless, statistics_parameters
+
+T = TypeVar("T")
+STATS_OPTIMIZERS = ("adam", "sgd", "ema")
+NLL_MODES = ("implicit", "explicit")
+RESULT_VERSION = 1  # bump when the training protocol changes, so old cells are not mistaken for new ones
+
+
+def _choice(name: str, value: str, allowed: tuple[str, ...]) -> None:
+    if value not in allowed:
+        raise ValueError(f"{name} must be one of {', '.join(allowed)}; received {value!r}")
+
+
+@dataclass(frozen=True)
+class TrainConfig:
+    """Everything except norm, batch size and seed that determines a cell's result.
+
+    ``stats_lr_scale`` multiplies ``lr`` for the batchless statistics (mu, sigma); with
+    ``stats_optimizer='ema'`` the product is the rate of the equivalent exponential moving average.
+    ``nll_weight`` scales the NLL: ``loss + w * nll_loss`` in explicit mode, ``bl.nll_weight(w)`` in implicit.
+    """
+
+    dataset: str = "mnist1d"
+    epochs: int = 10
+    lr: float = 1e-3
+    num_samples: int | None = None
+    width: int = 32
+    data_init: bool = True
+    init_samples: int = 1000
+    stats_lr_scale: float = 1.0
+    stats_optimizer: str = "adam"
+    nll_mode: str = "implicit"
+    nll_weight: float = 1.0
+    version: int = RESULT_VERSION
+
+    def __post_init__(self) -> None:
+        _choice("dataset", self.dataset, DATASETS)
+        _choice("stats_optimizer", self.stats_optimizer, STATS_OPTIMIZERS)
+        _choice("nll_mode", self.nll_mode, NLL_MODES)
+        for name in ("epochs", "width", "init_samples"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"{name} must be >= 1; received {getattr(self, name)}")
+        for name in ("lr", "stats_lr_scale"):
+            if not getattr(self, name) > 0:
+                raise ValueError(f"{name} must be > 0; received {getattr(self, name)}")
+        if not self.nll_weight >= 0:
+            raise ValueError(f"nll_weight must be >= 0; received {self.nll_weight}")
+
+    def to_json(self) -> str:
+        return json.dumps(dataclasses.asdict(self), sort_keys=True)
+
+    def changes(self) -> dict:
+        """The fields that differ from the defaults, except the dataset."""
+        default = TrainConfig()
+        return {k: v for k, v in dataclasses.asdict(self).items()
+                if k != "dataset" and v != getattr(default, k)}
+
+
+@dataclass(frozen=True)
+class Cell:
+    config: TrainConfig
+    norm: str
+    batch_size: int
+    seed: int
+
+    def __post_init__(self) -> None:
+        check_norm(self.norm)
+        if self.batch_size < 1:
+            raise ValueError(f"batch_size must be >= 1; received {self.batch_size}")
+
+    @property
+    def key(self) -> str:
+        """Stable identity of the cell in the results store."""
+        text = f"{self.config.to_json()}|{self.norm}|{self.batch_size}|{self.seed}"
+        return hashlib.sha256(text.encode()).hexdigest()[:32]
+
+    @property
+    def runnable(self) -> bool:
+        """BatchNorm cannot train on a single instance."""
+        return not (self.norm == "bn" and self.batch_size == 1)
+
+
+@dataclass
+class EpochLog:
+    epoch: int
+    train_loss: float
+    val_loss: float
+    val_acc: float
+    nll: float | None
+    seconds: float
+
+
+@dataclass
+class CellResult:
+    test_acc: float
+    test_loss: float
+    val_acc_best: float
+    val_acc_best_epoch: int
+    val_loss_best: float
+    test_acc_at_best_val: float
+    wall_s: float
+    act_mem_mb: float
+    max_rss_mb: float
+    history: list[EpochLog] = field(default_factory=list)
+
+
+class EMAStatistics:
+    """Natural-gradient SGD on the batchless statistics, which is an exponential moving average.
+
+    For the NLL reduced as a mean over all elements, the Fisher information of mu_c is
+    ``1 / (C sigma_c^2)`` and that of sigma_c is ``2 / (C sigma_c^2)`` (C = number of mu entries), so the
+    natural-gradient step ``mu -= rate * C sigma^2 * dNLL/dmu`` is ``mu += rate * (mean_c(x) - mu)``, the
+    update of BatchNorm's running mean with momentum ``rate``; likewise sigma moves toward the batch's
+    root mean square deviation. The raw sigma parameter (log, abs or inv) is stepped through the chain rule
+    ``dsigma/draw``, obtained with autograd, so this works for every parametrization.
+    """
+
+    def __init__(self, model: nn.Module, rate: float) -> None:
+        stats = {id(p) for p in statistics_parameters(model)}
+        self.rate = rate
+        self.layers = []
+        for m in model.modules():
+            own = [p for p in m.parameters(recurse=False) if id(p) in stats]
+            if own:
+                raw = [p for p in own if p is not m.mean]
+                if len(raw) != 1:
+                    raise ValueError(f"expected one raw sigma parameter in {type(m).__name__}; found {len(raw)}")
+                self.layers.append((m, m.mean, raw[0]))
+
+    @torch.no_grad()
+    def step(self) -> None:
+        for m, mu, raw in self.layers:
+            if mu.grad is None:
+                continue
+            with torch.enable_grad():
+                sigma = m.std
+                dsigma = torch.autograd.grad(sigma.sum(), raw)[0]
+            c = mu.numel()
+            var = sigma.detach() ** 2
+            mu.sub_(self.rate * c * var * mu.grad)
+            dsigma = dsigma.sign() * dsigma.abs().clamp_min(1e-12) + (dsigma == 0)
+            raw.sub_(self.rate * c * var / (2 * dsigma**2) * raw.grad)
+            mu.grad = None
+            raw.grad = None
+
+
+def _optimizers(model: nn.Module, cfg: TrainConfig) -> list:
+    stats = statistics_parameters(model)
+    ids = {id(p) for p in stats}
+    rest = [p for p in model.parameters() if id(p) not in ids]
+    stats_lr = cfg.lr * cfg.stats_lr_scale
+    if not stats or cfg.stats_optimizer == "adam":
+        groups = [{"params": rest}] + ([{"params": stats, "lr": stats_lr}] if stats else [])
+        return [torch.optim.Adam(groups, lr=cfg.lr)]
+    main = torch.optim.Adam(rest, lr=cfg.lr)
+    if cfg.stats_optimizer == "sgd":
+        return [main, torch.optim.SGD(stats, lr=stats_lr)]
+    return [main, EMAStatistics(model, stats_lr)]
+
+
+@torch.no_grad()
+def evaluate(model: nn.Module, x: torch.Tensor, y: torch.Tensor, batch_size: int = 1000) -> tuple[float, float]:
+    """``(mean cross-entropy, accuracy)`` in eval mode."""
+    was_training = model.training
+    model.eval()
+    loss, correct = 0.0, 0
+    for i in range(0, len(y), batch_size):
+        out = model(x[i:i + batch_size])
+        loss += F.cross_entropy(out, y[i:i + batch_size], reduction="sum").item()
+        correct += (out.argmax(1) == y[i:i + batch_size]).sum().item()
+    model.train(was_training)
+    return loss / max(len(y), 1), correct / max(len(y), 1)
+
+
+def activation_bytes(step: Callable[[], T]) -> tuple[int, T]:
+    """``(bytes of the tensors autograd saves for backward during step(), its result)``; storages counted once.
+
+    On CPU tracemalloc does not see tensor memory; the saved tensors are what grows with the batch.
+    """
+    seen: dict[int, int] = {}
+
+    def pack(t: torch.Tensor) -> torch.Tensor:
+        s = t.untyped_storage()
+        seen[s.data_ptr()] = s.nbytes()
+        return t
+
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        out = step()
+    return sum(seen.values()), out
+
+
+def batches(n: int, batch_size: int, generator: torch.Generator) -> list[torch.Tensor]:
+    """A seeded shuffle of ``range(n)`` cut into batches; a trailing batch of one instance is dropped when
+    ``batch_size > 1`` (BatchNorm cannot train on it; dropped for every norm alike)."""
+    order = torch.randperm(n, generator=generator).split(batch_size)
+    return list(order[:-1]) if batch_size > 1 and len(order[-1]) == 1 else list(order)
+
+
+def _data_init(model: nn.Module, x: torch.Tensor, cfg: TrainConfig, seed: int) -> None:
+    import batchless as bl
+
+    g = torch.Generator().manual_seed(seed)
+    idx = torch.randperm(len(x), generator=g)[: cfg.init_samples]
+    was_training = model.training
+    model.train()
+    with torch.no_grad():
+        init = getattr(bl, "init_from_data", _init_from_data_layerwise)
+        init(model, list(x[idx].split(250)))
+    model.train(was_training)
+
+
+def _init_from_data_layerwise(model: nn.Module, batches: list[torch.Tensor]) -> None:
+    """Stand-in for ``bl.init_from_data`` while the library lacks it: for each batchless layer in module
+    order (a valid dependency order for the experiments' sequential models), one pass over ``batches`` to
+    set mu/sigma to the per-channel mean/std of the layer's inputs, given the layers before it."""
+    from batchless.loss import batchless_layers
+
+    for _, layer in batchless_layers(model):
+        inputs = []
+        handle = layer.register_forward_pre_hook(lambda m, a, inputs=inputs: inputs.append(a[0].detach()))
+        try:
+            for b in batches:
+                model(b)
+        finally:
+            handle.remove()
+        dims = [0, *range(2, inputs[0].dim())]
+        xs = torch.cat(inputs).float()
+        var, mean = torch.var_mean(xs, dim=dims, correction=0)
+        layer.mean.copy_(mean.reshape(layer.mean.shape))
+        layer.set_std(var.add(layer.eps).sqrt().reshape(layer.mean.shape))
+
+
+def _progress(iterable, total: int, desc: str, leave: bool, enabled: bool = True):
+    """A tqdm bar on stderr, shown only when stderr is a terminal."""
+    from tqdm.auto import tqdm
+
+    return tqdm(iterable, total=total, desc=desc, leave=leave, disable=not (enabled and sys.stderr.isatty()),
+                dynamic_ncols=True)
+
+
+def train_cell(cell: Cell, splits: Splits, *, device: str = "cpu", progress: bool = True) -> CellResult:
+    """Train and evaluate one cell; deterministic for a given cell on a given machine and thread count."""
+    if not cell.runnable:
+        raise ValueError(f"norm {cell.norm!r} cannot train at batch size {cell.batch_size}")
+    cfg = cell.config
+    start = time.perf_counter()
+    torch.manual_seed(cell.seed)
+    model = build_model(cfg.dataset, cell.norm, nll=cfg.nll_mode, width=cfg.width,
+                        num_classes=splits.num_classes)
+    x, y = splits.x_train.to(device), splits.y_train.to(device)
+    xv, yv = splits.x_val.to(device), splits.y_val.to(device)
+    if is_batchless(cell.norm) and cfg.data_init:
+        _data_init(model, splits.x_train, cfg, cell.seed)
+    model.to(device)
+    opts = _optimizers(model, cfg)
+    nll_of = _nll_reader(model)
+    weighting = _implicit_weighting(model, cfg)
+    gen = torch.Generator().manual_seed(cell.seed)
+    result = CellResult(0.0, 0.0, -1.0, 0, float("inf"), 0.0, 0.0, 0.0, 0.0)
+    best_state = None
+    act_bytes = 0
+
+    epochs = _progress(range(1, cfg.epochs + 1), cfg.epochs, f"{cell.norm} bs={cell.batch_size}", leave=False,
+                       enabled=progress)
+    for epoch in epochs:
+        t0 = time.perf_counter()
+        model.train()
+        loss_sum, nll_sum, seen = torch.zeros(()), torch.zeros(()), 0
+        for i, idx in enumerate(batches(len(y), cell.batch_size, gen)):
+            idx = idx.to(device)
+
+            def step(idx: torch.Tensor = idx) -> tuple[torch.Tensor, torch.Tensor]:
+                with weighting:
+                    loss = F.cross_entropy(model(x[idx]), y[idx])
+                nll = nll_of()
+                total = loss + cfg.nll_weight * nll if cfg.nll_mode == "explicit" else loss
+                for opt in opts:
+                    if hasattr(opt, "zero_grad"):
+                        opt.zero_grad(set_to_none=True)
+                total.backward()
+                return loss.detach(), nll.detach()
+
+            if epoch == 1 and i == 0:
+                act_bytes, (loss, nll) = activation_bytes(step)
+            else:
+                loss, nll = step()
+            for opt in opts:
+                opt.step()
+            loss_sum += loss.cpu() * len(idx)
+            nll_sum += nll.cpu() * len(idx)
+            seen += len(idx)
+        val_loss, val_acc = evaluate(model, xv, yv)
+        log = EpochLog(epoch, loss_sum.item() / seen, val_loss, val_acc,
+                       nll_sum.item() / seen if is_batchless(cell.norm) else None, time.perf_counter() - t0)
+        result.history.append(log)
+        if val_acc > result.val_acc_best:
+            result.val_acc_best, result.val_acc_best_epoch, result.val_loss_best = val_acc, epoch, val_loss
+            best_state = copy.deepcopy(model.state_dict())
+        if hasattr(epochs, "set_postfix"):
+            epochs.set_postfix(val_acc=f"{val_acc:.3f}")
+
+    xt, yt = splits.x_test.to(device), splits.y_test.to(device)
+    result.test_loss, result.test_acc = evaluate(model, xt, yt)
+    model.load_state_dict(best_state)
+    result.test_acc_at_best_val = evaluate(model, xt, yt)[1]
+    result.wall_s = time.perf_counter() - start
+    result.act_mem_mb = act_bytes / 2**20
+    result.max_rss_mb = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+    return result
+
+
+def _implicit_weighting(model: nn.Module, cfg: TrainConfig):
+    """``bl.nll_weight(cfg.nll_weight)`` for implicit batchless models, a no-op context otherwise."""
+    if cfg.nll_mode != "implicit" or cfg.nll_weight == 1.0 or not statistics_parameters(model):
+        return contextlib.nullcontext()
+    import batchless as bl
+
+    return _Reusable(lambda: bl.nll_weight(cfg.nll_weight))
+
+
+class _Reusable:
+    """A context manager that makes a fresh one-shot context each time it is entered."""
+
+    def __init__(self, make) -> None:
+        self.make, self.stack = make, []
+
+    def __enter__(self):
+        self.stack.append(self.make())
+        return self.stack[-1].__enter__()
+
+    def __exit__(self, *exc):
+        return self.stack.pop().__exit__(*exc)
+
+
+def _nll_reader(model: nn.Module) -> Callable[[], torch.Tensor]:
+    """``bl.nll_loss(model)`` for batchless models, a zero otherwise."""
+    if not statistics_parameters(model):
+        zero = torch.zeros(())
+        return lambda: zero
+    import batchless as bl
+
+    return lambda: bl.nll_loss(model)

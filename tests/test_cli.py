@@ -1,0 +1,148 @@
+"""The `batchless` command line on tiny settings: sweep, resume (also after SIGKILL), report, demo, errors."""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import signal
+import sqlite3
+import subprocess
+import sys
+import time
+
+import pytest
+
+from batchless_experiments.cli import build_parser, main
+from test_experiments import write_cifar
+
+TINY = ["--epochs", "1", "--num-samples", "200", "--init-samples", "50", "--threads", "1"]
+REQUIRED_JSON_KEYS = {"dataset", "norm", "batch_size", "seed", "test_acc", "val_acc_best", "val_acc_best_epoch",
+                      "test_acc_at_best_val", "wall_s", "act_mem_mb", "config", "history"}
+
+
+def _count(path: str) -> tuple[int, int]:
+    """``(rows, distinct keys)`` of a results store; ``(0, 0)`` while it is still being created."""
+    with contextlib.closing(sqlite3.connect(path)) as db:
+        try:
+            return db.execute("SELECT COUNT(*), COUNT(DISTINCT key) FROM cells").fetchone()
+        except sqlite3.OperationalError:
+            return (0, 0)
+
+
+def test_commands_are_registered():
+    text = build_parser().format_help()
+    for name in ("demo", "sweep", "report"):
+        assert name in text
+
+
+def test_sweep_resume_and_report_json(tmp_path, capsys):
+    results = str(tmp_path / "r.sqlite")
+    argv = ["sweep", "--dataset", "synthetic", "--norms", "none,bn,batchless", "--batch-sizes", "1,64",
+            "--seeds", "1", "--results", results, *TINY]
+    assert main(argv) == 0
+    assert _count(results) == (5, 5)  # bn at batch size 1 skipped
+    capsys.readouterr()
+    assert main(argv) == 0
+    assert "5 of 5 cells already in" in capsys.readouterr().err
+    assert _count(results) == (5, 5)
+
+    assert main(["report", "--results", results, "--json"]) == 0
+    records = json.loads(capsys.readouterr().out)
+    assert len(records) == 5
+    for r in records:
+        assert REQUIRED_JSON_KEYS <= set(r)
+        assert 0.0 <= r["test_acc"] <= 1.0 and 0.0 <= r["val_acc_best"] <= 1.0
+        assert r["dataset"] == "synthetic" and len(r["history"]) == 1
+        assert {"train_loss", "val_loss", "val_acc", "nll"} <= set(r["history"][0])
+    assert {(r["norm"], r["batch_size"]) for r in records} == {
+        ("none", 1), ("none", 64), ("bn", 64), ("batchless", 1), ("batchless", 64)}
+
+    png = tmp_path / "plot.png"
+    assert main(["report", "--results", results, "--plot", str(png)]) == 0
+    out = capsys.readouterr().out
+    assert "| batchless [" in out and "bs 64" in out
+    assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_sigkill_loses_at_most_the_running_cell(tmp_path):
+    results = str(tmp_path / "r.sqlite")
+    argv = ["sweep", "--dataset", "synthetic", "--norms", "none,gn,batchless", "--batch-sizes", "4,8",
+            "--seeds", "2", "--results", results, *TINY]
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join(sys.path)}
+    code = "import sys; from batchless_experiments.cli import main; sys.exit(main(sys.argv[1:]))"
+    proc = subprocess.Popen([sys.executable, "-c", code, *argv], env=env,
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    try:
+        deadline = time.monotonic() + 60
+        while time.monotonic() < deadline and proc.poll() is None:
+            if os.path.exists(results) and _count(results)[0] >= 2:
+                break
+            time.sleep(0.05)
+        assert proc.poll() is None, "the sweep finished before it could be killed; enlarge it"
+        proc.send_signal(signal.SIGKILL)
+        proc.wait(10)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+    done, distinct = _count(results)
+    assert 2 <= done < 12 and done == distinct
+    assert main(argv) == 0
+    assert _count(results) == (12, 12)
+    with contextlib.closing(sqlite3.connect(results)) as db:
+        assert db.execute("PRAGMA integrity_check").fetchone()[0] == "ok"
+
+
+def test_demo_smoke(tmp_path, capsys):
+    out = tmp_path / "demo"
+    assert main(["demo", "--out", str(out), "--batch-sizes", "64", *TINY]) == 0
+    text = capsys.readouterr().out
+    assert "| gn [" in text and "| batchless [" in text and "bs 1 " in text
+    assert (out / "demo.png").read_bytes()[:4] == b"\x89PNG"
+    assert _count(str(out / "results.sqlite")) == (5, 5)  # none, bn, gn, batchless at 64; batchless at 1
+
+
+def test_cifar10_sweep_on_generated_files(tmp_path, capsys):
+    write_cifar(tmp_path, n=8)
+    results = str(tmp_path / "r.sqlite")
+    assert main(["sweep", "--dataset", "cifar10", "--data-dir", str(tmp_path), "--norms", "batchless,gn",
+                 "--batch-sizes", "16", "--seeds", "1", "--results", results, "--epochs", "1",
+                 "--init-samples", "16", "--threads", "1"]) == 0
+    assert _count(results) == (2, 2)
+
+
+def test_crafted_cifar_file_exits_nonzero_with_clear_error(tmp_path):
+    write_cifar(tmp_path, n=2)
+    crafted = b"\x80\x02cposix\nsystem\nq\x00X\x04\x00\x00\x00trueq\x01\x85q\x02Rq\x03."
+    (tmp_path / "cifar-10-batches-py" / "data_batch_3").write_bytes(crafted)
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join(sys.path)}
+    code = "import sys; from batchless_experiments.cli import main; sys.exit(main(sys.argv[1:]))"
+    proc = subprocess.run([sys.executable, "-c", code, "sweep", "--dataset", "cifar10", "--data-dir", str(tmp_path),
+                           "--norms", "none", "--batch-sizes", "4", "--seeds", "1",
+                           "--results", str(tmp_path / "r.sqlite")], env=env, capture_output=True, text=True)
+    assert proc.returncode != 0
+    assert "refusing to load global posix.system" in proc.stderr
+    assert "Traceback" not in proc.stderr
+
+
+@pytest.mark.parametrize("argv,message", [
+    (["--norms", "none,batchnorm"], "unknown: batchnorm"),
+    (["--batch-sizes", "0,4"], "expected integers >= 1"),
+    (["--batch-sizes", "a"], "expected comma-separated integers"),
+    (["--epochs", "0"], "expected an integer >= 1"),
+    (["--stats-optimizer", "rmsprop"], "invalid choice"),
+    (["--dataset", "imagenet"], "invalid choice"),
+])
+def test_bad_cli_input_is_rejected_with_expected_and_received(tmp_path, capsys, argv, message):
+    base = {"--dataset": "synthetic", "--norms": "none", "--batch-sizes": "4", "--results": str(tmp_path / "r")}
+    for flag, value in zip(argv[::2], argv[1::2], strict=True):
+        base[flag] = value
+    with pytest.raises(SystemExit) as e:
+        main(["sweep", *[x for kv in base.items() for x in kv]])
+    assert e.value.code == 2
+    assert message in capsys.readouterr().err
+
+
+def test_report_on_missing_file_fails_cleanly(tmp_path, capsys):
+    assert main(["report", "--results", str(tmp_path / "nope.sqlite")]) == 2
+    assert "run `batchless sweep" in capsys.readouterr().err

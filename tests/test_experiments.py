@@ -1,0 +1,203 @@
+"""Experiments package: data, CIFAR-10 loader and restricted unpickler, training, store, report."""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import pickle
+import sqlite3
+
+import numpy as np
+import pytest
+import torch
+
+from batchless_experiments import cifar, data, report
+from batchless_experiments.models import NORMS, build_model, statistics_parameters
+from batchless_experiments.options import config_for_norm
+from batchless_experiments.store import ResultStore
+from batchless_experiments.sweep import plan
+from batchless_experiments.train import Cell, EMAStatistics, TrainConfig, batches, train_cell
+
+torch.set_num_threads(1)
+
+
+# ---------------------------------------------------------------- CIFAR-10 format and restricted unpickler
+
+
+def write_cifar(root, n: int = 6, protocol: int = 2, seed: int = 0) -> tuple[np.ndarray, np.ndarray]:
+    """A cifar-10-batches-py folder with ``n`` random images per batch, pickled like the original."""
+    rng = np.random.default_rng(seed)
+    folder = os.path.join(root, cifar.FOLDER)
+    os.makedirs(folder, exist_ok=True)
+    xs, ys = [], []
+    for name in (*cifar.TRAIN_FILES, cifar.TEST_FILE):
+        x = rng.integers(0, 256, (n, 3072), dtype=np.uint8)
+        y = [int(v) for v in rng.integers(0, 10, n)]
+        batch = {b"batch_label": name.encode(), b"labels": y, b"data": x,
+                 b"filenames": [f"img{i}.png".encode() for i in range(n)]}
+        with open(os.path.join(folder, name), "wb") as f:
+            pickle.dump(batch, f, protocol=protocol)
+        xs.append(x)
+        ys.append(y)
+    return np.concatenate(xs), np.concatenate(ys)
+
+
+@pytest.mark.parametrize("protocol", [2, 4])
+def test_cifar_loader_reads_generated_batches(tmp_path, protocol):
+    x, y = write_cifar(tmp_path, protocol=protocol)
+    xtr, ytr, xte, yte = cifar.load_cifar10_arrays(str(tmp_path))
+    assert xtr.shape == (30, 3, 32, 32) and xte.shape == (6, 3, 32, 32) and xtr.dtype == np.uint8
+    np.testing.assert_array_equal(np.concatenate([xtr, xte]).reshape(-1, 3072), x)
+    np.testing.assert_array_equal(np.concatenate([ytr, yte]), y)
+    splits = data.load("cifar10", data_dir=str(tmp_path))
+    assert splits.x_train.min() >= -1 and splits.x_train.max() <= 1
+    assert len(splits.y_train) + len(splits.y_val) == 30
+
+
+class _Exploit:
+    def __reduce__(self):
+        return (os.system, ("echo pwned > /dev/null",))
+
+
+def test_restricted_unpickler_rejects_code_execution():
+    crafted = pickle.dumps({b"data": _Exploit(), b"labels": [1]}, protocol=2)
+    with pytest.raises(cifar.UnsafePickleError, match="refusing to load global"):
+        cifar.restricted_loads(crafted)
+
+
+def test_restricted_unpickler_rejects_object_arrays_and_garbage(tmp_path):
+    path = tmp_path / "bad"
+    path.write_bytes(pickle.dumps({b"data": np.array([1, "x"], dtype=object), b"labels": [0, 1]}, protocol=2))
+    with pytest.raises(cifar.UnsafePickleError, match="dtype uint8"):
+        cifar.load_batch(str(path))
+    path.write_bytes(pickle.dumps({b"data": np.zeros((2, 3072), np.float32), b"labels": [0, 1]}, protocol=2))
+    with pytest.raises(cifar.UnsafePickleError, match="dtype uint8"):
+        cifar.load_batch(str(path))
+    path.write_bytes(b"\x80\x02garbage")
+    with pytest.raises(cifar.UnsafePickleError, match="not a readable"):
+        cifar.load_batch(str(path))
+
+
+def test_cifar_missing_folder_names_the_fix(tmp_path):
+    with pytest.raises(FileNotFoundError, match="--data-dir"):
+        cifar.load_cifar10_arrays(str(tmp_path))
+
+
+# ---------------------------------------------------------------- data and models
+
+
+def test_synthetic_is_badly_scaled_and_deterministic():
+    x, y, xt, yt = data.make_synthetic(600)
+    x2, *_ = data.make_synthetic(600)
+    np.testing.assert_array_equal(x, x2)
+    std = x.std(0)
+    assert std.max() / std.min() > 1e3 and np.abs(x.mean(0)).max() > 5
+    assert len(np.unique(y)) == 4 and len(xt) == 100
+
+
+def test_hold_out_keeps_everything_once():
+    x = np.arange(50, dtype=np.float32)[:, None]
+    s = data.hold_out(x, np.arange(50), x[:5], np.arange(5), 50)
+    got = sorted(torch.cat([s.x_train, s.x_val]).flatten().tolist())
+    assert got == list(range(50)) and len(s.y_val) == 10
+
+
+@pytest.mark.parametrize("dataset,shape", [("mnist1d", (2, 1, 40)), ("synthetic", (2, 20)),
+                                           ("cifar10", (2, 3, 32, 32))])
+@pytest.mark.parametrize("norm", NORMS)
+def test_models_run_for_every_norm(dataset, shape, norm):
+    model = build_model(dataset, norm, num_classes=10 if dataset != "synthetic" else 4)
+    assert model(torch.randn(shape)).shape == (2, 10 if dataset != "synthetic" else 4)
+    assert bool(statistics_parameters(model)) == norm.startswith("batchless")
+
+
+def test_batches_drop_only_a_trailing_single_instance():
+    g = torch.Generator().manual_seed(0)
+    assert [len(b) for b in batches(9, 4, g)] == [4, 4]
+    assert [len(b) for b in batches(10, 4, g)] == [4, 4, 2]
+    assert len(batches(5, 1, g)) == 5
+
+
+def test_plan_skips_batchnorm_at_batch_size_one_and_shares_baselines():
+    ablation = TrainConfig(stats_lr_scale=0.1, data_init=False)
+    cells = plan(ablation, ["bn", "gn", "batchless"], [1, 8], [0])
+    assert ("bn", 1) not in {(c.norm, c.batch_size) for c in cells} and len(cells) == 5
+    assert Cell(config_for_norm(ablation, "gn"), "gn", 8, 0).key == Cell(TrainConfig(), "gn", 8, 0).key
+    assert Cell(ablation, "batchless", 8, 0).key != Cell(TrainConfig(), "batchless", 8, 0).key
+
+
+def test_config_rejects_bad_values_with_expected_and_received():
+    with pytest.raises(ValueError, match="stats_optimizer must be one of adam, sgd, ema; received 'rmsprop'"):
+        TrainConfig(stats_optimizer="rmsprop")
+    with pytest.raises(ValueError, match="epochs must be >= 1; received 0"):
+        TrainConfig(epochs=0)
+    with pytest.raises(ValueError, match="norm must be one of"):
+        Cell(TrainConfig(), "batchnorm", 4, 0)
+
+
+# ---------------------------------------------------------------- training
+
+
+@pytest.fixture(scope="module")
+def tiny_splits():
+    return data.load("synthetic", num_samples=240)
+
+
+def _cell(norm="batchless", bs=16, seed=0, **kw):
+    return Cell(TrainConfig(dataset="synthetic", epochs=2, num_samples=240, init_samples=64, **kw), norm, bs, seed)
+
+
+def test_training_is_deterministic_for_a_seed(tiny_splits):
+    a = train_cell(_cell(), tiny_splits, progress=False)
+    b = train_cell(_cell(), tiny_splits, progress=False)
+    c = train_cell(_cell(seed=1), tiny_splits, progress=False)
+    strip = [(e.train_loss, e.val_loss, e.val_acc, e.nll) for e in a.history]
+    assert strip == [(e.train_loss, e.val_loss, e.val_acc, e.nll) for e in b.history]
+    assert a.test_acc == b.test_acc
+    assert strip != [(e.train_loss, e.val_loss, e.val_acc, e.nll) for e in c.history]
+
+
+def test_cell_records_history_and_metrics(tiny_splits):
+    r = train_cell(_cell(stats_optimizer="ema", stats_lr_scale=10.0, nll_weight=0.5), tiny_splits)
+    assert len(r.history) == 2 and all(e.nll is not None for e in r.history)
+    assert 0 <= r.test_acc <= 1 and 1 <= r.val_acc_best_epoch <= 2 and r.act_mem_mb > 0
+    baseline = train_cell(_cell(norm="none"), tiny_splits)
+    assert baseline.history[0].nll is None
+
+
+def test_ema_statistics_is_an_exponential_moving_average():
+    import batchless as bl
+
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(bl.BatchlessNorm1d(3))
+    x = torch.randn(64, 3) * torch.tensor([1.0, 3.0, 0.5]) + torch.tensor([2.0, -1.0, 0.0])
+    rate = 0.3
+    opt = EMAStatistics(model, rate)
+    layer = model[0]
+    mu0, sigma0 = layer.mean.detach().clone(), layer.std.detach().clone()
+    model(x).sum().backward()
+    opt.step()
+    expected_mu = mu0 + rate * (x.mean(0) - mu0)
+    torch.testing.assert_close(layer.mean.detach(), expected_mu)
+    # sigma moves toward the batch's RMS deviation from mu, by the EMA rate to first order
+    rms = ((x - mu0) ** 2).mean(0).sqrt()
+    step = layer.std.detach() - sigma0
+    assert torch.all(torch.sign(step) == torch.sign(rms - sigma0))
+
+
+# ---------------------------------------------------------------- store and report
+
+
+def test_store_writes_once_and_reports(tmp_path, tiny_splits):
+    path = str(tmp_path / "r.sqlite")
+    cell = _cell(norm="none", bs=32)
+    result = train_cell(cell, tiny_splits)
+    with ResultStore(path) as store:
+        assert store.add(cell, result) and not store.add(cell, result)
+        assert store.has(cell) and store.count() == 1
+    rows = report.load_rows(path)
+    assert rows[0]["label"].startswith("none [epochs=2")
+    md = report.table(rows)
+    assert "| none [" in md and f"{100 * result.test_acc:.1f} ± 0.0" in md
+    with contextlib.closing(sqlite3.connect(path)) as db:
+        assert db.execute("PRAGMA integrity_check").fetchone()[0] == "ok"
