@@ -1,0 +1,88 @@
+"""`batchless bench speed|memory` in their tiny --quick modes: they run and write well-formed JSON.
+
+No timing or memory value is asserted (2 shared CPU cores make them meaningless here); BENCHMARKS.md
+holds the real numbers and the commands that produce them.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+
+import pytest
+import torch
+
+from batchless_experiments import bench_memory, bench_speed, cli
+
+
+def _finite(v) -> bool:
+    return isinstance(v, float) and math.isfinite(v) and v > 0
+
+
+def test_speed_quick_writes_json(tmp_path, capsys):
+    out = tmp_path / "speed.json"
+    threads = torch.get_num_threads()
+    assert cli.main(["bench", "speed", "--quick", "--silent", "--out", str(out)]) == 0
+    assert torch.get_num_threads() == threads  # the benchmark's thread setting does not leak
+    result = json.loads(out.read_text())
+    assert result["benchmark"] == "speed" and result["machine"]["torch"] == torch.__version__
+    layers = result["layers"]
+    assert {(r["shape_name"], r["dtype"], r["mode"]) for r in layers} == {
+        (s, d, m) for s in bench_speed.QUICK_SHAPES for d in bench_speed.DTYPES for m in ("train", "infer")}
+    for rec in layers + result["models"]:
+        assert set(rec["results"]) >= {"batchless", "bn", "gn", "ln"}
+        for v in rec["results"].values():
+            assert _finite(v["median_ms"]) and _finite(v["ratio_to_bn"]) and v["q1_ms"] <= v["q3_ms"]
+        assert rec["results"]["bn"]["ratio_to_bn"] == 1.0
+    assert {r["mode"] for r in result["models"]} == {"train", "infer"}
+    table = capsys.readouterr().out
+    assert table.startswith("| benchmark |") and "resnet" in table
+
+
+def test_memory_quick_writes_json_and_plot(tmp_path, capsys):
+    out, png = tmp_path / "memory.json", tmp_path / "memory.png"
+    assert cli.main(["bench", "memory", "--quick", "--silent", "--out", str(out), "--plot", str(png)]) == 0
+    result = json.loads(out.read_text())
+    configs = {(r["norm"], r["effective_batch"], r["micro_batch"]) for r in result["rows"]}
+    assert configs == {("bn", 2, 2), ("batchless", 2, 1), ("batchless", 2, 2)}
+    for r in result["rows"]:
+        assert isinstance(r["extra_mb"], float) and r["resident_before_mb"] > 0
+    assert set(result["summary"]["2"]) == {"bn_extra_mb", "batchless_m1_extra_mb", "ratio_m1_to_bn"}
+    assert result["floor_mb"]["floor"] == pytest.approx(4 * result["floor_mb"]["params"])
+    assert png.stat().st_size > 0
+    assert "Model state floor" in capsys.readouterr().out
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="checks the message given where CUDA is absent")
+@pytest.mark.parametrize("bench", ["speed", "memory"])
+def test_cuda_path_is_refused_cleanly_without_cuda(bench, capsys):
+    assert cli.main(["bench", bench, "--quick", "--device", "cuda"]) == 2
+    assert "CUDA is not available" in capsys.readouterr().err
+
+
+def test_time_interleaved_alternates_order():
+    calls = []
+    fns = {name: (lambda n=name: calls.append(n)) for name in ("a", "b", "c")}
+    samples = bench_speed.time_interleaved(fns, rounds=4, inner=1, warmup=0, device=torch.device("cpu"))
+    assert calls == list("abccbaabccba")
+    assert {k: len(v) for k, v in samples.items()} == {"a": 4, "b": 4, "c": 4}
+
+
+def test_summarize_pairs_ratios_by_round():
+    summary = bench_speed.summarize({"bn": [1.0, 2.0, 4.0], "x": [0.5, 1.0, 2.0]})
+    assert summary["x"]["ratio_to_bn"] == 0.5 and summary["x"]["median_ms"] == 1.0
+
+
+def test_memory_configurations_cover_powers_of_two_and_the_full_batch():
+    cfgs = bench_memory.MemoryConfig(effective_batches=[6]).configurations()
+    assert [(c["norm"], c["micro_batch"]) for c in cfgs] == [
+        ("bn", 6), ("batchless", 1), ("batchless", 2), ("batchless", 4), ("batchless", 6)]
+
+
+@pytest.mark.parametrize("shape", list(bench_speed.QUICK_SHAPES.values()))
+@pytest.mark.parametrize("norm", bench_speed.LAYER_NORMS)
+def test_every_layer_candidate_runs_a_training_step(norm, shape):
+    layer = bench_speed.make_layer(norm, shape)
+    x = torch.randn(shape, requires_grad=True)
+    grads = bench_speed.train_step(layer, x)()
+    assert grads[0].shape == x.shape
