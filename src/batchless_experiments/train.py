@@ -179,8 +179,8 @@ def _optimizers(model: nn.Module, cfg: TrainConfig) -> list:
     stats_lr = cfg.lr * cfg.stats_lr_scale
     if not stats or cfg.stats_optimizer == "adam":
         groups = [{"params": rest}] + ([{"params": stats, "lr": stats_lr}] if stats else [])
-        return [torch.optim.Adam(groups, lr=cfg.lr)]
-    main = torch.optim.Adam(rest, lr=cfg.lr)
+        return [torch.optim.Adam(groups, lr=cfg.lr, fused=True)]
+    main = torch.optim.Adam(rest, lr=cfg.lr, fused=True)
     if cfg.stats_optimizer == "sgd":
         return [main, torch.optim.SGD(stats, lr=stats_lr)]
     return [main, EMAStatistics(model, stats_lr)]
