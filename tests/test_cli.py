@@ -61,7 +61,7 @@ def test_sweep_resume_and_report_json(tmp_path, capsys):
     png = tmp_path / "plot.png"
     assert main(["report", "--results", results, "--plot", str(png)]) == 0
     out = capsys.readouterr().out
-    assert "| batchless [" in out and "bs 64" in out
+    assert "| batchless |" in out and "bs 64" in out
     assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 
 
@@ -97,7 +97,7 @@ def test_demo_smoke(tmp_path, capsys):
     out = tmp_path / "demo"
     assert main(["demo", "--out", str(out), "--batch-sizes", "64", *TINY]) == 0
     text = capsys.readouterr().out
-    assert "| gn [" in text and "| batchless [" in text and "bs 1 " in text
+    assert "| gn |" in text and "| batchless |" in text and "bs 1 " in text
     assert (out / "demo.png").read_bytes()[:4] == b"\x89PNG"
     assert _count(str(out / "results.sqlite")) == (5, 5)  # none, bn, gn, batchless at 64; batchless at 1
 
@@ -146,3 +146,17 @@ def test_bad_cli_input_is_rejected_with_expected_and_received(tmp_path, capsys, 
 def test_report_on_missing_file_fails_cleanly(tmp_path, capsys):
     assert main(["report", "--results", str(tmp_path / "nope.sqlite")]) == 2
     assert "run `batchless sweep" in capsys.readouterr().err
+
+
+def test_ablation_rows_are_labelled_and_filtered(tmp_path, capsys):
+    results = str(tmp_path / "r.sqlite")
+    base = ["sweep", "--dataset", "synthetic", "--batch-sizes", "64", "--seeds", "1", "--results", results, *TINY]
+    assert main([*base, "--norms", "none,batchless"]) == 0
+    assert main([*base, "--norms", "none,batchless", "--stats-lr-scale", "0.1", "--no-data-init"]) == 0
+    assert _count(results) == (3, 3)  # the `none` cell is shared: the ablation options do not apply to it
+    capsys.readouterr()
+    assert main(["report", "--results", results, "--metrics", "test_acc"]) == 0
+    out = capsys.readouterr().out
+    assert "| batchless [data_init=False, stats_lr_scale=0.1] |" in out and "| none |" in out
+    assert main(["report", "--results", results, "--base-only", "--json"]) == 0
+    assert {r["label"] for r in json.loads(capsys.readouterr().out)} == {"none", "batchless"}

@@ -1,7 +1,8 @@
 """``batchless report``: mean ± std over seeds per norm x batch size, JSON export, paper-style plot.
 
-Rows are labelled by norm plus the options that differ from the defaults (e.g.
-``batchless [stats_lr_scale=0.1]``), so ablations of one store appear as rows of their own.
+Rows are labelled by norm plus the options that differ from the base config of the dataset (the one most
+cells of that dataset use, printed above its table), e.g. ``batchless [stats_lr_scale=0.1]``, so the
+ablations of one store appear as rows of their own.
 """
 
 from __future__ import annotations
@@ -10,33 +11,58 @@ import argparse
 import json
 import os
 import statistics
-from collections import defaultdict
+from collections import Counter, defaultdict
 
-from .models import NORMS
+from .models import NORMS, is_batchless
+from .options import BATCHLESS_ONLY, int_list, norm_list
 from .store import ResultStore
 from .train import TrainConfig
 
 METRICS = ("test_acc", "val_acc_best", "test_acc_at_best_val", "val_acc_best_epoch", "wall_s", "act_mem_mb")
+ABLATIONS = ("data_init", "stats_lr_scale", "stats_optimizer", "nll_mode", "nll_weight")
 PERCENT = ("test_acc", "val_acc_best", "test_acc_at_best_val")
 
 
-def label(row: dict) -> str:
-    """``norm`` plus the config fields that differ from the defaults."""
-    config = TrainConfig(**row["config"])
-    changes = config.changes()
+def base_configs(rows: list[dict]) -> dict[str, dict]:
+    """Per dataset, the base config: the most common config of its batchless cells that run the paper's
+    method (every ablation option at its default); failing that, of its batchless cells; then of all."""
+    default = TrainConfig()
+    counts: dict[str, Counter] = defaultdict(Counter)
+    for r in rows:
+        batchless = is_batchless(r["norm"])
+        paper = batchless and all(r["config"][k] == getattr(default, k) for k in ABLATIONS)
+        counts[r["dataset"]][json.dumps(r["config"], sort_keys=True)] += 1 + (batchless + paper) * len(rows)
+    return {d: json.loads(c.most_common(1)[0][0]) for d, c in counts.items()}
+
+
+def label(row: dict, base: dict) -> str:
+    """``norm`` plus the config fields that differ from ``base`` (the batchless-only ones for batchless)."""
+    ignored = () if is_batchless(row["norm"]) else BATCHLESS_ONLY
+    changes = {k: v for k, v in row["config"].items() if k not in ignored and base.get(k) != v}
     if not changes:
         return row["norm"]
     return f"{row['norm']} [{', '.join(f'{k}={v}' for k, v in sorted(changes.items()))}]"
 
 
-def load_rows(path: str, dataset: str | None = None) -> list[dict]:
+def describe(config: dict) -> str:
+    """The fields of ``config`` that differ from the defaults, e.g. ``epochs=8, num_samples=4000``."""
+    changes = TrainConfig(**config).changes()
+    return ", ".join(f"{k}={v}" for k, v in sorted(changes.items())) or "defaults"
+
+
+def load_rows(path: str, dataset: str | None = None, norms: list[str] | None = None,
+              base_only: bool = False, batch_sizes: list[int] | None = None) -> list[dict]:
+    """Finished cells of ``path`` with a ``label``, optionally filtered by dataset, norm, batch size and
+    base config (labels are computed before filtering by norm or batch size)."""
     if not os.path.exists(path):
         raise FileNotFoundError(f"no results file at {path}; run `batchless sweep --results {path} ...` first")
     with ResultStore(path) as store:
         rows = [r for r in store.rows() if dataset in (None, r["dataset"])]
+    bases = base_configs(rows)
     for r in rows:
-        r["label"] = label(r)
-    return rows
+        r["label"] = label(r, bases[r["dataset"]])
+    return [r for r in rows if (not base_only or r["label"] == r["norm"]) and (not norms or r["norm"] in norms)
+            and (not batch_sizes or r["batch_size"] in batch_sizes)]
 
 
 def group(rows: list[dict], metric: str) -> dict[tuple[str, str], dict[int, list[float]]]:
@@ -65,7 +91,9 @@ def table(rows: list[dict], metric: str = "test_acc") -> str:
         keys = [k for k in groups if k[0] == dataset]
         sizes = sorted({b for k in keys for b in groups[k]})
         unit = " (%)" if metric in PERCENT else ""
-        out.append(f"**{dataset}**, {metric}{unit}, mean ± std over seeds (n = seeds per cell)\n")
+        base = base_configs([r for r in rows if r["dataset"] == dataset])[dataset]
+        out.append(f"**{dataset}**, {metric}{unit}, mean ± std over seeds (n = seeds per cell); "
+                   f"base config: {describe(base)}\n")
         out.append("| norm | " + " | ".join(f"bs {b}" for b in sizes) + " | n |")
         out.append("|---" * (len(sizes) + 2) + "|")
         for key in keys:
@@ -116,7 +144,7 @@ def plot(rows: list[dict], path: str, metric: str = "test_acc", title: str | Non
 
 
 def run(args: argparse.Namespace) -> int:
-    rows = load_rows(args.results, args.dataset)
+    rows = load_rows(args.results, args.dataset, args.norms, args.base_only, args.batch_sizes)
     if args.json:
         print(json.dumps(json_records(rows), indent=1))
     else:
@@ -144,6 +172,10 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
     p.add_argument("--json", action="store_true", help="print one JSON object per finished cell instead")
     p.add_argument("--plot", default=None, help="write accuracy vs batch size to this PNG file")
     p.add_argument("--dataset", default=None, help="only this dataset")
+    p.add_argument("--norms", type=norm_list, default=None, help="only these norms (comma-separated)")
+    p.add_argument("--batch-sizes", type=int_list, default=None, help="only these batch sizes (comma-separated)")
+    p.add_argument("--base-only", action="store_true",
+                   help="only cells run with the base config (leave out the ablations)")
     p.add_argument("--metrics", type=_metric_list, default=["test_acc", "val_acc_best"],
                    help=f"comma-separated from {', '.join(METRICS)} (default test_acc,val_acc_best; "
                         "the plot shows the first)")
