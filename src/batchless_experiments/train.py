@@ -225,37 +225,13 @@ def batches(n: int, batch_size: int, generator: torch.Generator) -> list[torch.T
 
 
 def _data_init(model: nn.Module, x: torch.Tensor, cfg: TrainConfig, seed: int) -> None:
+    """The paper's data-dependent init of mu/sigma from ``cfg.init_samples`` seeded training instances
+    (``bl.init_from_data`` measures in eval mode, i.e. without dropout, layer by layer)."""
     import batchless as bl
 
     g = torch.Generator().manual_seed(seed)
     idx = torch.randperm(len(x), generator=g)[: cfg.init_samples]
-    was_training = model.training
-    model.train()
-    with torch.no_grad():
-        init = getattr(bl, "init_from_data", _init_from_data_layerwise)
-        init(model, list(x[idx].split(250)))
-    model.train(was_training)
-
-
-def _init_from_data_layerwise(model: nn.Module, batches: list[torch.Tensor]) -> None:
-    """Stand-in for ``bl.init_from_data`` while the library lacks it: for each batchless layer in module
-    order (a valid dependency order for the experiments' sequential models), one pass over ``batches`` to
-    set mu/sigma to the per-channel mean/std of the layer's inputs, given the layers before it."""
-    from batchless.loss import batchless_layers
-
-    for _, layer in batchless_layers(model):
-        inputs = []
-        handle = layer.register_forward_pre_hook(lambda m, a, inputs=inputs: inputs.append(a[0].detach()))
-        try:
-            for b in batches:
-                model(b)
-        finally:
-            handle.remove()
-        dims = [0, *range(2, inputs[0].dim())]
-        xs = torch.cat(inputs).float()
-        var, mean = torch.var_mean(xs, dim=dims, correction=0)
-        layer.mean.copy_(mean.reshape(layer.mean.shape))
-        layer.set_std(var.add(layer.eps).sqrt().reshape(layer.mean.shape))
+    bl.init_from_data(model, list(x[idx].split(250)))
 
 
 def _progress(iterable, total: int, desc: str, leave: bool, enabled: bool = True):
