@@ -4,7 +4,11 @@ A drop-in replacement for ``nn.BatchNorm*d`` whose statistics are learned parame
 negative log likelihood of the layer's inputs, so that instances can be processed one at a time.
 """
 
+from .accumulate import accumulate
+from .convert import convert_batchnorm, to_batchnorm
 from .errors import BatchlessError
+from .fold import fold
+from .init import init_from_data
 from .loss import nll_loss, statistics_parameters
 from .modules import BatchlessNorm1d, BatchlessNorm2d, BatchlessNorm3d
 from .weighting import nll_weight
@@ -16,7 +20,12 @@ __all__ = [
     "BatchlessNorm1d",
     "BatchlessNorm2d",
     "BatchlessNorm3d",
+    "accumulate",
+    "convert_batchnorm",
+    "fold",
+    "init_from_data",
     "nll_loss",
     "nll_weight",
     "statistics_parameters",
+    "to_batchnorm",
 ]

@@ -1,0 +1,200 @@
+"""Converting models between BatchNorm and batchless layers: ``convert_batchnorm`` and ``to_batchnorm``.
+
+``convert_batchnorm`` migrates a model trained with BatchNorm (the paper's migration: ``mean = running_mean``,
+``std = sqrt(running_var + eps)``, ``weight``/``bias`` copied), so its eval-mode function is unchanged and
+training can go on batch-free. ``to_batchnorm`` goes back, to eval-mode ``nn.BatchNorm*d`` layers, for tools
+that only know BatchNorm (ONNX runtimes, quantization, pruning). Both clone the model first unless
+``inplace=True``, replace layers by dotted name, keep device, dtype and training flags, and keep a layer
+shared between two places shared. :func:`replace_modules` is the walker they (and :func:`batchless.fold`) use.
+"""
+
+from __future__ import annotations
+
+import copy
+import logging
+from collections.abc import Callable
+
+import torch
+from torch import nn
+from torch.nn.modules.batchnorm import _BatchNorm
+from torch.nn.modules.lazy import LazyModuleMixin
+
+from .errors import BatchlessError
+from .modules import BatchlessNorm1d, BatchlessNorm2d, BatchlessNorm3d, _BatchlessNorm
+
+logger = logging.getLogger(__name__)
+
+
+class _BatchlessNormXd(_BatchlessNorm):
+    """A batchless layer for inputs ``(N, C, *)`` of any rank: what an ``nn.SyncBatchNorm`` becomes.
+
+    ``SyncBatchNorm`` does not know its input rank, so neither does its conversion (as ``_BatchNormXd``
+    in mmcv's ``revert_sync_batchnorm``). Converted back by :func:`to_batchnorm` into an ``nn.SyncBatchNorm``.
+    """
+
+    _input_dims = tuple(range(2, 9))
+
+
+# BatchNorm base class -> batchless class; a subclass is matched by the first of these in its MRO.
+_TO_BATCHLESS: dict[type, type[_BatchlessNorm]] = {
+    nn.BatchNorm1d: BatchlessNorm1d,
+    nn.BatchNorm2d: BatchlessNorm2d,
+    nn.BatchNorm3d: BatchlessNorm3d,
+    nn.SyncBatchNorm: _BatchlessNormXd,
+    _BatchNorm: _BatchlessNormXd,
+}
+_TO_BATCHNORM: dict[type, type[nn.Module]] = {
+    BatchlessNorm1d: nn.BatchNorm1d,
+    BatchlessNorm2d: nn.BatchNorm2d,
+    BatchlessNorm3d: nn.BatchNorm3d,
+    _BatchlessNormXd: nn.SyncBatchNorm,
+}
+_CONVERT_KWARGS = ("eps", "std_param", "nll")
+
+
+def replace_modules(model: nn.Module, replace: Callable[[str, nn.Module], nn.Module | None], *,
+                    inplace: bool = False) -> nn.Module:
+    """Return ``model`` (a deep copy unless ``inplace``) with every module for which ``replace(dotted_name,
+    module)`` returns a module swapped for it; modules for which it returns None are recursed into.
+
+    A module reachable under several names is visited once and its replacement shared the same way. The
+    root itself may be replaced: always use the returned module.
+    """
+    if not inplace:
+        model = copy.deepcopy(model)
+    memo: dict[int, nn.Module] = {}
+
+    def visit(name: str, module: nn.Module) -> nn.Module:
+        if id(module) not in memo:
+            new = replace(name, module)
+            if new is None:
+                new = module
+                for child_name, child in list(module._modules.items()):  # named_children() skips repeats
+                    if child is None:
+                        continue
+                    new_child = visit(f"{name}.{child_name}" if name else child_name, child)
+                    if new_child is not child:
+                        setattr(module, child_name, new_child)
+            elif new is not module:
+                logger.debug("batchless: replaced %s (%s) by %s", name or "<root>", type(module).__name__,
+                             type(new).__name__)
+            memo[id(module)] = new
+        return memo[id(module)]
+
+    return visit("", model)
+
+
+def _batchnorm_base(module: _BatchNorm) -> type:
+    return next(cls for cls in type(module).__mro__ if cls in _TO_BATCHLESS)
+
+
+def _conversion_problem(module: _BatchNorm) -> str | None:
+    """Why ``module`` cannot be converted faithfully, or None."""
+    base = _batchnorm_base(module)
+    if type(module).forward is not base.forward or any(True for _ in module.children()):
+        return (f"{type(module).__name__} subclasses {base.__name__} and adds behaviour (its own forward or "
+                "child modules, e.g. a fused activation) that a conversion would drop")
+    if isinstance(module, LazyModuleMixin):
+        return f"{type(module).__name__} is not initialized yet: run one forward pass first"
+    if module.running_mean is None or module.running_var is None:
+        return ("it has no running statistics (track_running_stats=False): convert it by hand to a "
+                "BatchlessNorm layer and call batchless.init_from_data(model, batches) to set its mean/std")
+    return None
+
+
+def convert_batchnorm(model: nn.Module, *, inplace: bool = False, **layer_kwargs) -> nn.Module:
+    """Replace every BatchNorm layer with the batchless layer that computes the same eval-mode function.
+
+    ``nn.BatchNorm1d/2d/3d`` become ``BatchlessNorm1d/2d/3d``; ``nn.SyncBatchNorm`` (and other direct
+    ``_BatchNorm`` subclasses) a batchless layer that accepts any input rank ``(N, C, *)``. Each gets
+    ``mean = running_mean``, ``std = sqrt(running_var + eps)``, ``weight``/``bias`` copied (with their
+    ``requires_grad``), the BatchNorm's ``eps`` (now a guard, not added to a variance), device, dtype and
+    training flag. ``momentum`` and ``num_batches_tracked`` have no counterpart and are dropped.
+
+    Subclasses of a BatchNorm class that keep its ``forward`` and have no child modules are converted like
+    their base. Subclasses that add behaviour (timm's ``BatchNormAct2d`` fuses an activation) are refused,
+    as are BatchNorms without running statistics: one :class:`~batchless.BatchlessError` lists every
+    such layer by dotted name, before anything is changed.
+
+    Args:
+        model: the model; may itself be a BatchNorm layer.
+        inplace: convert ``model`` itself instead of a deep copy. Default: False. The returned module is
+            the converted model either way (a BatchNorm at the root cannot be replaced in place).
+        **layer_kwargs: ``std_param``, ``nll`` or ``eps`` for the new layers.
+
+    Example::
+
+        >>> import torch, batchless as bl
+        >>> bn_model = torch.nn.Sequential(torch.nn.Conv2d(3, 8, 3), torch.nn.BatchNorm2d(8)).eval()
+        >>> model = bl.convert_batchnorm(bn_model)
+        >>> x = torch.randn(2, 3, 8, 8)
+        >>> torch.allclose(model(x), bn_model(x), atol=1e-5)
+        True
+    """
+    unknown = sorted(set(layer_kwargs) - set(_CONVERT_KWARGS))
+    if unknown:
+        raise BatchlessError(
+            f"convert_batchnorm accepts the layer arguments {', '.join(_CONVERT_KWARGS)}; got {', '.join(unknown)} "
+            "(channel count, affine, device and dtype are taken from each BatchNorm)"
+        )
+    problems = [f"  {name or '<root>'}: {problem}" for name, module in model.named_modules()
+                if isinstance(module, _BatchNorm) and (problem := _conversion_problem(module)) is not None]
+    if problems:
+        raise BatchlessError("convert_batchnorm cannot convert these layers faithfully:\n" + "\n".join(problems)
+                             + "\nreplace these layers by hand (e.g. by nn.Sequential(BatchlessNorm2d(C), "
+                             "activation)), then call convert_batchnorm for the rest")
+
+    def replace(_name: str, module: nn.Module) -> nn.Module | None:
+        return _from_batchnorm(module, layer_kwargs) if isinstance(module, _BatchNorm) else None
+
+    return replace_modules(model, replace, inplace=inplace)
+
+
+@torch.no_grad()
+def _from_batchnorm(bn: _BatchNorm, layer_kwargs: dict) -> _BatchlessNorm:
+    kwargs = {"eps": bn.eps, **layer_kwargs}
+    layer = _TO_BATCHLESS[_batchnorm_base(bn)](
+        bn.num_features, affine=bn.affine, device=bn.running_mean.device, dtype=bn.running_mean.dtype, **kwargs
+    )
+    layer.mean.copy_(bn.running_mean)
+    layer.set_std((bn.running_var.double() + bn.eps).sqrt())
+    if bn.affine:
+        for name in ("weight", "bias"):
+            getattr(layer, name).copy_(getattr(bn, name))
+            getattr(layer, name).requires_grad_(getattr(bn, name).requires_grad)
+    return layer.train(bn.training)
+
+
+def to_batchnorm(model: nn.Module, *, inplace: bool = False) -> nn.Module:
+    """Replace every batchless layer with an eval-mode ``nn.BatchNorm*d`` computing the same function.
+
+    For tools that expect BatchNorm (ONNX runtimes, quantization, pruning). ``BatchlessNorm1d/2d/3d``
+    become ``nn.BatchNorm1d/2d/3d`` and a converted ``nn.SyncBatchNorm`` becomes one again, with
+    ``running_mean = mean`` and ``running_var = std**2 - eps`` (``eps`` 0 where ``std**2 <= eps``), so that
+    ``sqrt(running_var + eps) = std``; ``weight``/``bias`` copied, device and dtype kept. The layers are
+    returned in eval mode (training them as BatchNorm would replace the learned statistics).
+
+    Args:
+        model: the model; may itself be a batchless layer.
+        inplace: convert ``model`` itself instead of a deep copy. Default: False. Use the returned module.
+    """
+
+    def replace(_name: str, module: nn.Module) -> nn.Module | None:
+        return _to_batchnorm_layer(module) if isinstance(module, _BatchlessNorm) else None
+
+    return replace_modules(model, replace, inplace=inplace)
+
+
+@torch.no_grad()
+def _to_batchnorm_layer(layer: _BatchlessNorm) -> nn.Module:
+    var = layer.std.double().square().expand(layer.num_features)
+    eps = layer.eps if bool((var > layer.eps).all()) else 0.0
+    cls = next(_TO_BATCHNORM[c] for c in type(layer).__mro__ if c in _TO_BATCHNORM)
+    bn = cls(layer.num_features, eps=eps, affine=layer.affine, device=layer.mean.device, dtype=layer.mean.dtype)
+    bn.running_mean.copy_(layer.mean.expand(layer.num_features))
+    bn.running_var.copy_(var - eps)
+    if layer.affine:
+        for name in ("weight", "bias"):
+            getattr(bn, name).copy_(getattr(layer, name))
+            getattr(bn, name).requires_grad_(getattr(layer, name).requires_grad)
+    return bn.eval()

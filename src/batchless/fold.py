@@ -1,0 +1,185 @@
+"""Folding batchless layers away for inference: ``fold``.
+
+At inference a batchless layer is a fixed per-channel affine map, ``y = x * scale + shift`` with
+``scale = weight / std`` and ``shift = bias - mean * scale``. Directly after a convolution or linear layer
+whose output goes nowhere else, it folds into that layer's weight and bias, exactly as an eval-mode
+BatchNorm does (``torch.nn.utils.fusion``), and costs nothing; anywhere else it becomes a
+:class:`ChannelAffine` module (one fused multiply-add). :func:`affine_of` and :func:`fold_into` are the
+tensor-level functions; :func:`fold` is the module-level wrapper.
+"""
+
+from __future__ import annotations
+
+import copy
+from collections import Counter
+
+import torch
+from torch import Tensor, fx, nn
+
+from .convert import replace_modules
+from .errors import BatchlessError
+from .loss import batchless_layers
+from .modules import BatchlessNorm1d, _BatchlessNorm
+
+# Producer layers a batchless layer can fold into, with the channel dimension of their weight (dim 0).
+_FOLDABLE = (nn.Conv1d, nn.Conv2d, nn.Conv3d, nn.Linear)
+
+
+class ChannelAffine(nn.Module):
+    """A fixed per-channel affine map on dim 1, ``y = x * scale + shift``: a batchless layer at inference.
+
+    Args:
+        scale, shift: tensors of shape ``(C,)``, stored as buffers.
+
+    Shape: input ``(N, C, *)``, output the same.
+    """
+
+    def __init__(self, scale: Tensor, shift: Tensor) -> None:
+        super().__init__()
+        self.register_buffer("scale", scale)
+        self.register_buffer("shift", shift)
+
+    def forward(self, x: Tensor) -> Tensor:
+        shape = (1, -1) + (1,) * (x.dim() - 2)
+        return torch.addcmul(self.shift.view(shape), x, self.scale.view(shape))
+
+    def extra_repr(self) -> str:
+        return f"{self.scale.shape[0]}"
+
+
+@torch.no_grad()
+def affine_of(layer: _BatchlessNorm) -> tuple[Tensor, Tensor]:
+    """``(scale, shift)``, each ``(C,)`` in the layer's dtype, such that the layer's output is ``x * scale + shift``.
+
+    Computed in float64, so that folding adds no error beyond the final rounding.
+    """
+    c = layer.num_features
+    std = layer.std.double().expand(c)
+    weight = torch.ones_like(std) if layer.weight is None else layer.weight.double()
+    bias = torch.zeros_like(std) if layer.bias is None else layer.bias.double()
+    scale = weight / std
+    shift = bias - layer.mean.double().expand(c) * scale
+    return scale.to(layer.mean.dtype), shift.to(layer.mean.dtype)
+
+
+@torch.no_grad()
+def fold_into(weight: Tensor, bias: Tensor | None, scale: Tensor, shift: Tensor) -> tuple[Tensor, Tensor]:
+    """Weight and bias of a conv/linear layer followed by ``x * scale + shift`` on its output channels (dim 0
+    of ``weight``): ``(weight * scale, bias * scale + shift)``, computed in float64, returned in ``weight``'s dtype.
+    """
+    s = scale.double().reshape(-1, *([1] * (weight.dim() - 1)))
+    b = shift.double() if bias is None else bias.double() * scale.double() + shift.double()
+    return (weight.double() * s).to(weight.dtype), b.to(weight.dtype)
+
+
+def fold(model: nn.Module, *, inplace: bool = False) -> nn.Module:
+    """Remove every batchless layer from an eval-mode model without changing its function.
+
+    A batchless layer is folded into the ``nn.Conv1d/2d/3d`` or ``nn.Linear`` feeding it when, in the
+    ``torch.fx`` graph of the model: every call of the layer takes the direct output of such a producer,
+    that output is used nowhere else, the producer is called once, the producer and the layer are each
+    registered under one name only, the producer has no hooks or parametrizations and has as many output
+    channels as the layer (for ``nn.Linear``: the layer
+    normalizes its ``(N, C)`` output; a Linear applied to ``(N, L, features)`` followed by a layer over ``L``
+    with ``L == features`` is the one case this cannot tell apart). The layer becomes ``nn.Identity``. Every
+    other batchless layer becomes a :class:`ChannelAffine`. Where the whole model cannot be traced (data-
+    dependent control flow), each child module is traced on its own, recursively; what cannot be traced at
+    all is not folded, only replaced by :class:`ChannelAffine`.
+
+    The result keeps the model's class and methods; its eval output equals the original's up to float
+    rounding, and its inference cost equals the same model without normalization layers (up to the
+    ``Identity`` calls and the unfoldable layers' affine maps).
+
+    Args:
+        model: an eval-mode model (training-mode batchless layers are refused: call ``model.eval()``).
+        inplace: fold ``model`` itself instead of a deep copy. Default: False. Use the returned module.
+
+    Example::
+
+        >>> import torch, batchless as bl
+        >>> model = torch.nn.Sequential(torch.nn.Conv2d(3, 8, 3), bl.BatchlessNorm2d(8), torch.nn.ReLU()).eval()
+        >>> folded = bl.fold(model)
+        >>> folded
+        Sequential(
+          (0): Conv2d(3, 8, kernel_size=(3, 3), stride=(1, 1))
+          (1): Identity()
+          (2): ReLU()
+        )
+    """
+    training = [name or "<root>" for name, layer in batchless_layers(model) if layer.training]
+    if training:
+        raise BatchlessError(
+            f"fold is for inference and expects eval-mode layers; these batchless layers are in training mode: "
+            f"{', '.join(training)}. Call model.eval() first"
+        )
+    if not inplace:
+        model = copy.deepcopy(model)
+    names = Counter(id(m) for _, m in model.named_modules(remove_duplicate=False))
+    pairs = [(producer, layer) for producer, layer in _fold_pairs(model) if names[id(layer)] == 1]
+    shared_producer = {id(layer) for producer, layer in pairs if names[id(producer)] != 1}
+    pairs = [(producer, layer) for producer, layer in pairs if id(layer) not in shared_producer]
+    for producer, layer in pairs:
+        weight, bias = fold_into(producer.weight, producer.bias, *affine_of(layer))
+        with torch.no_grad():
+            producer.weight.copy_(weight)
+            if producer.bias is None:
+                producer.bias = nn.Parameter(bias, requires_grad=producer.weight.requires_grad)
+            else:
+                producer.bias.copy_(bias)
+    folded_layers = {id(layer) for _, layer in pairs}
+
+    def replace(_name: str, module: nn.Module) -> nn.Module | None:
+        if not isinstance(module, _BatchlessNorm):
+            return None
+        return nn.Identity() if id(module) in folded_layers else ChannelAffine(*affine_of(module))
+
+    return replace_modules(model, replace, inplace=True)
+
+
+class _Tracer(fx.Tracer):
+    """The default tracer, with batchless layers as leaves."""
+
+    def is_leaf_module(self, m: nn.Module, qualname: str) -> bool:
+        return isinstance(m, _BatchlessNorm) or super().is_leaf_module(m, qualname)
+
+
+def _fold_pairs(root: nn.Module) -> list[tuple[nn.Module, _BatchlessNorm]]:
+    """``(producer, layer)`` for every batchless layer of ``root`` all of whose calls can fold into producers."""
+    if not any(isinstance(m, _BatchlessNorm) for m in root.modules()) or isinstance(root, _BatchlessNorm):
+        return []
+    try:
+        graph = _Tracer().trace(root)
+    except Exception:  # untraceable (control flow on values, ...): try each child on its own
+        return [pair for child in root.children() for pair in _fold_pairs(child)]
+    calls = Counter(node.target for node in graph.nodes if node.op == "call_module")
+    attrs = [node.target for node in graph.nodes if node.op == "get_attr"]
+    sites: dict[str, list[fx.Node]] = {}
+    for node in graph.nodes:
+        if node.op == "call_module" and isinstance(root.get_submodule(node.target), _BatchlessNorm):
+            sites.setdefault(node.target, []).append(node)
+
+    def producer(node: fx.Node, layer: _BatchlessNorm) -> nn.Module | None:
+        src = node.args[0] if len(node.args) == 1 and not node.kwargs else None
+        if not isinstance(src, fx.Node) or src.op != "call_module" or len(src.users) != 1 or calls[src.target] != 1:
+            return None
+        module = root.get_submodule(src.target)
+        ok = (
+            type(module) in _FOLDABLE
+            and _channels(module) == layer.num_features
+            and (isinstance(layer, BatchlessNorm1d) or not isinstance(module, nn.Linear))
+            and not (module._forward_hooks or module._forward_pre_hooks or hasattr(module, "parametrizations"))
+            and not any(a == src.target or a.startswith(src.target + ".") for a in attrs)
+        )
+        return module if ok else None
+
+    pairs = []
+    for target, nodes in sites.items():
+        layer = root.get_submodule(target)
+        producers = [producer(node, layer) for node in nodes]
+        if all(p is not None for p in producers):
+            pairs += [(p, layer) for p in producers]
+    return pairs
+
+
+def _channels(module: nn.Module) -> int:
+    return module.out_features if isinstance(module, nn.Linear) else module.out_channels

@@ -1,0 +1,135 @@
+"""accumulate: micro-batches of any size (1 included) give the full batch's gradients, in both nll modes."""
+
+import contextlib
+
+import pytest
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+import batchless as bl
+
+
+def make_model(nll, seed=0):
+    torch.manual_seed(seed)
+    model = nn.Sequential(
+        bl.BatchlessNorm1d(2, nll=nll), nn.Conv1d(2, 4, 3), bl.BatchlessNorm1d(4, nll=nll, std_param="inv"),
+        nn.ReLU(), nn.Flatten(), nn.Linear(4 * 6, 5), bl.BatchlessNorm1d(5, nll=nll, shared=True), nn.Linear(5, 3),
+    )
+    with torch.no_grad():  # statistics away from the data's, so that the NLL gradients are large
+        for _, layer in bl.loss.batchless_layers(model):
+            layer.mean.uniform_(-1, 1)
+            layer.set_std(torch.rand_like(layer.mean) + 0.5)
+    return model
+
+
+def full_batch_grads(model, x, y):
+    model.zero_grad()
+    loss = F.cross_entropy(model(x), y)
+    (loss + bl.nll_loss(model)).backward()  # nll_loss is detached in implicit mode: no effect there
+    return loss.detach(), {k: p.grad.clone() for k, p in model.named_parameters()}
+
+
+def assert_grads_equal(got, want, tol=1e-5):
+    for k in want:
+        scale = max(1.0, want[k].abs().max().item())
+        assert (got[k] - want[k]).abs().max().item() <= tol * scale, k
+
+
+DATA = (torch.randn(8, 2, 8) * 3 + 1, torch.randint(0, 3, (8,)))
+
+
+@pytest.mark.parametrize("nll", ["implicit", "explicit"])
+@pytest.mark.parametrize("m", [1, 3, 8])  # 3: micro-batches of unequal size (3, 3, 2)
+def test_micro_batch_gradients_equal_full_batch(nll, m):
+    x, y = DATA
+    model = make_model(nll)
+    want_loss, want = full_batch_grads(model, x, y)
+    assert want["0.mean"].abs().max() > 1e-3  # the statistics do get an NLL gradient
+    model.zero_grad()
+    loss = bl.accumulate(model, F.cross_entropy, x, y, micro_batch_size=m)
+    assert abs(loss.item() - want_loss.item()) <= 1e-6 and not loss.requires_grad
+    assert_grads_equal({k: p.grad for k, p in model.named_parameters()}, want)
+
+
+def test_naive_accumulation_gets_the_statistics_wrong():
+    """Without the NLL weight, k micro-batches count the implicit NLL k times: the property is not trivial."""
+    x, y = DATA
+    model = make_model("implicit")
+    _, want = full_batch_grads(model, x, y)
+    model.zero_grad()
+    for xi, yi in zip(x.split(2), y.split(2), strict=True):
+        (F.cross_entropy(model(xi), yi) / 4).backward()
+    got = {k: p.grad for k, p in model.named_parameters()}
+    assert_grads_equal({k: v for k, v in got.items() if "0.weight" in k}, {"0.weight": want["0.weight"]})
+    with pytest.raises(AssertionError):
+        assert_grads_equal(got, want)
+
+
+def test_enclosing_nll_weight_scales_both_modes():
+    x, y = DATA
+    grads = {}
+    for nll in ("implicit", "explicit"):
+        model = make_model(nll)
+        with bl.nll_weight(0.25):
+            bl.accumulate(model, F.cross_entropy, x, y, micro_batch_size=3)
+        grads[nll] = {k: p.grad.clone() for k, p in model.named_parameters()}
+    assert_grads_equal(grads["explicit"], grads["implicit"])
+    model = make_model("implicit")
+    bl.accumulate(model, F.cross_entropy, x, y, micro_batch_size=3)
+    torch.testing.assert_close(grads["implicit"]["0.mean"], model[0].mean.grad * 0.25)
+
+
+class Wrapper(nn.Module):
+    """Stands for DDP: counts the micro-batches run inside no_sync()."""
+
+    def __init__(self, module):
+        super().__init__()
+        self.module, self.unsynced, self.inside = module, 0, False
+
+    @contextlib.contextmanager
+    def no_sync(self):
+        self.inside = True
+        yield
+        self.inside = False
+
+    def forward(self, x):
+        self.unsynced += self.inside
+        return self.module(x)
+
+
+def test_gradients_sync_only_on_the_last_micro_batch():
+    x, y = DATA
+    model = Wrapper(make_model("implicit"))
+    bl.accumulate(model, F.cross_entropy, x, y, micro_batch_size=3)
+    assert model.unsynced == 2
+
+
+def test_bad_arguments():
+    x, y = DATA
+    model = make_model("implicit")
+    with pytest.raises(bl.BatchlessError, match="micro_batch_size must be a positive int, got 0"):
+        bl.accumulate(model, F.cross_entropy, x, y, micro_batch_size=0)
+    with pytest.raises(bl.BatchlessError, match=r"same number.*\(8, 2, 8\).*\(7,\)"):
+        bl.accumulate(model, F.cross_entropy, x, y[:7], micro_batch_size=2)
+
+
+def test_readme_micro_batch_loop():
+    """The README's micro-batch snippet, verbatim: the two-line change to a training loop."""
+    import torch
+    from torch import nn
+
+    import batchless as bl
+
+    model = nn.Sequential(nn.Linear(10, 32), bl.BatchlessNorm1d(32), nn.ReLU(), nn.Linear(32, 2))
+    loader = [(torch.randn(64, 10), torch.randint(0, 2, (64,))) for _ in range(10)]
+    optimizer = torch.optim.Adam(model.parameters(), lr=1e-3)
+    loss_fn = nn.CrossEntropyLoss()
+
+    for inputs, targets in loader:
+        optimizer.zero_grad()
+        # was: loss = loss_fn(model(inputs), targets); loss.backward()
+        loss = bl.accumulate(model, loss_fn, inputs, targets, micro_batch_size=4)
+        optimizer.step()
+    # --- end of snippet ---
+    assert torch.isfinite(loss) and loss.dim() == 0

@@ -1,0 +1,211 @@
+"""convert_batchnorm / to_batchnorm: conversion leaves the eval function unchanged, refuses what it cannot keep."""
+
+import copy
+import doctest
+import functools
+import importlib
+
+import pytest
+import torch
+from torch import nn
+
+import batchless as bl
+from batchless.modules import _BatchlessNorm
+
+
+def max_rel_diff(a, b):
+    return ((a - b).abs().max() / b.abs().max().clamp_min(1e-12)).item()
+
+
+def trained_bn_model():
+    """A conv + linear BatchNorm model after a few training steps: non-trivial running stats and affine."""
+    return copy.deepcopy(_trained_bn_model())
+
+
+@functools.cache
+def _trained_bn_model(seed=0):
+    torch.manual_seed(seed)
+    model = nn.Sequential(
+        nn.Conv2d(3, 8, 3), nn.BatchNorm2d(8), nn.ReLU(),
+        nn.Conv2d(8, 8, 3), nn.BatchNorm2d(8, affine=False), nn.ReLU(),
+        nn.Flatten(), nn.Linear(8 * 4 * 4, 16), nn.BatchNorm1d(16), nn.ReLU(), nn.Linear(16, 4),
+    )
+    for m in model.modules():
+        if isinstance(m, nn.modules.batchnorm._BatchNorm):
+            m.momentum = 0.5
+    for _ in range(5):  # plain SGD by hand: torch.optim's first use imports torch._dynamo (seconds)
+        x = torch.randn(16, 3, 8, 8) * 3 + 2
+        model.zero_grad()
+        model(x).square().mean().backward()
+        with torch.no_grad():
+            for p in model.parameters():
+                p -= 0.1 * p.grad
+    return model.eval()
+
+
+@pytest.mark.parametrize("std_param", ["log", "abs", "inv"])
+def test_convert_trained_model_keeps_eval_output(std_param):
+    bn_model = trained_bn_model()
+    before = {k: v.clone() for k, v in bn_model.state_dict().items()}
+    model = bl.convert_batchnorm(bn_model, std_param=std_param)
+    x = torch.randn(10, 3, 8, 8) * 3 + 2
+    with torch.no_grad():
+        assert max_rel_diff(model(x), bn_model(x)) <= 1e-5
+    kinds = [type(m) for m in model.modules()]
+    assert kinds.count(bl.BatchlessNorm2d) == 2 and kinds.count(bl.BatchlessNorm1d) == 1
+    assert not any(isinstance(m, nn.modules.batchnorm._BatchNorm) for m in model.modules())
+    assert all(not m.training for m in model.modules())
+    assert model[4].weight is None and model[1].std_param == std_param
+    # the original is untouched
+    assert isinstance(bn_model[1], nn.BatchNorm2d)
+    assert all(torch.equal(before[k], v) for k, v in bn_model.state_dict().items())
+
+
+def test_convert_keeps_training_flag_dtype_and_requires_grad():
+    bn = nn.BatchNorm1d(5, dtype=torch.float64)
+    bn.running_mean.uniform_(-1, 1)
+    bn.running_var.uniform_(0.5, 2)
+    bn.weight.requires_grad_(False)
+    layer = bl.convert_batchnorm(bn)  # a BatchNorm at the root
+    assert type(layer) is bl.BatchlessNorm1d and layer.training
+    assert layer.mean.dtype == torch.float64 and not layer.weight.requires_grad and layer.bias.requires_grad
+    torch.testing.assert_close(layer.mean, bn.running_mean)
+    torch.testing.assert_close(layer.std, (bn.running_var + bn.eps).sqrt())
+
+
+def test_convert_inplace_and_shared_layers():
+    bn = nn.BatchNorm2d(4)
+    model = nn.Sequential(nn.Conv2d(4, 4, 1), bn, nn.Conv2d(4, 4, 1), bn)
+    out = bl.convert_batchnorm(model, inplace=True)
+    assert out is model and type(model[1]) is bl.BatchlessNorm2d and model[1] is model[3]
+
+
+def test_sync_batchnorm_conversion_and_round_trip():
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Conv2d(3, 6, 3), nn.BatchNorm2d(6), nn.ReLU(), nn.Conv2d(6, 6, 3), nn.BatchNorm2d(6))
+    with torch.no_grad():
+        for m in (model[1], model[4]):
+            m.running_mean.uniform_(-2, 2)
+            m.running_var.uniform_(0.1, 3)
+            m.weight.uniform_(0.5, 2)
+            m.bias.uniform_(-1, 1)
+    sync = nn.SyncBatchNorm.convert_sync_batchnorm(model).eval()
+    model.eval()
+    converted = bl.convert_batchnorm(sync)
+    assert all(isinstance(converted[i], _BatchlessNorm) for i in (1, 4))
+    x = torch.randn(4, 3, 9, 9)
+    with torch.no_grad():
+        assert max_rel_diff(converted(x), model(x)) <= 1e-5
+        back = bl.to_batchnorm(converted)
+        assert type(back[1]) is nn.SyncBatchNorm and not back[1].training
+        assert max_rel_diff(back(x), model(x)) <= 1e-5
+
+
+class BatchNormAct2d(nn.BatchNorm2d):
+    """Like timm's: a BatchNorm with a fused activation, which a conversion must not drop."""
+
+    def __init__(self, num_features):
+        super().__init__(num_features)
+        self.act = nn.ReLU()
+
+    def forward(self, x):
+        return self.act(super().forward(x))
+
+
+class RenamedBatchNorm2d(nn.BatchNorm2d):
+    """A subclass that adds no behaviour: converted like its base."""
+
+
+def test_subclass_with_behaviour_is_refused_with_all_names():
+    model = nn.Sequential(nn.Conv2d(3, 4, 1), BatchNormAct2d(4), nn.Sequential(BatchNormAct2d(4)),
+                          nn.BatchNorm2d(4))
+    with pytest.raises(bl.BatchlessError, match=r"(?s)1: BatchNormAct2d.*2\.0: BatchNormAct2d") as info:
+        bl.convert_batchnorm(model, inplace=True)
+    assert "fused activation" in str(info.value)
+    assert type(model[3]) is nn.BatchNorm2d  # nothing changed before the error
+    plain = bl.convert_batchnorm(nn.Sequential(RenamedBatchNorm2d(4)))
+    assert type(plain[0]) is bl.BatchlessNorm2d
+
+
+def test_no_running_stats_points_to_init_from_data():
+    model = nn.Sequential(nn.Linear(3, 4), nn.BatchNorm1d(4, track_running_stats=False))
+    with pytest.raises(bl.BatchlessError, match=r"1: .*track_running_stats=False.*init_from_data"):
+        bl.convert_batchnorm(model)
+
+
+def test_unknown_layer_kwargs_are_refused():
+    with pytest.raises(bl.BatchlessError, match="std_param, nll.*got shared"):
+        bl.convert_batchnorm(nn.BatchNorm1d(3), shared=True)
+
+
+def test_explicit_nll_kwarg_reaches_layers():
+    model = bl.convert_batchnorm(nn.Sequential(nn.BatchNorm1d(3)), nll="explicit")
+    assert model[0].nll == "explicit"
+
+
+@pytest.mark.parametrize("shared", [False, True])
+def test_to_batchnorm_keeps_eval_output(shared):
+    torch.manual_seed(1)
+    model = nn.Sequential(bl.BatchlessNorm2d(3, shared=shared), nn.Conv2d(3, 4, 3), bl.BatchlessNorm2d(4),
+                          nn.Flatten(), nn.Linear(4 * 4 * 4, 5), bl.BatchlessNorm1d(5, affine=False)).eval()
+    with torch.no_grad():
+        for _, layer in bl.loss.batchless_layers(model):
+            layer.mean.uniform_(-3, 3)
+            layer.set_std(torch.rand_like(layer.mean) * 3 + 1e-3)  # some std**2 below eps
+            if layer.affine:
+                layer.weight.uniform_(-2, 2)
+                layer.bias.uniform_(-1, 1)
+    bn_model = bl.to_batchnorm(model)
+    assert [type(bn_model[i]) for i in (0, 2, 5)] == [nn.BatchNorm2d, nn.BatchNorm2d, nn.BatchNorm1d]
+    assert not any(isinstance(m, _BatchlessNorm) for m in bn_model.modules())
+    x = torch.randn(3, 3, 6, 6)
+    with torch.no_grad():
+        assert max_rel_diff(bn_model(x), model(x)) <= 1e-5
+    again = bl.convert_batchnorm(bn_model)
+    with torch.no_grad():
+        assert max_rel_diff(again(x), model(x)) <= 1e-5
+
+
+def test_to_batchnorm_onnx_export_matches_onnxruntime(tmp_path):
+    ort = pytest.importorskip("onnxruntime")
+    pytest.importorskip("onnx")
+    model = bl.convert_batchnorm(trained_bn_model())
+    bn_model = bl.to_batchnorm(model)
+    x = torch.randn(2, 3, 8, 8)
+    path = tmp_path / "model.onnx"
+    torch.onnx.export(bn_model, (x,), str(path), input_names=["x"], verbose=False)  # the default (dynamo) exporter
+    got = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"]).run(None, {"x": x.numpy()})[0]
+    with torch.no_grad():
+        assert max_rel_diff(torch.from_numpy(got), model(x)) <= 1e-5
+
+
+def test_readme_model_tools():
+    """The README's migrate / init / fold snippet, verbatim."""
+    import torch
+    from torch import nn
+
+    import batchless as bl
+
+    bn_model = nn.Sequential(nn.Conv2d(3, 16, 3), nn.BatchNorm2d(16), nn.ReLU()).eval()  # your trained model
+    model = bl.convert_batchnorm(bn_model)  # migrate: BatchNorm -> batchless, same eval output
+
+    fresh = nn.Sequential(nn.Conv2d(3, 16, 3), bl.BatchlessNorm2d(16), nn.ReLU())
+    batches = [torch.randn(8, 3, 32, 32) for _ in range(4)]  # a list or DataLoader of inputs or (input, target)
+    bl.init_from_data(fresh, batches)  # init: each layer's mean/std from its input, in dependency order
+
+    deployable = bl.fold(model.eval())  # fold into the conv's weight and bias: no normalization layer left
+    exportable = bl.to_batchnorm(model)  # or: eval-mode nn.BatchNorm2d, for tools that expect BatchNorm
+    # --- end of snippet ---
+    x = batches[0]
+    with torch.no_grad():
+        for m in (model, deployable, exportable):
+            assert max_rel_diff(m(x), bn_model(x)) <= 1e-5
+        y = fresh[1](fresh[0](torch.cat(batches)))
+    assert y.mean().abs() < 1e-3 and (y.std() - 1).abs() < 1e-2
+    assert isinstance(deployable[1], nn.Identity) and isinstance(exportable[1], nn.BatchNorm2d)
+
+
+@pytest.mark.parametrize("module", ["batchless.convert", "batchless.fold", "batchless.init", "batchless.accumulate"])
+def test_docstring_examples(module):
+    result = doctest.testmod(importlib.import_module(module))
+    assert result.failed == 0 and result.attempted > 0
