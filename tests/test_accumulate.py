@@ -5,6 +5,8 @@ import contextlib
 import pytest
 import torch
 import torch.nn.functional as F
+from hypothesis import given, settings
+from hypothesis import strategies as st
 from torch import nn
 
 import batchless as bl
@@ -133,3 +135,14 @@ def test_readme_micro_batch_loop():
         optimizer.step()
     # --- end of snippet ---
     assert torch.isfinite(loss) and loss.dim() == 0
+
+
+@settings(max_examples=15, deadline=None)
+@given(n=st.integers(1, 6), m=st.integers(1, 7), nll=st.sampled_from(["implicit", "explicit"]))
+def test_any_batch_and_micro_batch_size(n, m, nll):
+    x, y = DATA[0][:n], DATA[1][:n]
+    model = make_model(nll)
+    _, want = full_batch_grads(model, x, y)
+    model.zero_grad()
+    bl.accumulate(model, F.cross_entropy, x, y, micro_batch_size=m)
+    assert_grads_equal({k: p.grad for k, p in model.named_parameters()}, want)

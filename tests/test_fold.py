@@ -2,6 +2,8 @@
 
 import pytest
 import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
 from torch import nn
 
 import batchless as bl
@@ -124,3 +126,17 @@ def test_bench_fold_reports_ratio():
 
     result = benchmark_fold(batch=2, image=8, rounds=3, warmup=1, quick=True)
     assert result["batchless_layers_left"] == 0 and result["ratio"] > 0 and result["max_rel_diff"] <= 1e-5
+
+
+@settings(max_examples=15, deadline=None)
+@given(dims=st.integers(1, 3), n=st.integers(0, 3), bias=st.booleans(), shared=st.booleans(), seed=st.integers(0, 99))
+def test_fold_conv_any_rank_and_batch_size(dims, n, bias, shared, seed):
+    torch.manual_seed(seed)
+    conv = (nn.Conv1d, nn.Conv2d, nn.Conv3d)[dims - 1](2, 3, 2, bias=bias)
+    layer = (bl.BatchlessNorm1d, bl.BatchlessNorm2d, bl.BatchlessNorm3d)[dims - 1](3, shared=shared)
+    model = randomize(nn.Sequential(conv, layer))
+    folded = bl.fold(model)
+    assert isinstance(folded[1], nn.Identity)
+    x = torch.randn(n, 2, *[4] * dims)
+    with torch.no_grad():
+        torch.testing.assert_close(folded(x), model(x), rtol=1e-5, atol=1e-5)
