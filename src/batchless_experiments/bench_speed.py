@@ -19,6 +19,7 @@ import math
 import os
 import platform
 import statistics
+import subprocess
 import time
 from collections.abc import Callable
 
@@ -247,10 +248,25 @@ def machine_info(device: torch.device) -> dict:
     except OSError:
         pass
     info = {"cpu": cpu, "cpu_count": os.cpu_count(), "threads": torch.get_num_threads(),
-            "torch": torch.__version__, "python": platform.python_version(), "device": str(device)}
+            "torch": torch.__version__, "python": platform.python_version(), "device": str(device),
+            "batchless": bl.__version__, "source": source_revision(),
+            "load_average": os.getloadavg()[0] if hasattr(os, "getloadavg") else None}
     if device.type == "cuda":
         info["gpu"] = torch.cuda.get_device_name(device)
     return info
+
+
+def source_revision() -> str | None:
+    """The git commit of the library's checkout (``+dirty`` when ``src/batchless`` has local changes)."""
+    here = os.path.dirname(os.path.abspath(bl.__file__))
+    try:
+        head = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=here, capture_output=True, text=True,
+                              check=True).stdout.strip()
+        dirty = subprocess.run(["git", "status", "--porcelain", "--", "."], cwd=here, capture_output=True,
+                               text=True, check=True).stdout.strip()
+    except (OSError, subprocess.CalledProcessError):
+        return None
+    return head + ("+dirty" if dirty else "")
 
 
 def _one_line(rec: dict) -> str:
