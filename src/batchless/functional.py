@@ -117,8 +117,10 @@ class _BatchlessTrain(torch.autograd.Function):
         cd = _compute_dtype(x)
         channels = x.shape[1]
         with torch.autocast(x.device.type, enabled=False):
-            mean_c = mean.detach().to(cd).expand(channels)  # (1,) when one Gaussian is shared by all channels
-            std_c = std.detach().to(cd).expand(channels)
+            # (1,) when one Gaussian is shared by all channels. Native kernels need dense stats: with an
+            # expanded (stride 0) running_mean, CPU batch_norm_backward reads garbage for (N, C) inputs.
+            mean_c = mean.detach().to(cd).expand(channels).contiguous()
+            std_c = std.detach().to(cd).expand(channels).contiguous()
             var_c = std_c * std_c
             y = F.batch_norm(x, mean_c, var_c, weight, bias, False, 0.0, 0.0)
             a, b = channel_moments(x, mean_c, std_c)
@@ -132,9 +134,13 @@ class _BatchlessTrain(torch.autograd.Function):
     def backward(ctx, gy, _ga, _gb):
         x, mean_c, var_c, weight, a, b = ctx.saved_tensors
         need = ctx.needs_input_grad
-        gx, gw, gb = torch.ops.aten.native_batch_norm_backward(
-            gy, x, weight, mean_c, var_c, None, None, False, 0.0, [need[0], need[3], need[4]]
-        )
+        if x.numel() == 0:  # the native CPU kernel divides by N and dies of SIGFPE on an empty batch
+            zero = None if weight is None else torch.zeros_like(weight)
+            gx, gw, gb = torch.zeros_like(x), zero, zero
+        else:
+            gx, gw, gb = torch.ops.aten.native_batch_norm_backward(
+                gy, x, weight, mean_c, var_c, None, None, False, 0.0, [need[0], need[3], need[4]]
+            )
         gmean = gstd = None
         if ctx.nll_weight is not None:
             w = resolve_weight(ctx.nll_weight)
@@ -183,7 +189,7 @@ def batchless_norm(
     (implicit mode: the backward of ``y`` already delivers ``nll_weight * dNLL`` to ``mean``/``std``).
     """
     if not training:
-        mean_e, std_e = mean.detach().expand(x.shape[1]), std.detach().expand(x.shape[1])
+        mean_e, std_e = mean.detach().expand(x.shape[1]).contiguous(), std.detach().expand(x.shape[1]).contiguous()
         cd = _compute_dtype(x)
         y = F.batch_norm(x.to(cd), mean_e.to(cd), (std_e * std_e).to(cd),
                          None if weight is None else weight.to(cd), None if bias is None else bias.to(cd),

@@ -1,0 +1,22 @@
+"""An obviously correct, slow implementation of the layer, written from the formula alone (no batchless code)."""
+
+import torch
+
+
+def naive_std(raw, std_param, eps):
+    return {"log": lambda: torch.exp(raw), "abs": lambda: torch.abs(raw) + eps,
+            "inv": lambda: 1.0 / (torch.abs(raw) + eps)}[std_param]()
+
+
+def naive_forward(x, mean, raw, weight, bias, std_param, eps):
+    """Returns (y, gauged nll) with the method's stop-gradients, elementwise, channel dim 1."""
+    shape = (1, -1) + (1,) * (x.dim() - 2)
+    sigma = naive_std(raw, std_param, eps).expand(x.shape[1]).reshape(shape)
+    mu = mean.expand(x.shape[1]).reshape(shape)
+    y = (x - mu.detach()) / sigma.detach()
+    if weight is not None:
+        y = y * weight.reshape(shape) + bias.reshape(shape)
+    per_element = torch.log(sigma) + 0.5 * ((x.detach() - mu) / sigma) ** 2
+    per_element = per_element.expand_as(x)
+    gauge = (torch.log(sigma).mean() + 0.5).detach()
+    return y, per_element.mean() - gauge
