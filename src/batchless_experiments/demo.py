@@ -66,6 +66,7 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
     p.add_argument("--norms", type=norm_list, default=norm_list(DEMO_NORMS), help=f"default {DEMO_NORMS}")
     p.add_argument("--batch-sizes", type=int_list, default=int_list(DEMO_BATCH_SIZES),
                    help=f"default {DEMO_BATCH_SIZES}")
-    add_training_options(p, epochs=DEMO_EPOCHS, num_samples=DEMO_SAMPLES)
-    p.set_defaults(func=run, threads=1)  # one thread: faster than two for these small models
+    # one thread: faster than two for these small models
+    add_training_options(p, epochs=DEMO_EPOCHS, num_samples=DEMO_SAMPLES, threads=1)
+    p.set_defaults(func=run)
     return p

@@ -54,7 +54,8 @@ def positive_float(text: str) -> float:
     return value
 
 
-def add_training_options(p: argparse.ArgumentParser, *, epochs: int, num_samples: int | None) -> None:
+def add_training_options(p: argparse.ArgumentParser, *, epochs: int, num_samples: int | None,
+                         threads: int | None = None) -> None:
     d = TrainConfig()
     p.add_argument("--epochs", type=positive_int, default=epochs, help=f"epochs per cell (default {epochs})")
     p.add_argument("--lr", type=positive_float, default=d.lr, help=f"Adam learning rate (default {d.lr})")
@@ -62,8 +63,8 @@ def add_training_options(p: argparse.ArgumentParser, *, epochs: int, num_samples
                    help="size of the generated dataset (mnist1d default 5000, synthetic 6000); caps cifar10")
     p.add_argument("--width", type=positive_int, default=d.width, help="channels of the MNIST-1D CNN")
     p.add_argument("--device", default="cpu", help="torch device (default cpu)")
-    p.add_argument("--threads", type=positive_int, default=None,
-                   help="torch.set_num_threads for the run (default: torch's choice)")
+    p.add_argument("--threads", type=positive_int, default=threads,
+                   help=f"torch.set_num_threads for the run (default: {threads or 'torch chooses'})")
     g = p.add_argument_group("batchless options (ablations; the defaults are the paper's method)")
     g.add_argument("--no-data-init", dest="data_init", action="store_false",
                    help="start from mu=0, sigma=1 instead of initializing mu/sigma from training data")
