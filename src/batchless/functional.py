@@ -118,37 +118,52 @@ def channel_moments(x: Tensor, mean: Tensor, std: Tensor) -> tuple[Tensor, Tenso
 
 
 class _BatchlessTrain(torch.autograd.Function):
-    """Training forward: the output, plus the per-channel moments (a, b) of x_hat.
+    """Training forward: the output, the per-channel moments (a, b) of x_hat and which channels were finite.
 
     The output and the gradients for x, weight and bias are those of an eval-mode batch norm with
     ``running_mean = mean`` and ``running_var = std**2`` (eps 0), so PyTorch's native fused kernels do
     them; mean/std are constants in this path. When ``nll_weight`` is not None (implicit mode) backward
     also gives mean/std ``nll_weight * dNLL``; otherwise mean/std get no gradient here.
+    A channel whose input holds NaN/Inf contributes no NLL (a = 0, b = 1): one bad batch cannot destroy
+    the learned statistics.
     """
 
+    generate_vmap_rule = True  # per-sample gradients with torch.func (the layer is per-instance)
+
     @staticmethod
-    def forward(ctx, x, mean, std, weight, bias, nll_weight):
+    def forward(x, mean, std, weight, bias, nll_weight):
         with torch.autocast(x.device.type, enabled=False):
             mean_c, std_c = _dense_stats(mean, std, x)
             y = _affine(x, mean_c, std_c, weight, bias)
             a, b = channel_moments(x, mean_c, std_c)
+            finite = torch.isfinite(a) & torch.isfinite(b)
+            a, b = torch.where(finite, a, 0.0), torch.where(finite, b, 1.0)
+        return y, a, b, finite
+
+    @staticmethod
+    def setup_context(ctx, inputs, output):
+        x, mean, std, weight, _, nll_weight = inputs
+        _, a, b, finite = output
+        mean_c, std_c = _dense_stats(mean, std, x)
         ctx.save_for_backward(x, mean_c, std_c, weight, a, b)
         ctx.shared = mean.shape[0] != x.shape[1]
         ctx.nll_weight = nll_weight
-        ctx.mark_non_differentiable(a, b)
-        return y, a, b
+        ctx.mark_non_differentiable(a, b, finite)
 
     @staticmethod
-    def backward(ctx, gy, _ga, _gb):
+    def backward(ctx, gy, _ga, _gb, _gf):
         x, mean_c, std_c, weight, a, b = ctx.saved_tensors
         need = ctx.needs_input_grad
+        w = None if weight is None else weight.to(std_c.dtype)
         if x.numel() == 0:  # the native CPU kernel divides by N and dies of SIGFPE on an empty batch
-            zero = None if weight is None else torch.zeros_like(weight)
-            gx, gw, gb = torch.zeros_like(x), zero, zero
+            gw = gb = None if w is None else torch.zeros_like(w)
+            gx = torch.zeros_like(x)
         else:
             gx, gw, gb = torch.ops.aten.native_batch_norm_backward(
-                gy, x, weight, mean_c, std_c * std_c, None, None, False, 0.0, [need[0], need[3], need[4]]
+                gy, x, w, mean_c, std_c * std_c, None, None, False, 0.0, [need[0], need[3], need[4]]
             )
+        if weight is not None:
+            gw, gb = (None if g is None else g.to(weight.dtype) for g in (gw, gb))
         gmean = gstd = None
         if ctx.nll_weight is not None:
             k = resolve_weight(ctx.nll_weight) / (a.numel() * std_c)
@@ -187,22 +202,21 @@ def batchless_norm(
     *,
     training: bool = False,
     nll_weight=None,
-) -> tuple[Tensor, Tensor | None]:
+) -> tuple[Tensor, Tensor | None, Tensor | None]:
     """Batchless normalisation of ``x`` (N, C, *) with per-channel (C,) or shared (1,) ``mean``/``std``.
 
-    Returns ``(y, nll)``. In evaluation (``training=False``) ``nll`` is None and the layer is the fixed
-    affine map of an eval-mode BatchNorm. In training, ``nll`` is the gauged layer NLL: differentiable in
-    ``mean``/``std`` when ``nll_weight`` is None (explicit mode: add it to the loss), detached otherwise
-    (implicit mode: the backward of ``y`` already delivers ``nll_weight * dNLL`` to ``mean``/``std``).
+    Returns ``(y, nll, finite)``. In evaluation (``training=False``) ``nll`` and ``finite`` are None and the
+    layer is the fixed affine map of an eval-mode BatchNorm. In training, ``nll`` is the gauged layer NLL:
+    differentiable in ``mean``/``std`` when ``nll_weight`` is None (explicit mode: add it to the loss),
+    detached otherwise (implicit mode: the backward of ``y`` already delivers ``nll_weight * dNLL`` to
+    ``mean``/``std``); ``finite`` (C,) is False for channels whose input held NaN/Inf, which add nothing
+    to the NLL.
     """
     if not training:
         with torch.autocast(x.device.type, enabled=False):
-            return _affine(x, *_dense_stats(mean, std, x), weight, bias), None
+            return _affine(x, *_dense_stats(mean, std, x), weight, bias), None, None
     implicit = nll_weight is not None
-    y, a, b = _BatchlessTrain.apply(x, mean if implicit else mean.detach(), std if implicit else std.detach(),
-                                    weight, bias, nll_weight)
-    if implicit:
-        return y, gauged_nll(a, b).detach()
-    return y, nll_from_moments(mean, std, a, b)
-
-
+    y, a, b, finite = _BatchlessTrain.apply(x, mean if implicit else mean.detach(),
+                                            std if implicit else std.detach(), weight, bias, nll_weight)
+    nll = gauged_nll(a, b).detach() if implicit else nll_from_moments(mean, std, a, b)
+    return y, nll, finite

@@ -100,6 +100,9 @@ class _BatchlessNorm(nn.Module):
             self.register_parameter("bias", None)
         self._last_nll: Tensor | None = None
         self._nll_used = True
+        self._nonfinite: Tensor | None = None
+        self._nonfinite_host: Tensor | None = None
+        self._warned_nonfinite = False
         self.reset_parameters()
 
     def reset_parameters(self) -> None:
@@ -139,15 +142,41 @@ class _BatchlessNorm(nn.Module):
         if not self.training:
             return BF.batchless_norm(x, self.mean, self.std, self.weight, self.bias)[0]
         implicit = self.nll == "implicit"
-        if not implicit and not self._nll_used and not torch.compiler.is_compiling():
+        eager = not torch.compiler.is_compiling()
+        if eager and not implicit and not self._nll_used:
             _warn_unused_nll()
-        y, nll = BF.batchless_norm(
+        y, nll, finite = BF.batchless_norm(
             x, self.mean, self.std, self.weight, self.bias,
             training=True, nll_weight=current_nll_weight() if implicit else None,
         )
         self._last_nll = nll
         self._nll_used = implicit
+        if eager and not torch._C._functorch.is_functorch_wrapped_tensor(finite):
+            self._count_nonfinite(finite)
         return y
+
+    @property
+    def nonfinite_batches(self) -> int:
+        """How many training forwards had NaN/Inf input (their NLL was dropped, the statistics kept)."""
+        return 0 if self._nonfinite is None else int(self._nonfinite)
+
+    def _count_nonfinite(self, finite: Tensor) -> None:
+        # A plain attribute, not a buffer: buffers would add a broadcast per step under DDP. No host-device
+        # sync: on accelerators the count is read one step late from an asynchronous copy.
+        bad = (~finite).any()
+        self._nonfinite = bad.long() if self._nonfinite is None else self._nonfinite + bad
+        if self._nonfinite.device.type == "cpu":
+            seen = self._nonfinite
+        else:
+            seen, self._nonfinite_host = self._nonfinite_host, self._nonfinite.to("cpu", non_blocking=True)
+        if seen is not None and not self._warned_nonfinite and bool(seen):
+            self._warned_nonfinite = True
+            warnings.warn(
+                f"{type(self).__name__}({self.num_features}) received NaN/Inf input in training; the NLL of the "
+                "affected channels was dropped so the learned mean/std stay finite (count so far: "
+                "layer.nonfinite_batches). Check the data and the layers before this one.",
+                stacklevel=3,
+            )
 
     def extra_repr(self) -> str:
         s = f"{self.num_features}, eps={self.eps}, affine={self.affine}, std_param={self.std_param!r}, nll={self.nll!r}"
@@ -168,6 +197,7 @@ class _BatchlessNorm(nn.Module):
     def __getstate__(self):
         state = super().__getstate__()
         state["_last_nll"] = None  # an autograd graph is neither picklable nor worth keeping
+        state["_nonfinite_host"] = None
         return state
 
 
