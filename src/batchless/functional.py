@@ -110,6 +110,8 @@ def channel_moments(x: Tensor, mean: Tensor, std: Tensor) -> tuple[Tensor, Tenso
         m = rows.sum(-1, dtype=sd).sum(0, dtype=torch.float64) / n
         var = torch.linalg.vector_norm(rows, dim=-1, dtype=sd).double().square().sum(0) / n - m * m
         m, var = m.to(cd), var.to(cd).clamp_min(0.0)
+    elif torch.compiler.is_compiling():  # the native statistics op has no fake-tensor kernel; compilers fuse this
+        var, m = torch.var_mean(x.to(cd), [0, *range(2, x.dim())], correction=0)
     else:
         m, var = (t.to(cd) for t in torch.ops.aten.batch_norm_update_stats(x, None, None, 0.0))
     inv = std.reciprocal()
@@ -155,9 +157,16 @@ class _BatchlessTrain(torch.autograd.Function):
         x, mean_c, std_c, weight, a, b = ctx.saved_tensors
         need = ctx.needs_input_grad
         w = None if weight is None else weight.to(std_c.dtype)
-        if x.numel() == 0:  # the native CPU kernel divides by N and dies of SIGFPE on an empty batch
-            gw = gb = None if w is None else torch.zeros_like(w)
-            gx = torch.zeros_like(x)
+        vmapped = not torch.compiler.is_compiling() and torch._C._functorch.is_functorch_wrapped_tensor(gy)
+        if x.numel() == 0 or vmapped:
+            # The native CPU kernel divides by N (SIGFPE on an empty batch) and its vmap rule asserts
+            # in eval mode: spell the same gradients out.
+            view = (1, -1) + (1,) * (x.dim() - 2)
+            dims = [0, *range(2, x.dim())]
+            scale = std_c.reciprocal() if w is None else w / std_c
+            gx = gy * scale.reshape(view)
+            gw = None if w is None else (gy * (x - mean_c.reshape(view))).sum(dims) / std_c
+            gb = None if w is None else gy.sum(dims)
         else:
             gx, gw, gb = torch.ops.aten.native_batch_norm_backward(
                 gy, x, w, mean_c, std_c * std_c, None, None, False, 0.0, [need[0], need[3], need[4]]

@@ -1,0 +1,207 @@
+"""Ecosystem fit: dtypes, memory formats, compilers, exporters, per-sample gradients, bad data, checkpoints."""
+
+import copy
+import warnings
+
+import pytest
+import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+import batchless as bl
+
+
+def conv_model(norm=bl.BatchlessNorm2d):
+    torch.manual_seed(0)
+    return torch.nn.Sequential(torch.nn.Conv2d(3, 4, 3, padding=1), norm(4), torch.nn.ReLU(),
+                               torch.nn.Flatten(), torch.nn.Linear(4 * 6 * 6, 3), bl.BatchlessNorm1d(3))
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64, torch.bfloat16])
+@pytest.mark.parametrize("training", [True, False])
+def test_layer_in_any_float_dtype(dtype, training):
+    layer = bl.BatchlessNorm2d(4, nll="explicit").to(dtype).train(training)
+    x = (torch.randn(3, 4, 5, 5) * 3 + 1).to(dtype).requires_grad_()
+    y = layer(x)
+    assert y.dtype == dtype
+    ref = bl.BatchlessNorm2d(4).double().eval()
+    tol = {torch.bfloat16: 3e-2}.get(dtype, 1e-5)
+    torch.testing.assert_close(y.double(), ref(x.detach().double()), rtol=tol, atol=tol)
+    (y.float().sum() + bl.nll_loss(layer)).backward()
+    assert x.grad.dtype == dtype and torch.isfinite(x.grad.float()).all()
+    if training:
+        assert torch.isfinite(layer.raw_std.grad.float()).all()
+
+
+@pytest.mark.parametrize("layer_cls, shape, fmt", [
+    (bl.BatchlessNorm2d, (2, 5, 4, 3), torch.channels_last),
+    (bl.BatchlessNorm3d, (2, 5, 3, 4, 3), torch.channels_last_3d),
+])
+def test_channels_last_preserved_and_equal(layer_cls, shape, fmt):
+    torch.manual_seed(0)
+    x = torch.randn(shape, dtype=torch.float64) * 2 + 1
+    dense, strided = (layer_cls(5, nll="explicit", dtype=torch.float64) for _ in range(2))
+    with torch.no_grad():
+        for layer in (dense, strided):
+            layer.mean.fill_(0.3)
+    xs = x.contiguous(memory_format=fmt).requires_grad_()
+    y = strided(xs)
+    assert y.is_contiguous(memory_format=fmt)
+    torch.testing.assert_close(y, dense(x))
+    torch.testing.assert_close(bl.nll_loss(strided), bl.nll_loss(dense))
+    (y.sum() + bl.nll_loss(strided)).backward()
+    assert xs.grad.is_contiguous(memory_format=fmt)
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="no CUDA device")
+def test_cuda_matches_cpu():
+    model = conv_model()
+    x = torch.randn(4, 3, 6, 6)
+    gpu = copy.deepcopy(model).cuda()
+    model(x).sum().backward()
+    gpu(x.cuda()).sum().backward()
+    for a, b in zip(model.parameters(), gpu.parameters(), strict=True):
+        torch.testing.assert_close(b.grad.cpu(), a.grad, rtol=1e-4, atol=1e-5)
+
+
+def test_compile_fullgraph_eval():
+    model = conv_model().eval()
+    compiled = torch.compile(model, backend="aot_eager", fullgraph=True)
+    x = torch.randn(2, 3, 6, 6)
+    torch.testing.assert_close(compiled(x), model(x))
+
+
+@pytest.mark.slow
+def test_compile_inductor_training_step():
+    model = conv_model()
+    eager = copy.deepcopy(model)
+    compiled = torch.compile(model, fullgraph=True)
+    x = torch.randn(4, 3, 6, 6)
+    for m in (compiled, eager):
+        m(x).square().sum().backward()
+    for a, b in zip(model.parameters(), eager.parameters(), strict=True):
+        torch.testing.assert_close(a.grad, b.grad, rtol=1e-4, atol=1e-5)
+
+
+def test_torch_export_eval_model():
+    model = conv_model().eval()
+    x = torch.randn(2, 3, 6, 6)
+    exported = torch.export.export(model, (x,))
+    torch.testing.assert_close(exported.module()(x), model(x))
+
+
+def test_onnx_export_of_folded_model(tmp_path):
+    ort = pytest.importorskip("onnxruntime")
+    pytest.importorskip("onnxscript")
+    model = conv_model().eval()
+    with torch.no_grad():
+        for layer in (model[1], model[5]):
+            layer.mean.uniform_(-1, 1)
+            layer.set_std(torch.rand_like(layer.mean) + 0.5)
+    folded = bl.fold(model)
+    x = torch.randn(2, 3, 6, 6)
+    path = tmp_path / "folded.onnx"
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        torch.onnx.export(folded, (x,), str(path), dynamo=True)
+    session = ort.InferenceSession(str(path))
+    (got,) = session.run(None, {session.get_inputs()[0].name: x.numpy()})
+    torch.testing.assert_close(torch.from_numpy(got), model(x), rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("nll", ["implicit", "explicit"])
+def test_vmap_per_sample_gradients(nll):
+    """The layer is per-instance, so per-sample gradients (what DP-SGD needs) work; BatchNorm's do not."""
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Linear(4, 3), bl.BatchlessNorm1d(3, nll=nll), torch.nn.Linear(3, 1))
+    params = {k: v.detach() for k, v in model.named_parameters()}
+    x, t = torch.randn(5, 4), torch.randn(5, 1)
+
+    def loss(p, xi, ti):
+        out = torch.func.functional_call(model, p, (xi[None],))
+        return ((out - ti) ** 2).mean()
+
+    per_sample = torch.func.vmap(torch.func.grad(loss), in_dims=(None, 0, 0))(params, x, t)
+    for i in range(5):
+        model.zero_grad()
+        loss(dict(model.named_parameters()), x[i], t[i]).backward()
+        for name, p in model.named_parameters():
+            want = p.grad if p.grad is not None else torch.zeros_like(p)
+            torch.testing.assert_close(per_sample[name][i], want, msg=name)
+
+
+@pytest.mark.parametrize("nll", ["implicit", "explicit"])
+@pytest.mark.parametrize("bad", [float("nan"), float("inf")])
+def test_non_finite_batch_keeps_statistics(nll, bad, monkeypatch):
+    layer = bl.BatchlessNorm1d(3, nll=nll)
+    x = torch.randn(8, 3)
+    x[2, 1] = bad
+    with pytest.warns(UserWarning, match="NaN/Inf"):
+        y = layer(x)
+    loss = y[:, [0, 2]].sum() + (bl.nll_loss(layer) if nll == "explicit" else 0)
+    loss.backward()
+    assert torch.isfinite(layer.mean.grad).all() and torch.isfinite(layer.raw_std.grad).all()
+    assert layer.mean.grad[1] == 0 and layer.raw_std.grad[1] == 0  # the bad channel's NLL was dropped
+    assert layer.mean.grad[0] != 0  # the good channels still learn
+    assert layer.nonfinite_batches == 1
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # warned once, counted always
+        layer(x)
+    assert layer.nonfinite_batches == 2
+    layer(torch.randn(8, 3))
+    assert layer.nonfinite_batches == 2
+
+
+@settings(max_examples=30, deadline=None)
+@given(
+    n=st.integers(1, 3),
+    spatial=st.lists(st.integers(1, 3), min_size=0, max_size=3),
+    std_param=st.sampled_from(["log", "abs", "inv"]),
+    affine=st.booleans(),
+    init_mean=st.floats(-100, 100),
+    init_std=st.floats(1e-3, 1e3),
+    scale=st.floats(1e-3, 1e3),
+    dtype=st.sampled_from([torch.float32, torch.float64]),
+)
+def test_properties(n, spatial, std_param, affine, init_mean, init_std, scale, dtype):
+    cls = {0: bl.BatchlessNorm1d, 1: bl.BatchlessNorm1d, 2: bl.BatchlessNorm2d, 3: bl.BatchlessNorm3d}[len(spatial)]
+    layer = cls(2, std_param=std_param, affine=affine, init_mean=init_mean, init_std=init_std, dtype=dtype)
+    x = (torch.randn(n, 2, *spatial, dtype=dtype) * scale).requires_grad_()
+    y = layer(x)
+    y.sum().backward()
+    assert torch.isfinite(y).all() and torch.isfinite(x.grad).all()
+    assert torch.isfinite(layer.mean.grad).all() and torch.isfinite(layer.raw_std.grad).all()
+    assert (layer.std > 0).all()
+    layer.eval()
+    torch.testing.assert_close(layer(x), y, rtol=1e-5, atol=1e-5)  # train and eval: one formula
+    clone = cls(2, std_param=std_param, affine=affine, dtype=dtype)
+    clone.load_state_dict(layer.state_dict())
+    clone.eval()
+    torch.testing.assert_close(clone(x), y, rtol=1e-5, atol=1e-5)
+
+
+def test_state_dict_is_versioned():
+    layer = bl.BatchlessNorm2d(3)
+    metadata = layer.state_dict()._metadata[""]
+    assert metadata["version"] == type(layer)._version == 1
+
+
+@pytest.mark.parametrize("make, match", [
+    (lambda: bl.BatchlessNorm2d(0), "num_features must be a positive int"),
+    (lambda: bl.BatchlessNorm2d(3.0), "num_features must be a positive int"),
+    (lambda: bl.BatchlessNorm2d(3, eps=-1), "eps must be >= 0"),
+    (lambda: bl.BatchlessNorm2d(3, std_param="sqrt"), "std_param must be one of"),
+    (lambda: bl.BatchlessNorm2d(3, init_std=0), "init_std must be > 0"),
+    (lambda: bl.BatchlessNorm2d(3, nll="auto"), "nll must be one of"),
+    (lambda: bl.BatchlessNorm2d(3)(torch.randn(2, 3, 4)), "expects a 4D input.*got a 3D input"),
+    (lambda: bl.BatchlessNorm1d(3)(torch.randn(2, 3, 4, 4)), "expects a 2D or 3D input.*got a 4D"),
+    (lambda: bl.BatchlessNorm3d(3)(torch.randn(2, 3, 4, 4)), "expects a 5D input"),
+    (lambda: bl.BatchlessNorm2d(3)(torch.randn(2, 4, 5, 5)), "expects 3 channels in dim 1, got 4"),
+    (lambda: bl.BatchlessNorm1d(3)(torch.ones(2, 3, dtype=torch.long)), "floating-point input, got torch.int64"),
+    (lambda: bl.nll_weight(-1.0).__enter__(), "nll_weight must be >= 0"),
+    (lambda: bl.nll_weight("1").__enter__(), "nll_weight expects a number"),
+])
+def test_bad_input_says_expected_and_received(make, match):
+    with pytest.raises(bl.BatchlessError, match=match):
+        make()
+    assert issubclass(bl.BatchlessError, ValueError)
