@@ -7,7 +7,6 @@ BIN := $(VENV)/bin
 
 $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
-	$(BIN)/pip install --upgrade pip
 	# The exact pin first: a loose torch requirement would pull the multi-GB CUDA build.
 	$(BIN)/pip install torch==2.13.0
 
