@@ -5,7 +5,8 @@ identity, per layer (1d/2d/3d shapes, float32 and bfloat16) and in a small ResNe
 process (see :mod:`.bench_speed`). ``memory`` measures the peak training memory of a conv net against the
 micro-batch size at a fixed effective batch, one fresh process per configuration (see :mod:`.bench_memory`).
 Both print a Markdown table and write JSON with ``--out``; ``--quick`` is a tiny smoke-test mode whose
-numbers mean nothing.
+numbers mean nothing. ``ddp`` times a DDP training step on CPU processes against SyncBatchNorm (see
+:mod:`.bench_ddp`).
 """
 
 from __future__ import annotations
@@ -16,7 +17,7 @@ import sys
 
 import torch
 
-from . import bench_memory, bench_speed
+from . import bench_ddp, bench_memory, bench_speed
 from .options import int_list, positive_int
 
 
@@ -150,6 +151,8 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
     m.add_argument("--plot", default=None, help="write a PNG plot here")
     _common(m)
     m.set_defaults(func=run_memory)
+
+    bench_ddp.add_parser(sub)
     return p
 
 
