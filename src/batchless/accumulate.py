@@ -34,8 +34,10 @@ def accumulate(model: nn.Module, loss_fn: Callable[[object, Tensor], Tensor], in
     one forward/backward of the whole batch (``loss_fn(model(inputs), targets)``, plus ``nll_loss(model)``
     in explicit mode), up to float rounding; they are added to ``.grad`` like ``backward()`` does, so call
     ``optimizer.zero_grad()`` before and ``optimizer.step()`` after. An enclosing ``nll_weight(w)`` block
-    scales the NLL of both modes by ``w``. A model with ``no_sync()`` (DDP, FSDP) synchronizes gradients
-    only on the last micro-batch.
+    scales the NLL of both modes by ``w``. A model with ``no_sync()`` (DDP, FSDP1) or
+    ``set_requires_gradient_sync()`` (FSDP2 ``fully_shard``) synchronizes gradients only on the last
+    micro-batch. Across ranks the result equals one process on the global batch when every rank gets the
+    same number of instances (e.g. ``DistributedSampler(..., drop_last=True)``): DDP averages over ranks.
 
     Args:
         model: the model, called as ``model(x)`` on slices ``x`` of ``inputs`` along dim 0.
@@ -66,15 +68,29 @@ def accumulate(model: nn.Module, loss_fn: Callable[[object, Tensor], Tensor], in
             f"inputs of shape {tuple(inputs.shape)} and targets of shape {tuple(targets.shape)}"
         )
     chunks = list(zip(inputs.split(micro_batch_size), targets.split(micro_batch_size), strict=True))
-    no_sync = getattr(model, "no_sync", None)
     losses = []
     for i, (x, y) in enumerate(chunks):
         weight = x.shape[0] / n
-        sync = no_sync() if no_sync is not None and i < len(chunks) - 1 else contextlib.nullcontext()
-        with sync, nll_weight(weight):
+        with _gradient_sync(model, i == len(chunks) - 1), nll_weight(weight):
             task = loss_fn(model(x), y)
             # explicit layers' NLL needs the weight here; implicit layers' values are detached (their
             # gradient comes through the task loss's backward), so adding them changes no gradient
             (task * weight + nll_loss(model) * resolve_weight(current_nll_weight())).backward()
         losses.append(task.detach() * weight)
     return torch.stack(losses).sum()
+
+
+@contextlib.contextmanager
+def _gradient_sync(model: nn.Module, enabled: bool):
+    """Skip the data-parallel gradient reduction of all but the last micro-batch (DDP/FSDP1 and FSDP2)."""
+    if enabled or not (hasattr(model, "no_sync") or hasattr(model, "set_requires_gradient_sync")):
+        yield
+    elif hasattr(model, "no_sync"):
+        with model.no_sync():
+            yield
+    else:
+        model.set_requires_gradient_sync(False)
+        try:
+            yield
+        finally:
+            model.set_requires_gradient_sync(True)

@@ -23,7 +23,9 @@ def nll_loss(model: nn.Module) -> Tensor:
     In ``nll="explicit"`` mode the result is differentiable in the layers' ``mean``/``std``: add it to the
     task loss (weight 1 reproduces the paper). In ``nll="implicit"`` mode the values are detached (the
     gradient is already delivered by the task loss's backward), for monitoring. Layers that have not run a
-    training forward contribute nothing; a model without any gives a zero tensor.
+    training forward contribute nothing; a model without any gives a zero tensor. A layer that a forward
+    skips (a conditional branch) still reports its previous NLL: in explicit mode call ``nll_loss`` once
+    per forward and backward it with that forward's loss.
     """
     total = None
     for _, layer in batchless_layers(model):
