@@ -133,6 +133,9 @@ def plot(rows: list[dict], path: str, metric: str = "test_acc", title: str | Non
             ax.errorbar(sizes, [m * k for m, _ in stats], yerr=[s * k for _, s in stats], marker="o",
                         capsize=3, label=name)
         ax.set_xscale("log", base=2)
+        ticks = sorted({r["batch_size"] for r in rows if r["dataset"] == dataset})
+        ax.set_xticks(ticks, [str(b) for b in ticks])
+        ax.minorticks_off()
         ax.set_xlabel("batch size")
         ax.set_ylabel(metric + (" (%)" if metric in PERCENT else ""))
         ax.set_title(title or dataset)
