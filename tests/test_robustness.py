@@ -200,6 +200,14 @@ def test_state_dict_is_versioned():
     (lambda: bl.BatchlessNorm1d(3)(torch.ones(2, 3, dtype=torch.long)), "floating-point input, got torch.int64"),
     (lambda: bl.nll_weight(-1.0).__enter__(), "nll_weight must be >= 0"),
     (lambda: bl.nll_weight("1").__enter__(), "nll_weight expects a number"),
+    (lambda: bl.nll_loss("model"), "nll_loss expects a torch.nn.Module, got str"),
+    (lambda: list(bl.statistics_parameters(3)), "statistics_parameters expects a torch.nn.Module, got int"),
+    (lambda: bl.convert_batchnorm("m"), "convert_batchnorm expects a torch.nn.Module"),
+    (lambda: bl.to_batchnorm(None), "to_batchnorm expects a torch.nn.Module, got NoneType"),
+    (lambda: bl.fold([]), "fold expects a torch.nn.Module, got list"),
+    (lambda: bl.init_from_data("m", []), "init_from_data expects a torch.nn.Module"),
+    (lambda: bl.accumulate(torch.nn.Linear(2, 2), None, torch.randn(2, 2), torch.randn(2), micro_batch_size=1),
+     "callable loss_fn"),
 ])
 def test_bad_input_says_expected_and_received(make, match):
     with pytest.raises(bl.BatchlessError, match=match):

@@ -19,7 +19,7 @@ from collections.abc import Callable
 import torch
 from torch import Tensor, nn
 
-from .errors import BatchlessError
+from .errors import BatchlessError, check_module
 from .loss import nll_loss
 from .weighting import current_nll_weight, nll_weight, resolve_weight
 
@@ -59,6 +59,9 @@ def accumulate(model: nn.Module, loss_fn: Callable[[object, Tensor], Tensor], in
         >>> loss = bl.accumulate(model, torch.nn.functional.cross_entropy, x, y, micro_batch_size=1)
         >>> opt.step()
     """
+    check_module(model, "accumulate")
+    if not callable(loss_fn):
+        raise BatchlessError(f"accumulate expects a callable loss_fn(output, target), got {type(loss_fn).__name__}")
     if isinstance(micro_batch_size, bool) or not isinstance(micro_batch_size, int) or micro_batch_size < 1:
         raise BatchlessError(f"micro_batch_size must be a positive int, got {micro_batch_size!r}")
     n = inputs.shape[0] if inputs.dim() > 0 else 0

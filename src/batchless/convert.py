@@ -19,7 +19,7 @@ from torch import nn
 from torch.nn.modules.batchnorm import _BatchNorm
 from torch.nn.modules.lazy import LazyModuleMixin
 
-from .errors import BatchlessError
+from .errors import BatchlessError, check_module
 from .modules import BatchlessNorm1d, BatchlessNorm2d, BatchlessNorm3d, _BatchlessNorm
 
 logger = logging.getLogger(__name__)
@@ -131,6 +131,7 @@ def convert_batchnorm(model: nn.Module, *, inplace: bool = False, **layer_kwargs
         >>> torch.allclose(model(x), bn_model(x), atol=1e-5)
         True
     """
+    check_module(model, "convert_batchnorm")
     unknown = sorted(set(layer_kwargs) - set(_CONVERT_KWARGS))
     if unknown:
         raise BatchlessError(
@@ -178,6 +179,7 @@ def to_batchnorm(model: nn.Module, *, inplace: bool = False) -> nn.Module:
         model: the model; may itself be a batchless layer.
         inplace: convert ``model`` itself instead of a deep copy. Default: False. Use the returned module.
     """
+    check_module(model, "to_batchnorm")
 
     def replace(_name: str, module: nn.Module) -> nn.Module | None:
         return _to_batchnorm_layer(module) if isinstance(module, _BatchlessNorm) else None

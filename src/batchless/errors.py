@@ -6,3 +6,11 @@ class BatchlessError(ValueError):
 
     Messages state what was expected, what was received and, for common mistakes, the fix.
     """
+
+
+def check_module(model, where: str) -> None:
+    """Raise :class:`BatchlessError` unless ``model`` is an ``nn.Module`` (the argument of every model tool)."""
+    from torch import nn
+
+    if not isinstance(model, nn.Module):
+        raise BatchlessError(f"{where} expects a torch.nn.Module, got {type(model).__name__}")

@@ -17,7 +17,7 @@ import torch
 from torch import Tensor, fx, nn
 
 from .convert import replace_modules
-from .errors import BatchlessError
+from .errors import BatchlessError, check_module
 from .loss import batchless_layers
 from .modules import BatchlessNorm1d, _BatchlessNorm
 
@@ -106,6 +106,7 @@ def fold(model: nn.Module, *, inplace: bool = False) -> nn.Module:
           (2): ReLU()
         )
     """
+    check_module(model, "fold")
     training = [name or "<root>" for name, layer in batchless_layers(model) if layer.training]
     if training:
         raise BatchlessError(

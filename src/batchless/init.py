@@ -25,7 +25,7 @@ from collections.abc import Iterable
 import torch
 from torch import Tensor, nn
 
-from .errors import BatchlessError
+from .errors import BatchlessError, check_module
 from .loss import batchless_layers
 from .modules import _BatchlessNorm
 
@@ -100,6 +100,7 @@ def init_from_data(model: nn.Module, batches: Iterable, *, max_batches: int | No
         >>> model[0].mean.shape
         torch.Size([3])
     """
+    check_module(model, "init_from_data")
     if iter(batches) is batches:
         raise BatchlessError(
             f"init_from_data iterates over the batches once per stratum of layers, so it needs a re-iterable "

@@ -7,11 +7,13 @@ from collections.abc import Iterator
 import torch
 from torch import Tensor, nn
 
+from .errors import check_module
 from .modules import _BatchlessNorm
 
 
-def batchless_layers(model: nn.Module) -> Iterator[tuple[str, _BatchlessNorm]]:
+def batchless_layers(model: nn.Module, where: str = "batchless_layers") -> Iterator[tuple[str, _BatchlessNorm]]:
     """``(dotted name, layer)`` for every batchless layer in ``model`` (the root included), each once."""
+    check_module(model, where)
     for name, module in model.named_modules():
         if isinstance(module, _BatchlessNorm):
             yield name, module
@@ -28,7 +30,7 @@ def nll_loss(model: nn.Module) -> Tensor:
     per forward and backward it with that forward's loss.
     """
     total = None
-    for _, layer in batchless_layers(model):
+    for _, layer in batchless_layers(model, "nll_loss"):
         if layer._last_nll is not None:
             layer._nll_used = True
             total = layer._last_nll if total is None else total + layer._last_nll
@@ -47,6 +49,6 @@ def statistics_parameters(model: nn.Module) -> Iterator[nn.Parameter]:
         rest = [p for p in model.parameters() if p not in stats]
         opt = torch.optim.AdamW([{"params": rest}, {"params": list(stats), "weight_decay": 0.0}])
     """
-    for _, layer in batchless_layers(model):
+    for _, layer in batchless_layers(model, "statistics_parameters"):
         yield layer.mean
         yield layer.raw_std
