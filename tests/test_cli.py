@@ -158,5 +158,8 @@ def test_ablation_rows_are_labelled_and_filtered(tmp_path, capsys):
     assert main(["report", "--results", results, "--metrics", "test_acc"]) == 0
     out = capsys.readouterr().out
     assert "| batchless [data_init=False, stats_lr_scale=0.1] |" in out and "| none |" in out
+    assert main(["report", "--results", results, "--metrics", "nll_last"]) == 0
+    out = capsys.readouterr().out
+    assert "| batchless |" in out and "| none |" not in out  # the NLL exists for batchless only
     assert main(["report", "--results", results, "--base-only", "--json"]) == 0
     assert {r["label"] for r in json.loads(capsys.readouterr().out)} == {"none", "batchless"}

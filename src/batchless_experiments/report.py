@@ -18,7 +18,8 @@ from .options import BATCHLESS_ONLY, int_list, norm_list
 from .store import ResultStore
 from .train import TrainConfig
 
-METRICS = ("test_acc", "val_acc_best", "test_acc_at_best_val", "val_acc_best_epoch", "wall_s", "act_mem_mb")
+METRICS = ("test_acc", "val_acc_best", "test_acc_at_best_val", "val_acc_best_epoch", "wall_s", "act_mem_mb",
+           "nll_last")
 ABLATIONS = ("data_init", "stats_lr_scale", "stats_optimizer", "nll_mode", "nll_weight")
 PERCENT = ("test_acc", "val_acc_best", "test_acc_at_best_val")
 
@@ -61,6 +62,7 @@ def load_rows(path: str, dataset: str | None = None, norms: list[str] | None = N
     bases = base_configs(rows)
     for r in rows:
         r["label"] = label(r, bases[r["dataset"]])
+        r["nll_last"] = r["history"][-1]["nll"]  # the gauged NLL of the last epoch (None without batchless)
     return [r for r in rows if (not base_only or r["label"] == r["norm"]) and (not norms or r["norm"] in norms)
             and (not batch_sizes or r["batch_size"] in batch_sizes)]
 
@@ -69,7 +71,8 @@ def group(rows: list[dict], metric: str) -> dict[tuple[str, str], dict[int, list
     """``{(dataset, label): {batch_size: [metric per seed]}}``, labels in the order of ``NORMS``."""
     out: dict = defaultdict(lambda: defaultdict(list))
     for r in sorted(rows, key=lambda r: (NORMS.index(r["norm"]), r["label"])):
-        out[(r["dataset"], r["label"])][r["batch_size"]].append(float(r[metric]))
+        if r[metric] is not None:
+            out[(r["dataset"], r["label"])][r["batch_size"]].append(float(r[metric]))
     return out
 
 
@@ -80,7 +83,8 @@ def mean_std(values: list[float]) -> tuple[float, float]:
 def _fmt(values: list[float], metric: str) -> str:
     m, s = mean_std(values)
     k = 100.0 if metric in PERCENT else 1.0
-    return f"{m * k:.1f} ± {s * k:.1f}"
+    digits = 3 if metric == "nll_last" else 1
+    return f"{m * k:.{digits}f} ± {s * k:.{digits}f}"
 
 
 def table(rows: list[dict], metric: str = "test_acc") -> str:
