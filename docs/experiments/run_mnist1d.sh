@@ -4,6 +4,7 @@
 #   run_mnist1d.sh tuned      batchless with a 10x smaller learning rate for mu/sigma, same sweep
 #   run_mnist1d.sh more       the remaining batch sizes of both (2, 8, 32, 128)
 #   run_mnist1d.sh ablations  batchless ablations at batch sizes 1, 16, 256, 3 epochs, 3 seeds, own store
+#   run_mnist1d.sh synthetic  the synthetic task (badly scaled, shifted features), 5 norms x 1, 16, 256
 set -euo pipefail
 cd "$(dirname "$0")/../.."
 B=".venv/bin/batchless"
@@ -34,5 +35,9 @@ ablations)
     $B sweep "${S[@]}" --norms batchless-abs,batchless-inv --batch-sizes 1,16,256
     $B sweep "${S[@]}" "${A[@]}" --nll-weight 0.1
   done ;;
-*) echo "usage: $0 main|tuned|more|ablations" >&2; exit 2 ;;
+synthetic)
+  SYN=(--dataset synthetic --epochs 5 --seeds 3 --threads 1 --batch-sizes 1,16,256 --results results/synthetic.sqlite)
+  $B sweep "${SYN[@]}" --norms none,bn,gn,ln,batchless
+  $B sweep "${SYN[@]}" --norms batchless --stats-lr-scale 0.1 ;;
+*) echo "usage: $0 main|tuned|more|ablations|synthetic" >&2; exit 2 ;;
 esac

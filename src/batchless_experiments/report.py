@@ -126,7 +126,7 @@ def plot(rows: list[dict], path: str, metric: str = "test_acc", title: str | Non
 
     groups = group(rows, metric)
     datasets = list(dict.fromkeys(d for d, _ in groups))
-    fig, axes = plt.subplots(1, max(len(datasets), 1), figsize=(7 * max(len(datasets), 1), 4.5), squeeze=False)
+    fig, axes = plt.subplots(1, max(len(datasets), 1), figsize=(10 * max(len(datasets), 1), 4.5), squeeze=False)
     k = 100.0 if metric in PERCENT else 1.0
     for ax, dataset in zip(axes[0], datasets, strict=False):
         for (d, name), cells in groups.items():
@@ -144,7 +144,7 @@ def plot(rows: list[dict], path: str, metric: str = "test_acc", title: str | Non
         ax.set_ylabel(metric + (" (%)" if metric in PERCENT else ""))
         ax.set_title(title or dataset)
         ax.grid(alpha=0.3)
-        ax.legend(fontsize=7)
+        ax.legend(fontsize=7, loc="center left", bbox_to_anchor=(1.01, 0.5))
     fig.tight_layout()
     fig.savefig(path, dpi=120)
     plt.close(fig)
