@@ -201,3 +201,10 @@ def test_store_writes_once_and_reports(tmp_path, tiny_splits):
     assert "| none |" in md and f"{100 * result.test_acc:.1f} ± 0.0" in md and "epochs=2" in md
     with contextlib.closing(sqlite3.connect(path)) as db:
         assert db.execute("PRAGMA integrity_check").fetchone()[0] == "ok"
+
+
+def test_progress_bars_are_off_when_stderr_is_not_a_terminal():
+    from batchless_experiments.train import progress_bar
+
+    bar = progress_bar(range(3), 3, "x", leave=False)  # pytest captures stderr: not a TTY
+    assert bar.disable and list(bar) == [0, 1, 2]

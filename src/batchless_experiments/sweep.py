@@ -17,7 +17,7 @@ from .options import (
     positive_int,
 )
 from .store import ResultStore
-from .train import Cell, TrainConfig, _progress, train_cell
+from .train import Cell, TrainConfig, progress_bar, train_cell
 
 
 def plan(config: TrainConfig, norms: Iterable[str], batch_sizes: Iterable[int], seeds: Iterable[int]) -> list[Cell]:
@@ -33,7 +33,7 @@ def run_cells(cells: list[Cell], store: ResultStore, splits: data.Splits, *, dev
     todo = [c for c in cells if not store.has(c)]
     if len(todo) < len(cells):
         log(f"{len(cells) - len(todo)} of {len(cells)} cells already in {store.path}, skipped")
-    for cell in _progress(todo, len(todo), "cells", leave=True):
+    for cell in progress_bar(todo, len(todo), "cells", leave=True):
         result = train_cell(cell, splits, device=device)
         store.add(cell, result)
         log(f"  {cell.config.dataset} {cell.norm:>14} bs={cell.batch_size:<4} seed={cell.seed} "

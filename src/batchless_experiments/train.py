@@ -234,7 +234,7 @@ def _data_init(model: nn.Module, x: torch.Tensor, cfg: TrainConfig, seed: int) -
     bl.init_from_data(model, list(x[idx].split(250)))
 
 
-def _progress(iterable, total: int, desc: str, leave: bool, enabled: bool = True):
+def progress_bar(iterable, total: int, desc: str, leave: bool, enabled: bool = True):
     """A tqdm bar on stderr, shown only when stderr is a terminal."""
     from tqdm.auto import tqdm
 
@@ -264,7 +264,7 @@ def train_cell(cell: Cell, splits: Splits, *, device: str = "cpu", progress: boo
     best_state = None
     act_bytes = 0
 
-    epochs = _progress(range(1, cfg.epochs + 1), cfg.epochs, f"{cell.norm} bs={cell.batch_size}", leave=False,
+    epochs = progress_bar(range(1, cfg.epochs + 1), cfg.epochs, f"{cell.norm} bs={cell.batch_size}", leave=False,
                        enabled=progress)
     for epoch in epochs:
         t0 = time.perf_counter()
