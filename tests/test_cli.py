@@ -99,7 +99,9 @@ def test_demo_smoke(tmp_path, capsys):
     text = capsys.readouterr().out
     assert "| gn |" in text and "| batchless |" in text and "bs 1 " in text
     assert (out / "demo.png").read_bytes()[:4] == b"\x89PNG"
-    assert _count(str(out / "results.sqlite")) == (5, 5)  # none, bn, gn, batchless at 64; batchless at 1
+    # none, bn, gn, batchless at 64; batchless at 1; batchless with stats_lr_scale=0.1 at 1 and 64
+    assert _count(str(out / "results.sqlite")) == (7, 7)
+    assert "| batchless [stats_lr_scale=0.1] |" in text
 
 
 def test_cifar10_sweep_on_generated_files(tmp_path, capsys):
