@@ -13,3 +13,6 @@ $B report --results results/mnist1d_ablations.sqlite --metrics test_acc,val_acc_
   --plot $D/mnist1d_ablations.png > $D/mnist1d_ablations.md
 $B report --results results/mnist1d.sqlite --json > $D/mnist1d.json
 $B report --results results/mnist1d_ablations.sqlite --json > $D/mnist1d_ablations.json
+$B report --results results/synthetic.sqlite --metrics test_acc,val_acc_best \
+  --plot $D/synthetic_batch_size.png > $D/synthetic.md
+$B report --results results/synthetic.sqlite --json > $D/synthetic.json
