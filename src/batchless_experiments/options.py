@@ -34,24 +34,22 @@ def norm_list(text: str) -> list[str]:
     return values
 
 
-def positive_int(text: str) -> int:
+def _positive(text: str, parse, expected: str):
     try:
-        value = int(text)
+        value = parse(text)
     except ValueError:
         value = 0
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"expected an integer >= 1; received {text!r}")
+    if not value > 0:
+        raise argparse.ArgumentTypeError(f"expected {expected}; received {text!r}")
     return value
+
+
+def positive_int(text: str) -> int:
+    return _positive(text, int, "an integer >= 1")
 
 
 def positive_float(text: str) -> float:
-    try:
-        value = float(text)
-    except ValueError:
-        value = 0.0
-    if not value > 0:
-        raise argparse.ArgumentTypeError(f"expected a number > 0; received {text!r}")
-    return value
+    return _positive(text, float, "a number > 0")
 
 
 def add_training_options(p: argparse.ArgumentParser, *, epochs: int, num_samples: int | None,
