@@ -19,9 +19,9 @@ this module keeps of the activations:
 .. math::  \frac{\partial\,\mathrm{NLL}}{\partial \mu_c} = -\frac{a_c}{C\sigma_c}, \qquad
            \frac{\partial\,\mathrm{NLL}}{\partial \sigma_c} = \frac{1 - b_c}{C\sigma_c}
 
-with ``C`` the number of channels. Moments of :math:`\hat x` rather than raw sums of ``x`` and ``x**2`` keep
-them exact for badly scaled inputs (``x * 100 + 1000``). Statistics are computed in float32 (float64 for
-float64 inputs); outputs come back in the input dtype.
+with ``C`` the number of channels. ``a`` and ``b`` are formed from the channel mean and variance of ``x`` and
+the current ``mean``/``std`` (see :func:`channel_moments` for their precision). Statistics are computed in
+float32 (float64 for float64 inputs); outputs come back in the input dtype.
 """
 
 from __future__ import annotations
