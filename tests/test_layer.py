@@ -335,3 +335,22 @@ def test_any_shape_matches_naive(n, c, spatial, std_param, nll, affine, shared):
     loss = y.sum() + (bl.nll_loss(layer) if nll == "explicit" else 0)
     loss.backward()
     assert torch.isfinite(layer.mean.grad).all() and torch.isfinite(layer.raw_std.grad).all()
+
+
+@pytest.mark.parametrize("shape", [(256, 4), (16, 4, 32), (8, 4, 16, 16)])
+def test_nll_precise_for_badly_scaled_float32_input(shape):
+    torch.manual_seed(0)
+    x = torch.randn(shape) * 100 + 1000
+    layers = []
+    for dtype in (torch.float32, torch.float64):
+        layer = LAYERS[max(len(shape) - 2, 1)](4, nll="explicit", dtype=dtype)
+        with torch.no_grad():
+            layer.mean.fill_(990.0)
+            layer.set_std(torch.full((4,), 90.0, dtype=dtype))
+        layer(x.to(dtype))
+        bl.nll_loss(layer).backward()
+        layers.append(layer)
+    f32, f64 = layers
+    torch.testing.assert_close(bl.nll_loss(f32).double(), bl.nll_loss(f64), rtol=1e-4, atol=1e-5)
+    torch.testing.assert_close(f32.mean.grad.double(), f64.mean.grad, rtol=1e-4, atol=1e-7)
+    torch.testing.assert_close(f32.raw_std.grad.double(), f64.raw_std.grad, rtol=1e-4, atol=1e-5)
