@@ -148,14 +148,18 @@ class _BatchlessTrain(torch.autograd.Function):
         ctx.shared = mean.shape[0] != x.shape[1]
         ctx.nll_weight = nll_weight
         ctx.mark_non_differentiable(a, b, finite, mean_c, std_c)
+        ctx.set_materialize_grads(False)  # no zero-filled gradients for the five non-differentiable outputs
 
     @staticmethod
     def backward(ctx, gy, *_):
         x, mean_c, std_c, weight, a, b = ctx.saved_tensors
         need = ctx.needs_input_grad
         w = None if weight is None else weight.to(std_c.dtype)
-        vmapped = not torch.compiler.is_compiling() and torch._C._functorch.is_functorch_wrapped_tensor(gy)
-        if x.numel() == 0 or vmapped:
+        vmapped = (gy is not None and not torch.compiler.is_compiling()
+                   and torch._C._functorch.is_functorch_wrapped_tensor(gy))
+        if gy is None:  # the output itself is unused: only the NLL gradient (below) remains
+            gx = gw = gb = None
+        elif x.numel() == 0 or vmapped:
             # The native CPU kernel divides by N (SIGFPE on an empty batch) and its vmap rule asserts
             # in eval mode: spell the same gradients out.
             view = (1, -1) + (1,) * (x.dim() - 2)
