@@ -116,27 +116,6 @@ def test_bad_arguments():
         bl.accumulate(model, F.cross_entropy, x, y[:7], micro_batch_size=2)
 
 
-def test_readme_micro_batch_loop():
-    """The README's micro-batch snippet, verbatim: the two-line change to a training loop."""
-    import torch
-    from torch import nn
-
-    import batchless as bl
-
-    model = nn.Sequential(nn.Linear(10, 32), bl.BatchlessNorm1d(32), nn.ReLU(), nn.Linear(32, 2))
-    loader = [(torch.randn(64, 10), torch.randint(0, 2, (64,))) for _ in range(10)]
-    optimizer = torch.optim.Adam(model.parameters(), lr=1e-3)
-    loss_fn = nn.CrossEntropyLoss()
-
-    for inputs, targets in loader:
-        optimizer.zero_grad()
-        # was: loss = loss_fn(model(inputs), targets); loss.backward()
-        loss = bl.accumulate(model, loss_fn, inputs, targets, micro_batch_size=4)
-        optimizer.step()
-    # --- end of snippet ---
-    assert torch.isfinite(loss) and loss.dim() == 0
-
-
 @settings(max_examples=15, deadline=None)
 @given(n=st.integers(1, 6), m=st.integers(1, 7), nll=st.sampled_from(["implicit", "explicit"]))
 def test_any_batch_and_micro_batch_size(n, m, nll):

@@ -179,32 +179,6 @@ def test_to_batchnorm_onnx_export_matches_onnxruntime(tmp_path):
         assert max_rel_diff(torch.from_numpy(got), model(x)) <= 1e-5
 
 
-def test_readme_model_tools():
-    """The README's migrate / init / fold snippet, verbatim."""
-    import torch
-    from torch import nn
-
-    import batchless as bl
-
-    bn_model = nn.Sequential(nn.Conv2d(3, 16, 3), nn.BatchNorm2d(16), nn.ReLU()).eval()  # your trained model
-    model = bl.convert_batchnorm(bn_model)  # migrate: BatchNorm -> batchless, same eval output
-
-    fresh = nn.Sequential(nn.Conv2d(3, 16, 3), bl.BatchlessNorm2d(16), nn.ReLU())
-    batches = [torch.randn(8, 3, 32, 32) for _ in range(4)]  # a list or DataLoader of inputs or (input, target)
-    bl.init_from_data(fresh, batches)  # init: each layer's mean/std from its input, in dependency order
-
-    deployable = bl.fold(model.eval())  # fold into the conv's weight and bias: no normalization layer left
-    exportable = bl.to_batchnorm(model)  # or: eval-mode nn.BatchNorm2d, for tools that expect BatchNorm
-    # --- end of snippet ---
-    x = batches[0]
-    with torch.no_grad():
-        for m in (model, deployable, exportable):
-            assert max_rel_diff(m(x), bn_model(x)) <= 1e-5
-        y = fresh[1](fresh[0](torch.cat(batches)))
-    assert y.mean().abs() < 1e-3 and (y.std() - 1).abs() < 1e-2
-    assert isinstance(deployable[1], nn.Identity) and isinstance(exportable[1], nn.BatchNorm2d)
-
-
 @pytest.mark.parametrize("module", ["batchless.convert", "batchless.fold", "batchless.init", "batchless.accumulate"])
 def test_docstring_examples(module):
     result = doctest.testmod(importlib.import_module(module))

@@ -4,6 +4,8 @@ import pathlib
 import re
 
 import pytest
+import torch
+from torch import nn
 
 README = pathlib.Path(__file__).resolve().parent.parent / "README.md"
 BLOCKS = re.findall(r"```python\n(.*?)```", README.read_text(), flags=re.S)
@@ -13,6 +15,25 @@ def test_readme_has_snippets():
     assert len(BLOCKS) >= 4
 
 
+def run(block: str) -> dict:
+    namespace = {"__name__": "readme"}
+    exec(compile(block, "README.md", "exec"), namespace)
+    return namespace
+
+
 @pytest.mark.parametrize("index", range(len(BLOCKS)))
 def test_readme_snippet_runs(index):
-    exec(compile(BLOCKS[index], f"README.md block {index}", "exec"), {"__name__": "readme"})
+    run(BLOCKS[index])
+
+
+def test_readme_migrate_init_fold_does_what_it_says():
+    (block,) = [b for b in BLOCKS if "convert_batchnorm" in b]
+    ns = run(block)
+    x = ns["batches"][0]
+    with torch.no_grad():
+        want = ns["bn_model"](x)
+        for name in ("model", "deployable", "exportable"):
+            assert (ns[name](x) - want).abs().max() <= 1e-5 * want.abs().max(), name
+        y = ns["fresh"][1](ns["fresh"][0](torch.cat(ns["batches"])))
+    assert y.mean().abs() < 1e-3 and (y.std() - 1).abs() < 1e-2
+    assert isinstance(ns["deployable"][1], nn.Identity) and isinstance(ns["exportable"][1], nn.BatchNorm2d)
