@@ -26,8 +26,10 @@ float32 (float64 for float64 inputs); outputs come back in the input dtype.
 
 from __future__ import annotations
 
+import contextlib
+import math
+
 import torch
-import torch.nn.functional as F
 from torch import Tensor
 
 from .errors import BatchlessError
@@ -76,15 +78,38 @@ def _dense_stats(mean: Tensor, std: Tensor, x: Tensor) -> tuple[Tensor, Tensor]:
     return mean, std
 
 
-def _affine(x: Tensor, mean: Tensor, std: Tensor, weight: Tensor | None, bias: Tensor | None) -> Tensor:
-    """``(x - mean) / std * weight + bias`` per channel, in x's dtype, by the fastest native kernel."""
-    if x.dim() == 2 and x.dtype == mean.dtype:  # (N, C): one addcmul beats batch_norm's setup by 5x
-        scale = std.reciprocal() if weight is None else weight / std
-        shift = -mean * scale if bias is None else bias - mean * scale
-        return torch.addcmul(shift, x, scale)
+def _affine(x: Tensor, mean: Tensor, std: Tensor, weight: Tensor | None, bias: Tensor | None,
+            inv: Tensor | None = None) -> Tensor:
+    """``(x - mean) / std * weight + bias`` per channel, in x's dtype, by the fastest native kernel
+    (``inv``: ``1 / std`` when the caller has it)."""
     cd = mean.dtype
-    return F.batch_norm(x, mean, std * std, None if weight is None else weight.to(cd),
-                        None if bias is None else bias.to(cd), False, 0.0, 0.0)
+    weight = None if weight is None else weight.to(cd)
+    bias = None if bias is None else bias.to(cd)
+    if x.dim() == 2 and x.dtype == cd:  # (N, C): one addcmul beats batch_norm's setup by 5x
+        scale = std.reciprocal() if inv is None else inv
+        scale = scale if weight is None else weight * scale
+        shift = (mean * scale).neg_() if bias is None else torch.addcmul(bias, mean, scale, value=-1.0)
+        return torch.addcmul(shift, x, scale)
+    return torch.batch_norm(x, weight, bias, mean, std * std, False, 0.0, 0.0, torch.backends.cudnn.enabled)
+
+
+def _moments(x: Tensor, mean: Tensor, inv: Tensor) -> tuple[Tensor, Tensor]:
+    """:func:`channel_moments` given ``inv = 1 / std``."""
+    cd = _compute_dtype(x)
+    n = x.numel() // x.shape[1]
+    if n == 0:
+        return torch.zeros_like(inv), torch.ones_like(inv)
+    if x.dim() > 2 and x.is_contiguous() and x.dtype != torch.bfloat16:
+        rows = x.view(x.shape[0], x.shape[1], -1)
+        m = rows.sum(-1, dtype=cd).sum(0, dtype=torch.float64) / n
+        var = torch.linalg.vector_norm(rows, dim=-1, dtype=cd).double().square().sum(0) / n - m * m
+        m, var = m.to(cd), var.to(cd).clamp_min(0.0)
+    elif torch.compiler.is_compiling():  # the native statistics op has no fake-tensor kernel; compilers fuse this
+        var, m = torch.var_mean(x.to(cd), [0, *range(2, x.dim())], correction=0)
+    else:
+        m, var = (t.to(cd) for t in torch.ops.aten.batch_norm_update_stats(x, None, None, 0.0))
+    a = (m - mean) * inv
+    return a, torch.addcmul(a * a, var, inv * inv)  # b = (var + (m - mean)**2) / std**2
 
 
 def channel_moments(x: Tensor, mean: Tensor, std: Tensor) -> tuple[Tensor, Tensor]:
@@ -99,22 +124,64 @@ def channel_moments(x: Tensor, mean: Tensor, std: Tensor) -> tuple[Tensor, Tenso
     precision, negligible for the NLL unless a channel's mean exceeds ~1000 of its standard deviations.
     An empty batch has no evidence: a = 0, b = 1, so its NLL and gradients are 0.
     """
-    cd = _compute_dtype(x)
-    n = x.numel() // x.shape[1]
-    if n == 0:
-        return torch.zeros_like(std), torch.ones_like(std)
-    if x.dim() > 2 and x.is_contiguous() and x.dtype != torch.bfloat16:
-        rows = x.view(x.shape[0], x.shape[1], -1)
-        m = rows.sum(-1, dtype=cd).sum(0, dtype=torch.float64) / n
-        var = torch.linalg.vector_norm(rows, dim=-1, dtype=cd).double().square().sum(0) / n - m * m
-        m, var = m.to(cd), var.to(cd).clamp_min(0.0)
-    elif torch.compiler.is_compiling():  # the native statistics op has no fake-tensor kernel; compilers fuse this
-        var, m = torch.var_mean(x.to(cd), [0, *range(2, x.dim())], correction=0)
+    return _moments(x, mean, std.reciprocal())
+
+
+def _train_maths(x: Tensor, mean: Tensor, std: Tensor, weight: Tensor | None, bias: Tensor | None,
+                   host_check: bool):
+    """``(y, a, b, finite, mean_c, std_c)`` of a training forward, mean/std constants.
+
+    A channel whose input holds NaN/Inf contributes no NLL (a = 0, b = 1). ``finite`` (C,) says which
+    channels were finite; with ``host_check`` (CPU tensors, eager) it is None when all are, which one
+    reduction and a free host read establish (b is non-finite wherever a is).
+    """
+    mean_c, std_c = _dense_stats(mean, std, x)
+    inv = std_c.reciprocal()
+    y = _affine(x, mean_c, std_c, weight, bias, inv)
+    a, b = _moments(x, mean_c, inv)
+    if host_check and math.isfinite(b.sum().item()):
+        return y, a, b, None, mean_c, std_c
+    finite = torch.isfinite(b)
+    return y, a.where(finite, 0.0), b.where(finite, 1.0), finite, mean_c, std_c
+
+
+def _train_grads(gy, x, mean_c, std_c, weight, a, b, needs, nll_weight, shared: bool):
+    """Gradients for ``(x, mean, std, weight, bias)``: those of an eval-mode batch norm with running
+    statistics ``mean_c``, ``std_c**2`` for x, weight and bias; ``nll_weight * dNLL`` for mean and std
+    (none when ``nll_weight`` is None: explicit mode)."""
+    w = None if weight is None else weight.to(std_c.dtype)
+    if gy is None:  # the output itself is unused: only the NLL gradient (below) remains
+        gx = gw = gb = None
+    elif x.numel() == 0 or (not torch.compiler.is_compiling() and torch._C._functorch.is_functorch_wrapped_tensor(gy)):
+        # The native CPU kernel divides by N (SIGFPE on an empty batch) and its vmap rule asserts
+        # in eval mode: spell the same gradients out.
+        view = (1, -1) + (1,) * (x.dim() - 2)
+        dims = [0, *range(2, x.dim())]
+        scale = std_c.reciprocal() if w is None else w / std_c
+        gx = gy * scale.reshape(view)
+        gw = None if w is None else (gy * (x - mean_c.reshape(view))).sum(dims) / std_c
+        gb = None if w is None else gy.sum(dims)
     else:
-        m, var = (t.to(cd) for t in torch.ops.aten.batch_norm_update_stats(x, None, None, 0.0))
-    inv = std.reciprocal()
-    a = (m - mean) * inv
-    return a, torch.addcmul(a * a, var, inv * inv)  # b = (var + (m - mean)**2) / std**2
+        gx, gw, gb = torch.ops.aten.native_batch_norm_backward(
+            gy, x, w, mean_c, std_c * std_c, None, None, False, 0.0, [needs[0], needs[3], needs[4]])
+    if weight is not None and weight.dtype != std_c.dtype:
+        gw, gb = (None if g is None else g.to(weight.dtype) for g in (gw, gb))
+    gmean = gstd = None
+    if nll_weight is not None:
+        k = std_c.reciprocal().mul_(resolve_weight(nll_weight) / a.numel())  # dNLL/d(mean, std) = (-a, 1 - b) k
+        gmean, gstd = torch.mul(a, k).neg_(), torch.addcmul(k, b, k, value=-1.0)
+        if shared:
+            gmean, gstd = gmean.sum(0, keepdim=True), gstd.sum(0, keepdim=True)
+    return gx, gmean, gstd, gw, gb
+
+
+def _autocast_off(x: Tensor):
+    """A context disabling autocast for x's device where it is on (entering one costs more than most ops)."""
+    try:
+        on = torch.is_autocast_enabled(x.device.type)
+    except TypeError:  # torch < 2.4 takes no device type
+        on = True
+    return torch.autocast(x.device.type, enabled=False) if on else contextlib.nullcontext()
 
 
 class _BatchlessTrain(torch.autograd.Function):
@@ -124,20 +191,16 @@ class _BatchlessTrain(torch.autograd.Function):
     ``running_mean = mean`` and ``running_var = std**2`` (eps 0), so PyTorch's native fused kernels do
     them; mean/std are constants in this path. When ``nll_weight`` is not None (implicit mode) backward
     also gives mean/std ``nll_weight * dNLL``; otherwise mean/std get no gradient here.
-    A channel whose input holds NaN/Inf contributes no NLL (a = 0, b = 1): one bad batch cannot destroy
-    the learned statistics.
+    This setup_context-style Function serves torch.func transforms; eager code uses the lighter
+    :class:`_BatchlessTrainEager`, which computes the same thing.
     """
 
     generate_vmap_rule = True  # per-sample gradients with torch.func (the layer is per-instance)
 
     @staticmethod
     def forward(x, mean, std, weight, bias, nll_weight):
-        with torch.autocast(x.device.type, enabled=False):
-            mean_c, std_c = _dense_stats(mean, std, x)
-            y = _affine(x, mean_c, std_c, weight, bias)
-            a, b = channel_moments(x, mean_c, std_c)
-            finite = torch.isfinite(a + b)
-            a, b = a.where(finite, 0.0), b.where(finite, 1.0)
+        with _autocast_off(x):
+            y, a, b, finite, mean_c, std_c = _train_maths(x, mean, std, weight, bias, host_check=False)
         return y, a, b, finite, mean_c, std_c
 
     @staticmethod
@@ -153,48 +216,34 @@ class _BatchlessTrain(torch.autograd.Function):
     @staticmethod
     def backward(ctx, gy, *_):
         x, mean_c, std_c, weight, a, b = ctx.saved_tensors
-        need = ctx.needs_input_grad
-        w = None if weight is None else weight.to(std_c.dtype)
-        vmapped = (gy is not None and not torch.compiler.is_compiling()
-                   and torch._C._functorch.is_functorch_wrapped_tensor(gy))
-        if gy is None:  # the output itself is unused: only the NLL gradient (below) remains
-            gx = gw = gb = None
-        elif x.numel() == 0 or vmapped:
-            # The native CPU kernel divides by N (SIGFPE on an empty batch) and its vmap rule asserts
-            # in eval mode: spell the same gradients out.
-            view = (1, -1) + (1,) * (x.dim() - 2)
-            dims = [0, *range(2, x.dim())]
-            scale = std_c.reciprocal() if w is None else w / std_c
-            gx = gy * scale.reshape(view)
-            gw = None if w is None else (gy * (x - mean_c.reshape(view))).sum(dims) / std_c
-            gb = None if w is None else gy.sum(dims)
-        else:
-            gx, gw, gb = torch.ops.aten.native_batch_norm_backward(
-                gy, x, w, mean_c, std_c * std_c, None, None, False, 0.0, [need[0], need[3], need[4]]
-            )
-        if weight is not None:
-            gw, gb = (None if g is None else g.to(weight.dtype) for g in (gw, gb))
-        gmean = gstd = None
-        if ctx.nll_weight is not None:
-            k = resolve_weight(ctx.nll_weight) / (a.numel() * std_c)
-            gmean, gstd = -a * k, (1.0 - b) * k
-            if ctx.shared:
-                gmean, gstd = gmean.sum(0, keepdim=True), gstd.sum(0, keepdim=True)
-        return gx, gmean, gstd, gw, gb, None
+        return *_train_grads(gy, x, mean_c, std_c, weight, a, b, ctx.needs_input_grad, ctx.nll_weight,
+                                ctx.shared), None
 
 
 class _BatchlessTrainEager(torch.autograd.Function):
-    """The same Function in the classic style: ``apply`` of a setup_context-style Function binds its
-    arguments with ``inspect`` on every call (~50 us, more than the whole layer on small inputs), so eager
-    code uses this one and torch.func transforms the one above."""
+    """The same computation for eager code, with the per-call overhead cut down, which on small inputs is
+    most of the cost: the classic style (``apply`` of a setup_context-style Function binds its arguments
+    with ``inspect`` on every call, ~50 us), one output (a, b and finite go to the ``side`` list), and
+    the finiteness check read on the host for CPU tensors."""
 
     @staticmethod
-    def forward(ctx, *inputs):
-        output = _BatchlessTrain.forward(*inputs)
-        _BatchlessTrain.setup_context(ctx, inputs, output)
-        return output
+    def forward(ctx, x, mean, std, weight, bias, nll_weight, side):
+        with _autocast_off(x):
+            y, a, b, finite, mean_c, std_c = _train_maths(x, mean, std, weight, bias,
+                                                            host_check=x.device.type == "cpu")
+        ctx.save_for_backward(x, mean_c, weight)
+        ctx.std_c, ctx.a, ctx.b = std_c, a, b  # intermediates: no version counter to check
+        ctx.shared = mean.shape[0] != x.shape[1]
+        ctx.nll_weight = nll_weight
+        ctx.set_materialize_grads(False)
+        side += (a, b, finite)
+        return y
 
-    backward = _BatchlessTrain.backward
+    @staticmethod
+    def backward(ctx, gy):
+        x, mean_c, weight = ctx.saved_tensors
+        return *_train_grads(gy, x, mean_c, ctx.std_c, weight, ctx.a, ctx.b, ctx.needs_input_grad,
+                                ctx.nll_weight, ctx.shared), None, None
 
 
 def nll_from_moments(mean: Tensor, std: Tensor, a: Tensor, b: Tensor) -> Tensor:
@@ -212,8 +261,8 @@ def nll_from_moments(mean: Tensor, std: Tensor, a: Tensor, b: Tensor) -> Tensor:
     return per_channel.mean() - gauge
 
 
-def gauged_nll(a: Tensor, b: Tensor) -> Tensor:
-    """The gauged NLL's value from the moments alone: ``0.5 * (mean(b) - 1)`` (0 when x ~ N(mu, sigma^2))."""
+def gauged_nll(b: Tensor) -> Tensor:
+    """The gauged NLL's value from the second moments alone: ``0.5 * (mean(b) - 1)`` (0 when x ~ N(mu, sigma^2))."""
     return 0.5 * (b.mean() - 1.0)
 
 
@@ -234,15 +283,32 @@ def batchless_norm(
     differentiable in ``mean``/``std`` when ``nll_weight`` is None (explicit mode: add it to the loss),
     detached otherwise (implicit mode: the backward of ``y`` already delivers ``nll_weight * dNLL`` to
     ``mean``/``std``); ``finite`` (C,) is False for channels whose input held NaN/Inf, which add nothing
-    to the NLL.
+    to the NLL, or None when every channel is known to be finite.
     """
     if not training:
-        with torch.autocast(x.device.type, enabled=False):
-            return _affine(x, *_dense_stats(mean, std, x), weight, bias), None, None
-    implicit = nll_weight is not None
-    transformed = not torch.compiler.is_compiling() and torch._C._functorch.is_functorch_wrapped_tensor(x)
-    fn = _BatchlessTrain if transformed else _BatchlessTrainEager
-    y, a, b, finite, _, _ = fn.apply(x, mean if implicit else mean.detach(), std if implicit else std.detach(),
-                                     weight, bias, nll_weight)
-    nll = gauged_nll(a, b).detach() if implicit else nll_from_moments(mean, std, a, b)
+        return eval_forward(x, mean, std, weight, bias), None, None
+    y, a, b, finite = train_forward(x, mean, std, weight, bias, nll_weight)
+    nll = gauged_nll(b).detach() if nll_weight is not None else nll_from_moments(mean, std, a, b)
     return y, nll, finite
+
+
+def eval_forward(x: Tensor, mean: Tensor, std: Tensor, weight: Tensor | None, bias: Tensor | None) -> Tensor:
+    """The evaluation output: the fixed affine map ``(x - mean) / std * weight + bias``."""
+    with _autocast_off(x):
+        return _affine(x, *_dense_stats(mean, std, x), weight, bias)
+
+
+def train_forward(x: Tensor, mean: Tensor, std: Tensor, weight: Tensor | None, bias: Tensor | None, nll_weight):
+    """The training output and moments: ``(y, a, b, finite)``, see :func:`batchless_norm`.
+
+    With ``nll_weight`` None (explicit mode) mean/std get no gradient through ``y``; otherwise the
+    backward of ``y`` gives them ``nll_weight * dNLL``.
+    """
+    if nll_weight is None:
+        mean, std = mean.detach(), std.detach()
+    if torch.compiler.is_compiling() or torch._C._functorch.is_functorch_wrapped_tensor(x):
+        y, a, b, finite, _, _ = _BatchlessTrain.apply(x, mean, std, weight, bias, nll_weight)
+        return y, a, b, finite
+    side = []
+    y = _BatchlessTrainEager.apply(x, mean, std, weight, bias, nll_weight, side)
+    return y, *side

@@ -98,7 +98,8 @@ class _BatchlessNorm(nn.Module):
         else:
             self.register_parameter("weight", None)
             self.register_parameter("bias", None)
-        self._last_nll: Tensor | None = None
+        self._nll: Tensor | None = None
+        self._nll_moment: Tensor | None = None
         self._nll_used = True
         self._nonfinite: Tensor | None = None
         self._nonfinite_host: Tensor | None = None
@@ -140,20 +141,27 @@ class _BatchlessNorm(nn.Module):
     def forward(self, x: Tensor) -> Tensor:
         self._check_input(x)
         if not self.training:
-            return BF.batchless_norm(x, self.mean, self.std, self.weight, self.bias)[0]
+            return BF.eval_forward(x, self.mean, self.std, self.weight, self.bias)
         implicit = self.nll == "implicit"
         eager = not torch.compiler.is_compiling()
         if eager and not implicit and not self._nll_used:
             _warn_unused_nll()
-        y, nll, finite = BF.batchless_norm(
-            x, self.mean, self.std, self.weight, self.bias,
-            training=True, nll_weight=current_nll_weight() if implicit else None,
-        )
-        self._last_nll = nll
+        mean, std = self.mean, self.std
+        y, a, b, finite = BF.train_forward(x, mean, std, self.weight, self.bias,
+                                           current_nll_weight() if implicit else None)
+        # implicit: the NLL is only reported, so it is computed when asked for (see _last_nll)
+        self._nll, self._nll_moment = (None, b) if implicit else (BF.nll_from_moments(mean, std, a, b), None)
         self._nll_used = implicit
-        if eager and not torch._C._functorch.is_functorch_wrapped_tensor(finite):
+        if finite is not None and eager and not torch._C._functorch.is_functorch_wrapped_tensor(finite):
             self._count_nonfinite(finite)
         return y
+
+    @property
+    def _last_nll(self) -> Tensor | None:
+        """The gauged NLL of the last training forward (None before the first one)."""
+        if self._nll is None and self._nll_moment is not None:
+            self._nll = BF.gauged_nll(self._nll_moment).detach()
+        return self._nll
 
     @property
     def nonfinite_batches(self) -> int:
@@ -196,7 +204,7 @@ class _BatchlessNorm(nn.Module):
 
     def __getstate__(self):
         state = super().__getstate__()
-        state["_last_nll"] = None  # an autograd graph is neither picklable nor worth keeping
+        state["_nll"] = state["_nll_moment"] = None  # an autograd graph is neither picklable nor worth keeping
         state["_nonfinite_host"] = None
         return state
 
