@@ -65,14 +65,18 @@ def param_from_std(std: Tensor, std_param: str, eps: float) -> Tensor:
 
 
 def _compute_dtype(x: Tensor) -> torch.dtype:
-    return torch.promote_types(x.dtype, torch.float32)
+    return torch.float64 if x.dtype == torch.float64 else torch.float32
+
+
+def _cast(t: Tensor, dtype: torch.dtype) -> Tensor:
+    return t if t.dtype == dtype else t.to(dtype)  # .to is a dispatcher round trip even when it is a no-op
 
 
 def _dense_stats(mean: Tensor, std: Tensor, x: Tensor) -> tuple[Tensor, Tensor]:
     """(C,) float32/64 mean and std; a shared (1,) Gaussian is expanded *and copied*: with an expanded
     (stride 0) running_mean, CPU batch_norm_backward reads garbage for (N, C) inputs."""
     cd, c = _compute_dtype(x), x.shape[1]
-    mean, std = mean.detach().to(cd), std.detach().to(cd)
+    mean, std = _cast(mean.detach(), cd), _cast(std.detach(), cd)
     if mean.shape[0] != c:
         mean, std = mean.expand(c).contiguous(), std.expand(c).contiguous()
     return mean, std
@@ -83,8 +87,8 @@ def _affine(x: Tensor, mean: Tensor, std: Tensor, weight: Tensor | None, bias: T
     """``(x - mean) / std * weight + bias`` per channel, in x's dtype, by the fastest native kernel
     (``inv``: ``1 / std`` when the caller has it)."""
     cd = mean.dtype
-    weight = None if weight is None else weight.to(cd)
-    bias = None if bias is None else bias.to(cd)
+    weight = None if weight is None else _cast(weight, cd)
+    bias = None if bias is None else _cast(bias, cd)
     if x.dim() == 2 and x.dtype == cd:  # (N, C): one addcmul beats batch_norm's setup by 5x
         scale = std.reciprocal() if inv is None else inv
         scale = scale if weight is None else weight * scale
@@ -107,7 +111,8 @@ def _moments(x: Tensor, mean: Tensor, inv: Tensor) -> tuple[Tensor, Tensor]:
     elif torch.compiler.is_compiling():  # the native statistics op has no fake-tensor kernel; compilers fuse this
         var, m = torch.var_mean(x.to(cd), [0, *range(2, x.dim())], correction=0)
     else:
-        m, var = (t.to(cd) for t in torch.ops.aten.batch_norm_update_stats(x, None, None, 0.0))
+        m, var = torch.ops.aten.batch_norm_update_stats(x, None, None, 0.0)
+        m, var = _cast(m, cd), _cast(var, cd)
     a = (m - mean) * inv
     return a, torch.addcmul(a * a, var, inv * inv)  # b = (var + (m - mean)**2) / std**2
 
@@ -149,7 +154,7 @@ def _train_grads(gy, x, mean_c, std_c, weight, a, b, needs, nll_weight, shared: 
     """Gradients for ``(x, mean, std, weight, bias)``: those of an eval-mode batch norm with running
     statistics ``mean_c``, ``std_c**2`` for x, weight and bias; ``nll_weight * dNLL`` for mean and std
     (none when ``nll_weight`` is None: explicit mode)."""
-    w = None if weight is None else weight.to(std_c.dtype)
+    w = None if weight is None else _cast(weight, std_c.dtype)
     if gy is None:  # the output itself is unused: only the NLL gradient (below) remains
         gx = gw = gb = None
     elif x.numel() == 0 or (not torch.compiler.is_compiling() and torch._C._functorch.is_functorch_wrapped_tensor(gy)):
@@ -168,7 +173,8 @@ def _train_grads(gy, x, mean_c, std_c, weight, a, b, needs, nll_weight, shared: 
         gw, gb = (None if g is None else g.to(weight.dtype) for g in (gw, gb))
     gmean = gstd = None
     if nll_weight is not None:
-        k = std_c.reciprocal().mul_(resolve_weight(nll_weight) / a.numel())  # dNLL/d(mean, std) = (-a, 1 - b) k
+        weight_nll = nll_weight if type(nll_weight) is float else resolve_weight(nll_weight)
+        k = std_c.reciprocal() * (weight_nll / a.numel())  # dNLL/d(mean, std) = (-a, 1 - b) k
         gmean, gstd = torch.mul(a, k).neg_(), torch.addcmul(k, b, k, value=-1.0)
         if shared:
             gmean, gstd = gmean.sum(0, keepdim=True), gstd.sum(0, keepdim=True)

@@ -32,7 +32,7 @@ def nll_loss(model: nn.Module) -> Tensor:
     total = None
     for _, layer in batchless_layers(model, "nll_loss"):
         if layer._last_nll is not None:
-            layer._nll_used = True
+            layer._last.used = True
             total = layer._last_nll if total is None else total + layer._last_nll
     if total is None:
         param = next(model.parameters(), None)

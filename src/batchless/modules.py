@@ -98,9 +98,7 @@ class _BatchlessNorm(nn.Module):
         else:
             self.register_parameter("weight", None)
             self.register_parameter("bias", None)
-        self._nll: Tensor | None = None
-        self._nll_moment: Tensor | None = None
-        self._nll_used = True
+        self._last = _LastForward()
         self._nonfinite: Tensor | None = None
         self._nonfinite_host: Tensor | None = None
         self._warned_nonfinite = False
@@ -144,14 +142,15 @@ class _BatchlessNorm(nn.Module):
             return BF.eval_forward(x, self.mean, self.std, self.weight, self.bias)
         implicit = self.nll == "implicit"
         eager = not torch.compiler.is_compiling()
-        if eager and not implicit and not self._nll_used:
+        last = self._last
+        if eager and not implicit and not last.used:
             _warn_unused_nll()
         mean, std = self.mean, self.std
         y, a, b, finite = BF.train_forward(x, mean, std, self.weight, self.bias,
                                            current_nll_weight() if implicit else None)
         # implicit: the NLL is only reported, so it is computed when asked for (see _last_nll)
-        self._nll, self._nll_moment = (None, b) if implicit else (BF.nll_from_moments(mean, std, a, b), None)
-        self._nll_used = implicit
+        last.nll, last.b = (None, b) if implicit else (BF.nll_from_moments(mean, std, a, b), None)
+        last.used = implicit
         if finite is not None and eager and not torch._C._functorch.is_functorch_wrapped_tensor(finite):
             self._count_nonfinite(finite)
         return y
@@ -159,9 +158,10 @@ class _BatchlessNorm(nn.Module):
     @property
     def _last_nll(self) -> Tensor | None:
         """The gauged NLL of the last training forward (None before the first one)."""
-        if self._nll is None and self._nll_moment is not None:
-            self._nll = BF.gauged_nll(self._nll_moment).detach()
-        return self._nll
+        last = self._last
+        if last.nll is None and last.b is not None:
+            last.nll = BF.gauged_nll(last.b).detach()
+        return last.nll
 
     @property
     def nonfinite_batches(self) -> int:
@@ -204,9 +204,18 @@ class _BatchlessNorm(nn.Module):
 
     def __getstate__(self):
         state = super().__getstate__()
-        state["_nll"] = state["_nll_moment"] = None  # an autograd graph is neither picklable nor worth keeping
+        state["_last"] = _LastForward()  # an autograd graph is neither picklable nor worth keeping
         state["_nonfinite_host"] = None
         return state
+
+
+class _LastForward:
+    """What the last training forward left behind: a plain object, as nn.Module's __setattr__ is slow."""
+
+    def __init__(self) -> None:
+        self.nll: Tensor | None = None  # the gauged NLL (explicit mode: differentiable in mean/std)
+        self.b: Tensor | None = None  # implicit mode: the moments the NLL is computed from when asked for
+        self.used = True  # whether nll_loss collected the NLL since (explicit mode)
 
 
 class BatchlessNorm1d(_BatchlessNorm):
