@@ -103,13 +103,13 @@ def _moments(x: Tensor, mean: Tensor, inv: Tensor) -> tuple[Tensor, Tensor]:
     n = x.numel() // x.shape[1]
     if n == 0:
         return torch.zeros_like(inv), torch.ones_like(inv)
-    if x.dim() > 2 and x.is_contiguous() and x.dtype != torch.bfloat16:
+    if torch.compiler.is_compiling():  # the native statistics op has no fake-tensor kernel; compilers fuse this
+        var, m = torch.var_mean(x.to(cd), [0, *range(2, x.dim())], correction=0)
+    elif x.dim() > 2 and x.is_contiguous() and x.dtype != torch.bfloat16 and x.device.type == "cpu":
         rows = x.view(x.shape[0], x.shape[1], -1)
         m = rows.sum(-1, dtype=cd).sum(0, dtype=torch.float64) / n
         var = torch.linalg.vector_norm(rows, dim=-1, dtype=cd).double().square().sum(0) / n - m * m
         m, var = m.to(cd), var.to(cd).clamp_min(0.0)
-    elif torch.compiler.is_compiling():  # the native statistics op has no fake-tensor kernel; compilers fuse this
-        var, m = torch.var_mean(x.to(cd), [0, *range(2, x.dim())], correction=0)
     else:
         m, var = torch.ops.aten.batch_norm_update_stats(x, None, None, 0.0)
         m, var = _cast(m, cd), _cast(var, cd)
@@ -121,12 +121,14 @@ def channel_moments(x: Tensor, mean: Tensor, std: Tensor) -> tuple[Tensor, Tenso
     """Per-channel ``a = mean(x_hat)`` and ``b = mean(x_hat ** 2)`` of ``x_hat = (x - mean) / std``.
 
     One read of ``x`` and no activation-sized temporary (on this project's CPUs a fresh activation-sized
-    buffer costs more than the arithmetic). For (N, C), channels-last and bfloat16 inputs PyTorch's
-    batch-norm statistics kernel gives the channel mean and (centred, stable) variance (for bfloat16
-    accumulated in float32, returned rounded to bfloat16, like the input itself). For other contiguous
-    (N, C, *) inputs, where that kernel is 7x slower, float32 row sums and row 2-norms of the (N, C, rest)
-    view are combined in float64; the raw second moment then loses ~1e-7 * (mean_x / std_x)**2 in relative
-    precision, negligible for the NLL unless a channel's mean exceeds ~1000 of its standard deviations.
+    buffer costs more than the arithmetic). PyTorch's batch-norm statistics kernel (one Welford pass)
+    gives the channel mean and (centred, stable) variance on accelerators and, on CPU, for (N, C),
+    channels-last and bfloat16 inputs (for bfloat16 accumulated in float32, returned rounded to bfloat16,
+    like the input itself); under torch.compile, ``var_mean``, which the compiler fuses. For other
+    contiguous (N, C, *) CPU inputs, where that kernel is 7x slower, float32 row sums and row 2-norms of
+    the (N, C, rest) view are combined in float64; the raw second moment then loses ~1e-7 *
+    (mean_x / std_x)**2 in relative precision, negligible for the NLL unless a channel's mean exceeds
+    ~1000 of its standard deviations.
     An empty batch has no evidence: a = 0, b = 1, so its NLL and gradients are 0.
     """
     return _moments(x, mean, std.reciprocal())
