@@ -9,6 +9,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 import batchless as bl
+from reference import naive_forward
 
 
 def conv_model(norm=bl.BatchlessNorm2d):
@@ -31,6 +32,27 @@ def test_layer_in_any_float_dtype(dtype, training):
     assert x.grad.dtype == dtype and torch.isfinite(x.grad.float()).all()
     if training:
         assert torch.isfinite(layer.raw_std.grad.float()).all()
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("shape", [(3, 4, 5, 5), (16, 4)])
+def test_low_precision_activation_gradients_match_float64(dtype, shape):
+    """Mixed precision (low-precision activations, float32 parameters): every gradient is the float64
+    one up to the activation dtype's rounding (the input gradient: <= 2**-8 relative, as documented)."""
+    torch.manual_seed(0)
+    layer = bl.BatchlessNorm2d(4) if len(shape) == 4 else bl.BatchlessNorm1d(4)
+    with torch.no_grad():
+        layer.mean.uniform_(-1, 1), layer.weight.uniform_(0.5, 2), layer.bias.uniform_(-1, 1)
+        layer.set_std(torch.rand(4) + 0.5)
+    x = (torch.randn(shape) * 2 + 1).to(dtype).requires_grad_()
+    g = torch.randn(shape).to(dtype)
+    got = torch.autograd.grad(layer(x), [x, *layer.parameters()], g)
+    inputs = [x.detach().double().requires_grad_()] + [p.detach().double().requires_grad_() for p in layer.parameters()]
+    y, nll = naive_forward(*inputs, "log", layer.eps)
+    want = torch.autograd.grad((y * g.double()).sum() + nll, inputs)
+    for name, a, b in zip(["x", "mean", "raw_std", "weight", "bias"], got, want, strict=True):
+        assert a.dtype == (dtype if name == "x" else torch.float32), name
+        torch.testing.assert_close(a.double(), b, rtol=2**-7, atol=2**-7 * b.abs().max().item(), msg=name)
 
 
 @pytest.mark.parametrize("layer_cls, shape, fmt", [

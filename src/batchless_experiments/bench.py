@@ -136,7 +136,7 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
                    help="activation dtypes (default float32,bfloat16; parameters stay float32)")
     s.add_argument("--model-batch", type=positive_int, default=32, help="ResNet batch size (default 32)")
     s.add_argument("--compile", action="store_true",
-                   help="also time torch.compile(batchless) (the fused path; meant for CUDA)")
+                   help="also time torch.compile-d batchless and BatchNorm (the fused path)")
     _common(s)
     s.set_defaults(func=run_speed)
 

@@ -155,6 +155,7 @@ def summarize(samples: dict[str, list[float]], reference: str = REFERENCE) -> di
 def _candidates(norms, build: Callable[[str], nn.Module], compile: bool, device: torch.device) -> dict:
     modules = {norm: build(norm) for norm in norms}
     if compile:  # the fused path, against BatchNorm compiled alike
+        torch._dynamo.reset()  # the previous shapes' compilations would count towards the recompile limit
         modules.update({f"{norm}+compile": torch.compile(build(norm)) for norm in ("batchless", REFERENCE)
                         if norm in norms})
     return modules
