@@ -88,3 +88,21 @@ def test_every_layer_candidate_runs_a_training_step(norm, shape):
     x = torch.randn(shape, requires_grad=True)
     grads = bench_speed.train_step(layer, x)()
     assert grads[0].shape == x.shape
+
+
+def test_speed_takes_explicit_shapes_and_skips_models(tmp_path):
+    out = tmp_path / "speed.json"
+    argv = ["bench", "speed", "--quick", "--silent", "--no-models", "--shapes", "2d,3x5", "--dtypes", "float32",
+            "--out", str(out)]
+    assert cli.main(argv) == 0
+    result = json.loads(out.read_text())
+    assert [(r["shape_name"], tuple(r["shape"])) for r in result["layers"]][::2] == [
+        ("2d", bench_speed.LAYER_SHAPES["2d"]), ("3x5", (3, 5))]
+    assert result["models"] == [] and result["fold"] is None
+
+
+@pytest.mark.parametrize("bad", ["3", "0x4", "2x3x4x5x6x7", "2d,big", "8*16"])
+def test_speed_rejects_bad_shapes(bad, capsys):
+    with pytest.raises(SystemExit):
+        cli.main(["bench", "speed", "--shapes", bad])
+    assert "expected shape names" in capsys.readouterr().err

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import re
 import sys
 
 import torch
@@ -34,7 +35,7 @@ def run_speed(args: argparse.Namespace) -> int:
 def _speed(args: argparse.Namespace, device: torch.device) -> int:
     shapes = bench_speed.QUICK_SHAPES if args.quick else bench_speed.LAYER_SHAPES
     if args.shapes:
-        shapes = {k: v for k, v in bench_speed.LAYER_SHAPES.items() if k in args.shapes}
+        shapes = args.shapes
     rounds, warmup, inner = (3, 1, 1) if args.quick else (args.rounds, args.warmup, None)
     log = _log(args)
     result = {"benchmark": "speed", "command": _command(), "machine": bench_speed.machine_info(device),
@@ -42,10 +43,12 @@ def _speed(args: argparse.Namespace, device: torch.device) -> int:
     result["layers"] = bench_speed.bench_layers(shapes, args.dtypes, rounds=rounds, inner=inner, warmup=warmup,
                                                 device=device, compile=args.compile, log=log)
     batch, image = (2, 8) if args.quick else (args.model_batch, 32)
-    result["models"] = bench_speed.bench_models(batch, image, widths=(4, 8, 8) if args.quick else (16, 32, 64),
-                                                rounds=rounds, inner=inner, warmup=warmup, device=device,
-                                                compile=args.compile, log=log)
-    result["fold"] = _fold(batch, image, rounds=rounds, warmup=warmup, device=device, quick=args.quick, log=log)
+    result["models"], result["fold"] = [], None
+    if not args.no_models:
+        result["models"] = bench_speed.bench_models(
+            batch, image, widths=(4, 8, 8) if args.quick else (16, 32, 64), rounds=rounds, inner=inner,
+            warmup=warmup, device=device, compile=args.compile, log=log)
+        result["fold"] = _fold(batch, image, rounds=rounds, warmup=warmup, device=device, quick=args.quick, log=log)
     print(bench_speed.markdown_table(result["layers"]) + "\n\n" + bench_speed.markdown_table(result["models"]))
     fold = result["fold"]
     if fold:
@@ -111,12 +114,19 @@ def _dtype_list(text: str) -> list[str]:
     return values
 
 
-def _shape_list(text: str) -> list[str]:
-    values = [v.strip() for v in text.split(",") if v.strip()]
-    if not values or any(v not in bench_speed.LAYER_SHAPES for v in values):
-        raise argparse.ArgumentTypeError(
-            f"expected shape names from {', '.join(bench_speed.LAYER_SHAPES)}; received {text!r}")
-    return values
+def _shape_list(text: str) -> dict[str, tuple[int, ...]]:
+    """Shape names from LAYER_SHAPES, or explicit shapes such as ``8x16`` or ``4x8x16x16`` (N, C, *)."""
+    shapes = {}
+    for v in (v.strip() for v in text.split(",")):
+        if v in bench_speed.LAYER_SHAPES:
+            shapes[v] = bench_speed.LAYER_SHAPES[v]
+        elif re.fullmatch(r"[1-9][0-9]*(x[1-9][0-9]*){1,4}", v):
+            shapes[v] = tuple(int(d) for d in v.split("x"))
+        else:
+            raise argparse.ArgumentTypeError(
+                f"expected shape names from {', '.join(bench_speed.LAYER_SHAPES)} or shapes like 8x16 "
+                f"(2 to 5 positive sizes); received {v!r} in {text!r}")
+    return shapes
 
 
 def add_parser(subparsers) -> argparse.ArgumentParser:
@@ -131,7 +141,9 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
     s.add_argument("--rounds", type=positive_int, default=21, help="timed rounds per comparison (default 21)")
     s.add_argument("--warmup", type=positive_int, default=3, help="warm-up rounds (default 3)")
     s.add_argument("--shapes", type=_shape_list, default=None,
-                   help=f"layer shapes by name, from {', '.join(bench_speed.LAYER_SHAPES)} (default all)")
+                   help=f"layer shapes by name, from {', '.join(bench_speed.LAYER_SHAPES)}, or explicit "
+                        "(N, C, *) shapes such as 8x16 (default: all the named ones)")
+    s.add_argument("--no-models", action="store_true", help="layers only: skip the ResNet and fold benchmarks")
     s.add_argument("--dtypes", type=_dtype_list, default=list(bench_speed.DTYPES),
                    help="activation dtypes (default float32,bfloat16; parameters stay float32)")
     s.add_argument("--model-batch", type=positive_int, default=32, help="ResNet batch size (default 32)")

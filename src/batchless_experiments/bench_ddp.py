@@ -172,6 +172,10 @@ def _worker(rank: int, world: int, port: int, cfg: dict, out: str) -> None:
                 json.dump({"samples": samples, "collectives": collectives}, f)
     finally:
         dist.destroy_process_group()
+    # Done and written: leave without the interpreter's teardown, in which a leftover C++ thread (profiler
+    # or gloo) has now and then aborted the worker ("terminate called without an active exception").
+    sys.stdout.flush(), sys.stderr.flush()
+    os._exit(0)
 
 
 def _train_step(model, opt, x, y) -> Callable[[], None]:

@@ -253,7 +253,8 @@ def machine_info(device: torch.device) -> dict:
     info = {"cpu": cpu, "cpu_count": os.cpu_count(), "threads": torch.get_num_threads(),
             "torch": torch.__version__, "python": platform.python_version(), "device": str(device),
             "batchless": bl.__version__, "source": source_revision(),
-            "load_average": os.getloadavg()[0] if hasattr(os, "getloadavg") else None}
+            "load_average": os.getloadavg()[0] if hasattr(os, "getloadavg") else None,
+            "allocator_env": {k: v for k, v in os.environ.items() if k.startswith("MALLOC_") or k == "LD_PRELOAD"}}
     if device.type == "cuda":
         info["gpu"] = torch.cuda.get_device_name(device)
     return info
