@@ -198,9 +198,11 @@ class _BatchlessTrain(torch.autograd.Function):
     """Training forward: the output, the per-channel moments (a, b) of x_hat and which channels were finite.
 
     The output and the gradients for x, weight and bias are those of an eval-mode batch norm with
-    ``running_mean = mean`` and ``running_var = std**2`` (eps 0), so PyTorch's native fused kernels do
-    them; mean/std are constants in this path. When ``nll_weight`` is not None (implicit mode) backward
-    also gives mean/std ``nll_weight * dNLL``; otherwise mean/std get no gradient here.
+    ``running_mean = mean`` and ``running_var = std**2`` (eps 0), computed by PyTorch's native kernels
+    (the forward by eval-mode batch norm; the input gradient by one multiply, the weight/bias gradients by
+    the sums of batch norm's training-mode backward); mean/std are constants in this path. When
+    ``nll_weight`` is not None (implicit mode) backward also gives mean/std ``nll_weight * dNLL``;
+    otherwise mean/std get no gradient here.
     This setup_context-style Function serves torch.func transforms; eager code uses the lighter
     :class:`_BatchlessTrainEager`, which computes the same thing.
     """
