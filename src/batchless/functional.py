@@ -135,7 +135,7 @@ def channel_moments(x: Tensor, mean: Tensor, std: Tensor) -> tuple[Tensor, Tenso
 
 
 def _train_maths(x: Tensor, mean: Tensor, std: Tensor, weight: Tensor | None, bias: Tensor | None,
-                   host_check: bool):
+                 host_check: bool):
     """``(y, a, b, finite, mean_c, std_c)`` of a training forward, mean/std constants.
 
     A channel whose input holds NaN/Inf contributes no NLL (a = 0, b = 1). ``finite`` (C,) says which
