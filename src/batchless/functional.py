@@ -97,8 +97,20 @@ def _affine(x: Tensor, mean: Tensor, std: Tensor, weight: Tensor | None, bias: T
     return torch.batch_norm(x, weight, bias, mean, std * std, False, 0.0, 0.0, torch.backends.cudnn.enabled)
 
 
-def _moments(x: Tensor, mean: Tensor, inv: Tensor) -> tuple[Tensor, Tensor]:
-    """:func:`channel_moments` given ``inv = 1 / std``."""
+def channel_moments(x: Tensor, mean: Tensor, inv: Tensor) -> tuple[Tensor, Tensor]:
+    """Per-channel ``a = mean(x_hat)`` and ``b = mean(x_hat ** 2)`` of ``x_hat = (x - mean) * inv``, inv = 1/std.
+
+    One read of ``x`` and no activation-sized temporary (on this project's CPUs a fresh activation-sized
+    buffer costs more than the arithmetic). PyTorch's batch-norm statistics kernel (one Welford pass)
+    gives the channel mean and (centred, stable) variance on accelerators and, on CPU, for (N, C),
+    channels-last and bfloat16 inputs (for bfloat16 accumulated in float32, returned rounded to bfloat16,
+    like the input itself); under torch.compile, ``var_mean``, which the compiler fuses. For other
+    contiguous (N, C, *) CPU inputs, where that kernel is 7x slower, float32 row sums and row 2-norms of
+    the (N, C, rest) view are combined in float64; the raw second moment then loses ~1e-7 *
+    (mean_x / std_x)**2 in relative precision, negligible for the NLL unless a channel's mean exceeds
+    ~1000 of its standard deviations.
+    An empty batch has no evidence: a = 0, b = 1, so its NLL and gradients are 0.
+    """
     cd = _compute_dtype(x)
     n = x.numel() // x.shape[1]
     if n == 0:
@@ -117,23 +129,6 @@ def _moments(x: Tensor, mean: Tensor, inv: Tensor) -> tuple[Tensor, Tensor]:
     return a, torch.addcmul(a * a, var, inv * inv)  # b = (var + (m - mean)**2) / std**2
 
 
-def channel_moments(x: Tensor, mean: Tensor, std: Tensor) -> tuple[Tensor, Tensor]:
-    """Per-channel ``a = mean(x_hat)`` and ``b = mean(x_hat ** 2)`` of ``x_hat = (x - mean) / std``.
-
-    One read of ``x`` and no activation-sized temporary (on this project's CPUs a fresh activation-sized
-    buffer costs more than the arithmetic). PyTorch's batch-norm statistics kernel (one Welford pass)
-    gives the channel mean and (centred, stable) variance on accelerators and, on CPU, for (N, C),
-    channels-last and bfloat16 inputs (for bfloat16 accumulated in float32, returned rounded to bfloat16,
-    like the input itself); under torch.compile, ``var_mean``, which the compiler fuses. For other
-    contiguous (N, C, *) CPU inputs, where that kernel is 7x slower, float32 row sums and row 2-norms of
-    the (N, C, rest) view are combined in float64; the raw second moment then loses ~1e-7 *
-    (mean_x / std_x)**2 in relative precision, negligible for the NLL unless a channel's mean exceeds
-    ~1000 of its standard deviations.
-    An empty batch has no evidence: a = 0, b = 1, so its NLL and gradients are 0.
-    """
-    return _moments(x, mean, std.reciprocal())
-
-
 def _train_maths(x: Tensor, mean: Tensor, std: Tensor, weight: Tensor | None, bias: Tensor | None,
                  host_check: bool):
     """``(y, a, b, finite, mean_c, std_c)`` of a training forward, mean/std constants.
@@ -145,7 +140,7 @@ def _train_maths(x: Tensor, mean: Tensor, std: Tensor, weight: Tensor | None, bi
     mean_c, std_c = _dense_stats(mean, std, x)
     inv = std_c.reciprocal()
     y = _affine(x, mean_c, std_c, weight, bias, inv)
-    a, b = _moments(x, mean_c, inv)
+    a, b = channel_moments(x, mean_c, inv)
     if host_check and math.isfinite(b.sum().item()):
         return y, a, b, None, mean_c, std_c
     finite = torch.isfinite(b)
@@ -278,43 +273,22 @@ def gauged_nll(b: Tensor) -> Tensor:
     return 0.5 * (b.mean() - 1.0)
 
 
-def batchless_norm(
-    x: Tensor,
-    mean: Tensor,
-    std: Tensor,
-    weight: Tensor | None = None,
-    bias: Tensor | None = None,
-    *,
-    training: bool = False,
-    nll_weight=None,
-) -> tuple[Tensor, Tensor | None, Tensor | None]:
-    """Batchless normalisation of ``x`` (N, C, *) with per-channel (C,) or shared (1,) ``mean``/``std``.
-
-    Returns ``(y, nll, finite)``. In evaluation (``training=False``) ``nll`` and ``finite`` are None and the
-    layer is the fixed affine map of an eval-mode BatchNorm. In training, ``nll`` is the gauged layer NLL:
-    differentiable in ``mean``/``std`` when ``nll_weight`` is None (explicit mode: add it to the loss),
-    detached otherwise (implicit mode: the backward of ``y`` already delivers ``nll_weight * dNLL`` to
-    ``mean``/``std``); ``finite`` (C,) is False for channels whose input held NaN/Inf, which add nothing
-    to the NLL, or None when every channel is known to be finite.
-    """
-    if not training:
-        return eval_forward(x, mean, std, weight, bias), None, None
-    y, a, b, finite = train_forward(x, mean, std, weight, bias, nll_weight)
-    nll = gauged_nll(b).detach() if nll_weight is not None else nll_from_moments(mean, std, a, b)
-    return y, nll, finite
-
-
 def eval_forward(x: Tensor, mean: Tensor, std: Tensor, weight: Tensor | None, bias: Tensor | None) -> Tensor:
-    """The evaluation output: the fixed affine map ``(x - mean) / std * weight + bias``."""
+    """Batchless normalisation of ``x`` (N, C, *) in evaluation, with per-channel (C,) or shared (1,)
+    ``mean``/``std``: the fixed affine map ``(x - mean) / std * weight + bias`` of an eval-mode BatchNorm."""
     with _autocast_off(x):
         return _affine(x, *_dense_stats(mean, std, x), weight, bias)
 
 
 def train_forward(x: Tensor, mean: Tensor, std: Tensor, weight: Tensor | None, bias: Tensor | None, nll_weight):
-    """The training output and moments: ``(y, a, b, finite)``, see :func:`batchless_norm`.
+    """Batchless normalisation of ``x`` in training: ``(y, a, b, finite)``.
 
-    With ``nll_weight`` None (explicit mode) mean/std get no gradient through ``y``; otherwise the
-    backward of ``y`` gives them ``nll_weight * dNLL``.
+    ``y`` is :func:`eval_forward`'s output; ``a``, ``b`` are the per-channel moments of the normalised input
+    (:func:`channel_moments`), from which the gauged layer NLL follows (:func:`gauged_nll`, or
+    :func:`nll_from_moments` for a value differentiable in mean/std); ``finite`` (C,) is False for channels
+    whose input held NaN/Inf, which add nothing to the NLL, or None when every channel is known to be
+    finite. With ``nll_weight`` None (explicit mode) mean/std get no gradient through ``y``; otherwise
+    (implicit mode) the backward of ``y`` gives them ``nll_weight * dNLL``.
     """
     if nll_weight is None:
         mean, std = mean.detach(), std.detach()
