@@ -82,19 +82,37 @@ def _dense_stats(mean: Tensor, std: Tensor, x: Tensor) -> tuple[Tensor, Tensor]:
     return mean, std
 
 
-def _affine(x: Tensor, mean: Tensor, std: Tensor, weight: Tensor | None, bias: Tensor | None,
-            inv: Tensor | None = None) -> Tensor:
-    """``(x - mean) / std * weight + bias`` per channel, in x's dtype, by the fastest native kernel
-    (``inv``: ``1 / std`` when the caller has it)."""
-    cd = mean.dtype
-    weight = None if weight is None else _cast(weight, cd)
-    bias = None if bias is None else _cast(bias, cd)
-    if x.dim() == 2 and x.dtype == cd:  # (N, C): one addcmul beats batch_norm's setup by 5x
-        scale = std.reciprocal() if inv is None else inv
-        scale = scale if weight is None else weight * scale
+def _scale(std: Tensor | None, weight: Tensor | None, inv: Tensor | None = None) -> Tensor:
+    """The per-channel factor ``weight / std`` (``1 / std`` without weight; ``inv``: ``1 / std`` if known)."""
+    inv = std.reciprocal() if inv is None else inv
+    return inv if weight is None else _cast(weight, inv.dtype) * inv
+
+
+_ONES: dict = {}
+
+
+def _ones_as(t: Tensor) -> Tensor:
+    """``ones_like(t)``, kept per size, dtype and device (``t``: a (C,) parameter-sized vector)."""
+    if torch.compiler.is_compiling():
+        return torch.ones_like(t)
+    key = (t.shape[0], t.dtype, t.device)
+    ones = _ONES.get(key)
+    if ones is None:
+        ones = _ONES[key] = torch.ones_like(t)
+    return ones
+
+
+def _affine(x: Tensor, mean: Tensor, scale: Tensor, bias: Tensor | None) -> Tensor:
+    """``(x - mean) * scale + bias`` per channel, in x's dtype, by the fastest native kernel."""
+    bias = None if bias is None else _cast(bias, scale.dtype)
+    if x.dim() == 2 and x.dtype == scale.dtype:  # (N, C): one addcmul beats batch_norm's setup by 5x
         shift = (mean * scale).neg_() if bias is None else torch.addcmul(bias, mean, scale, value=-1.0)
         return torch.addcmul(shift, x, scale)
-    return torch.batch_norm(x, weight, bias, mean, std * std, False, 0.0, 0.0, torch.backends.cudnn.enabled)
+    # an eval-mode batch norm with running_var 1 and eps 0 computes exactly this (as x * a + b, like BatchNorm)
+    return torch.batch_norm(x, scale, bias, mean, _ones_as(scale), False, 0.0, 0.0, torch.backends.cudnn.enabled)
+
+
+_ROWS_MIN_NUMEL = 16384  # below this the statistics kernel's ~1.7 ns/element beats the row path's ~28 us of ops
 
 
 def channel_moments(x: Tensor, mean: Tensor, inv: Tensor) -> tuple[Tensor, Tensor]:
@@ -105,10 +123,10 @@ def channel_moments(x: Tensor, mean: Tensor, inv: Tensor) -> tuple[Tensor, Tenso
     gives the channel mean and (centred, stable) variance on accelerators and, on CPU, for (N, C),
     channels-last and bfloat16 inputs (for bfloat16 accumulated in float32, returned rounded to bfloat16,
     like the input itself); under torch.compile, ``var_mean``, which the compiler fuses. For other
-    contiguous (N, C, *) CPU inputs, where that kernel is 7x slower, float32 row sums and row 2-norms of
-    the (N, C, rest) view are combined in float64; the raw second moment then loses ~1e-7 *
-    (mean_x / std_x)**2 in relative precision, negligible for the NLL unless a channel's mean exceeds
-    ~1000 of its standard deviations.
+    contiguous (N, C, *) CPU inputs of 16k elements or more, where that kernel is up to 10x slower (~1.7
+    ns/element on this project's CPUs), float32 row sums and row 2-norms of the (N, C, rest) view are
+    combined in float64; the raw second moment then loses ~1e-7 * (mean_x / std_x)**2 in relative
+    precision, negligible for the NLL unless a channel's mean exceeds ~1000 of its standard deviations.
     An empty batch has no evidence: a = 0, b = 1, so its NLL and gradients are 0.
     """
     cd = _compute_dtype(x)
@@ -117,7 +135,8 @@ def channel_moments(x: Tensor, mean: Tensor, inv: Tensor) -> tuple[Tensor, Tenso
         return torch.zeros_like(inv), torch.ones_like(inv)
     if torch.compiler.is_compiling():  # the native statistics op has no fake-tensor kernel; compilers fuse this
         var, m = torch.var_mean(x.to(cd), [0, *range(2, x.dim())], correction=0)
-    elif x.dim() > 2 and x.is_contiguous() and x.dtype != torch.bfloat16 and x.device.type == "cpu":
+    elif (x.dim() > 2 and x.numel() >= _ROWS_MIN_NUMEL and x.is_contiguous() and x.dtype != torch.bfloat16
+          and x.device.type == "cpu"):
         rows = x.view(x.shape[0], x.shape[1], -1)
         m = rows.sum(-1, dtype=cd).sum(0, dtype=torch.float64) / n
         var = torch.linalg.vector_norm(rows, dim=-1, dtype=cd).double().square().sum(0) / n - m * m
@@ -131,7 +150,8 @@ def channel_moments(x: Tensor, mean: Tensor, inv: Tensor) -> tuple[Tensor, Tenso
 
 def _train_maths(x: Tensor, mean: Tensor, std: Tensor, weight: Tensor | None, bias: Tensor | None,
                  host_check: bool):
-    """``(y, a, b, finite, mean_c, std_c)`` of a training forward, mean/std constants.
+    """``(y, a, b, finite, mean_c, inv, scale)`` of a training forward, mean/std constants (``inv = 1 / std``,
+    ``scale = weight / std`` as used for the output).
 
     A channel whose input holds NaN/Inf contributes no NLL (a = 0, b = 1). ``finite`` (C,) says which
     channels were finite; with ``host_check`` (CPU tensors, eager) it is None when all are, which one
@@ -139,26 +159,26 @@ def _train_maths(x: Tensor, mean: Tensor, std: Tensor, weight: Tensor | None, bi
     """
     mean_c, std_c = _dense_stats(mean, std, x)
     inv = std_c.reciprocal()
-    y = _affine(x, mean_c, std_c, weight, bias, inv)
+    scale = _scale(std_c, weight, inv)
+    y = _affine(x, mean_c, scale, bias)
     a, b = channel_moments(x, mean_c, inv)
     if host_check and math.isfinite(b.sum().item()):
-        return y, a, b, None, mean_c, std_c
+        return y, a, b, None, mean_c, inv, scale
     finite = torch.isfinite(b)
-    return y, a.where(finite, 0.0), b.where(finite, 1.0), finite, mean_c, std_c
+    return y, a.where(finite, 0.0), b.where(finite, 1.0), finite, mean_c, inv, scale
 
 
-def _train_grads(gy, x, mean_c, std_c, weight, a, b, needs, nll_weight, shared: bool):
+def _train_grads(gy, x, mean_c, inv, scale, weight, a, b, needs, nll_weight, shared: bool):
     """Gradients for ``(x, mean, std, weight, bias)``: those of an eval-mode batch norm with running
-    statistics ``mean_c``, ``std_c**2`` for x, weight and bias; ``nll_weight * dNLL`` for mean and std
+    statistics ``mean_c``, ``1 / inv**2`` for x, weight and bias; ``nll_weight * dNLL`` for mean and std
     (none when ``nll_weight`` is None: explicit mode)."""
-    w = None if weight is None else _cast(weight, std_c.dtype)
-    inv = std_c.reciprocal()
+    w = None if weight is None else _cast(weight, inv.dtype)
     gx = gw = gb = None
     if gy is not None:  # (None: the output itself is unused; only the NLL gradient below remains)
         view = (1, -1) + (1,) * (x.dim() - 2)
         if needs[0]:  # one multiply (native eval-mode backward is 1.5-3x slower on CPU); in bfloat16/float16
             # the per-channel factor is rounded to x's dtype first: <= 2**-8 relative error, not 2**-9
-            gx = gy * _cast(inv if w is None else w * inv, gy.dtype).reshape(view)
+            gx = gy * _cast(scale, gy.dtype).reshape(view)
         if w is not None and (needs[3] or needs[4]):
             if x.numel() == 0 or (not torch.compiler.is_compiling()
                                   and torch._C._functorch.is_functorch_wrapped_tensor(gy)):
@@ -168,7 +188,7 @@ def _train_grads(gy, x, mean_c, std_c, weight, a, b, needs, nll_weight, shared: 
             else:  # the sums of batch norm's training backward, centred on mean_c and scaled by 1/std_c
                 _, gw, gb = torch.ops.aten.native_batch_norm_backward(
                     gy, x, w, None, None, mean_c, inv, True, 0.0, [False, needs[3], needs[4]])
-    if weight is not None and weight.dtype != std_c.dtype:
+    if weight is not None and weight.dtype != inv.dtype:
         gw, gb = (None if g is None else g.to(weight.dtype) for g in (gw, gb))
     gmean = gstd = None
     if nll_weight is not None:
@@ -206,25 +226,25 @@ class _BatchlessTrain(torch.autograd.Function):
 
     @staticmethod
     def forward(x, mean, std, weight, bias, nll_weight):
-        with _autocast_off(x):
-            y, a, b, finite, mean_c, std_c = _train_maths(x, mean, std, weight, bias, host_check=False)
-        return y, a, b, finite, mean_c, std_c
+        with _autocast_off(x):  # (scale is not an output: without weight it is inv itself)
+            return _train_maths(x, mean, std, weight, bias, host_check=False)[:6]
 
     @staticmethod
     def setup_context(ctx, inputs, output):
         x, mean, _, weight, _, nll_weight = inputs
-        _, a, b, finite, mean_c, std_c = output
-        ctx.save_for_backward(x, mean_c, std_c, weight, a, b)
+        _, a, b, finite, mean_c, inv = output
+        ctx.save_for_backward(x, mean_c, inv, weight, a, b)
         ctx.shared = mean.shape[0] != x.shape[1]
         ctx.nll_weight = nll_weight
-        ctx.mark_non_differentiable(a, b, finite, mean_c, std_c)
+        ctx.mark_non_differentiable(a, b, finite, mean_c, inv)
         ctx.set_materialize_grads(False)  # no zero-filled gradients for the five non-differentiable outputs
 
     @staticmethod
     def backward(ctx, gy, *_):
-        x, mean_c, std_c, weight, a, b = ctx.saved_tensors
-        return *_train_grads(gy, x, mean_c, std_c, weight, a, b, ctx.needs_input_grad, ctx.nll_weight,
-                                ctx.shared), None
+        x, mean_c, inv, weight, a, b = ctx.saved_tensors
+        scale = _scale(None, weight, inv)
+        return *_train_grads(gy, x, mean_c, inv, scale, weight, a, b, ctx.needs_input_grad, ctx.nll_weight,
+                             ctx.shared), None
 
 
 class _BatchlessTrainEager(torch.autograd.Function):
@@ -236,10 +256,10 @@ class _BatchlessTrainEager(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x, mean, std, weight, bias, nll_weight, side):
         with _autocast_off(x):
-            y, a, b, finite, mean_c, std_c = _train_maths(x, mean, std, weight, bias,
-                                                            host_check=x.device.type == "cpu")
+            y, a, b, finite, mean_c, inv, scale = _train_maths(x, mean, std, weight, bias,
+                                                                 host_check=x.device.type == "cpu")
         ctx.save_for_backward(x, mean_c, weight)
-        ctx.std_c, ctx.a, ctx.b = std_c, a, b  # intermediates: no version counter to check
+        ctx.stats = inv, scale, a, b  # intermediates: no version counter to check
         ctx.shared = mean.shape[0] != x.shape[1]
         ctx.nll_weight = nll_weight
         ctx.set_materialize_grads(False)
@@ -249,8 +269,9 @@ class _BatchlessTrainEager(torch.autograd.Function):
     @staticmethod
     def backward(ctx, gy):
         x, mean_c, weight = ctx.saved_tensors
-        return *_train_grads(gy, x, mean_c, ctx.std_c, weight, ctx.a, ctx.b, ctx.needs_input_grad,
-                                ctx.nll_weight, ctx.shared), None, None
+        inv, scale, a, b = ctx.stats
+        return *_train_grads(gy, x, mean_c, inv, scale, weight, a, b, ctx.needs_input_grad, ctx.nll_weight,
+                             ctx.shared), None, None
 
 
 def nll_from_moments(mean: Tensor, std: Tensor, a: Tensor, b: Tensor) -> Tensor:
@@ -277,7 +298,8 @@ def eval_forward(x: Tensor, mean: Tensor, std: Tensor, weight: Tensor | None, bi
     """Batchless normalisation of ``x`` (N, C, *) in evaluation, with per-channel (C,) or shared (1,)
     ``mean``/``std``: the fixed affine map ``(x - mean) / std * weight + bias`` of an eval-mode BatchNorm."""
     with _autocast_off(x):
-        return _affine(x, *_dense_stats(mean, std, x), weight, bias)
+        mean_c, std_c = _dense_stats(mean, std, x)
+        return _affine(x, mean_c, _scale(std_c, weight), bias)
 
 
 def train_forward(x: Tensor, mean: Tensor, std: Tensor, weight: Tensor | None, bias: Tensor | None, nll_weight):
@@ -293,8 +315,7 @@ def train_forward(x: Tensor, mean: Tensor, std: Tensor, weight: Tensor | None, b
     if nll_weight is None:
         mean, std = mean.detach(), std.detach()
     if torch.compiler.is_compiling() or torch._C._functorch.is_functorch_wrapped_tensor(x):
-        y, a, b, finite, _, _ = _BatchlessTrain.apply(x, mean, std, weight, bias, nll_weight)
-        return y, a, b, finite
+        return _BatchlessTrain.apply(x, mean, std, weight, bias, nll_weight)[:4]
     side = []
     y = _BatchlessTrainEager.apply(x, mean, std, weight, bias, nll_weight, side)
     return y, *side
