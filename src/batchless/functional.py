@@ -299,7 +299,11 @@ def eval_forward(x: Tensor, mean: Tensor, std: Tensor, weight: Tensor | None, bi
     ``mean``/``std``: the fixed affine map ``(x - mean) / std * weight + bias`` of an eval-mode BatchNorm."""
     with _autocast_off(x):
         mean_c, std_c = _dense_stats(mean, std, x)
-        return _affine(x, mean_c, _scale(std_c, weight), bias)
+        if x.dim() == 2:
+            return _affine(x, mean_c, _scale(std_c, weight), bias)
+        # one op fewer than the scale form: batch norm's own kernel with running_var std**2
+        weight, bias = (None if t is None else _cast(t, mean_c.dtype) for t in (weight, bias))
+        return torch.batch_norm(x, weight, bias, mean_c, std_c * std_c, False, 0.0, 0.0, torch.backends.cudnn.enabled)
 
 
 def train_forward(x: Tensor, mean: Tensor, std: Tensor, weight: Tensor | None, bias: Tensor | None, nll_weight):
