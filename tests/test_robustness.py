@@ -152,6 +152,35 @@ def test_vmap_per_sample_gradients(nll):
             torch.testing.assert_close(per_sample[name][i], want, msg=name)
 
 
+@pytest.mark.filterwarnings("ignore:There is a performance drop")
+def test_vmap_model_ensemble_matches_separate_models(monkeypatch):
+    """torch.func ensembling (parameters stacked, vmapped): gradients equal the separate models', and a plain
+    call afterwards still works (nothing batched is kept across calls, even when the vmapped call is first)."""
+    import batchless.functional as BF
+
+    monkeypatch.setattr(BF, "_ONES", {})
+    torch.manual_seed(0)
+    models = [conv_model() for _ in range(3)]
+    for m in models[1:]:
+        with torch.no_grad():
+            for p in m.parameters():
+                p.add_(torch.randn_like(p) * 0.1)
+    params, buffers = torch.func.stack_module_state(models)
+    base = copy.deepcopy(models[0]).to("meta")
+    x = torch.randn(5, 3, 6, 6)
+
+    def loss(p, b, x):
+        return torch.func.functional_call(base, (p, b), (x,)).square().mean()
+
+    grads = torch.func.vmap(torch.func.grad(loss), in_dims=(0, 0, None))(params, buffers, x)
+    for i, m in enumerate(models):
+        m.zero_grad()
+        m(x).square().mean().backward()
+        for name, p in m.named_parameters():
+            torch.testing.assert_close(grads[name][i], p.grad, msg=name)
+    assert not any(torch._C._functorch.is_functorch_wrapped_tensor(t) for t in BF._ONES.values())
+
+
 @pytest.mark.parametrize("nll", ["implicit", "explicit"])
 @pytest.mark.parametrize("bad", [float("nan"), float("inf")])
 def test_non_finite_batch_keeps_statistics(nll, bad, monkeypatch):

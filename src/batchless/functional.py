@@ -92,13 +92,14 @@ _ONES: dict = {}
 
 
 def _ones_as(t: Tensor) -> Tensor:
-    """``ones_like(t)``, kept per size, dtype and device (``t``: a (C,) parameter-sized vector)."""
+    """A plain (C,) tensor of ones in t's dtype and device (never batched under vmap), kept per C, dtype and
+    device so that the hot path does not allocate it (``t``: a (C,) parameter-sized vector)."""
     if torch.compiler.is_compiling():
         return torch.ones_like(t)
     key = (t.shape[0], t.dtype, t.device)
     ones = _ONES.get(key)
     if ones is None:
-        ones = _ONES[key] = torch.ones_like(t)
+        ones = _ONES[key] = torch.ones(t.shape[0], dtype=t.dtype, device=t.device)
     return ones
 
 
