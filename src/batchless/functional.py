@@ -82,9 +82,8 @@ def _dense_stats(mean: Tensor, std: Tensor, x: Tensor) -> tuple[Tensor, Tensor]:
     return mean, std
 
 
-def _scale(std: Tensor | None, weight: Tensor | None, inv: Tensor | None = None) -> Tensor:
-    """The per-channel factor ``weight / std`` (``1 / std`` without weight; ``inv``: ``1 / std`` if known)."""
-    inv = std.reciprocal() if inv is None else inv
+def _scale(inv: Tensor, weight: Tensor | None) -> Tensor:
+    """The per-channel factor ``weight / std`` from ``inv = 1 / std`` (``inv`` itself without weight)."""
     return inv if weight is None else _cast(weight, inv.dtype) * inv
 
 
@@ -160,7 +159,7 @@ def _train_maths(x: Tensor, mean: Tensor, std: Tensor, weight: Tensor | None, bi
     """
     mean_c, std_c = _dense_stats(mean, std, x)
     inv = std_c.reciprocal()
-    scale = _scale(std_c, weight, inv)
+    scale = _scale(inv, weight)
     y = _affine(x, mean_c, scale, bias)
     a, b = channel_moments(x, mean_c, inv)
     if host_check and math.isfinite(b.sum().item()):
@@ -243,9 +242,8 @@ class _BatchlessTrain(torch.autograd.Function):
     @staticmethod
     def backward(ctx, gy, *_):
         x, mean_c, inv, weight, a, b = ctx.saved_tensors
-        scale = _scale(None, weight, inv)
-        return *_train_grads(gy, x, mean_c, inv, scale, weight, a, b, ctx.needs_input_grad, ctx.nll_weight,
-                             ctx.shared), None
+        return *_train_grads(gy, x, mean_c, inv, _scale(inv, weight), weight, a, b, ctx.needs_input_grad,
+                             ctx.nll_weight, ctx.shared), None
 
 
 class _BatchlessTrainEager(torch.autograd.Function):
@@ -300,11 +298,7 @@ def eval_forward(x: Tensor, mean: Tensor, std: Tensor, weight: Tensor | None, bi
     ``mean``/``std``: the fixed affine map ``(x - mean) / std * weight + bias`` of an eval-mode BatchNorm."""
     with _autocast_off(x):
         mean_c, std_c = _dense_stats(mean, std, x)
-        if x.dim() == 2:
-            return _affine(x, mean_c, _scale(std_c, weight), bias)
-        # one op fewer than the scale form: batch norm's own kernel with running_var std**2
-        weight, bias = (None if t is None else _cast(t, mean_c.dtype) for t in (weight, bias))
-        return torch.batch_norm(x, weight, bias, mean_c, std_c * std_c, False, 0.0, 0.0, torch.backends.cudnn.enabled)
+        return _affine(x, mean_c, _scale(std_c.reciprocal(), weight), bias)
 
 
 def train_forward(x: Tensor, mean: Tensor, std: Tensor, weight: Tensor | None, bias: Tensor | None, nll_weight):
