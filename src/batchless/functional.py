@@ -32,6 +32,7 @@ import math
 import torch
 from torch import Tensor
 
+from . import fused as _fused
 from .errors import BatchlessError
 from .weighting import resolve_weight
 
@@ -149,9 +150,10 @@ def channel_moments(x: Tensor, mean: Tensor, inv: Tensor) -> tuple[Tensor, Tenso
 
 
 def _train_maths(x: Tensor, mean: Tensor, std: Tensor, weight: Tensor | None, bias: Tensor | None,
-                 host_check: bool):
+                 host_check: bool, fused: bool = False):
     """``(y, a, b, finite, mean_c, inv, scale)`` of a training forward, mean/std constants (``inv = 1 / std``,
-    ``scale = weight / std`` as used for the output).
+    ``scale = weight / std`` as used for the output); with ``fused``, by :func:`batchless.fused.forward`
+    where it applies.
 
     A channel whose input holds NaN/Inf contributes no NLL (a = 0, b = 1). ``finite`` (C,) says which
     channels were finite; with ``host_check`` (CPU tensors, eager) it is None when all are, which one
@@ -160,21 +162,29 @@ def _train_maths(x: Tensor, mean: Tensor, std: Tensor, weight: Tensor | None, bi
     mean_c, std_c = _dense_stats(mean, std, x)
     inv = std_c.reciprocal()
     scale = _scale(inv, weight)
-    y = _affine(x, mean_c, scale, bias)
-    a, b = channel_moments(x, mean_c, inv)
+    out = _fused.forward(x, mean_c, inv, scale, bias) if fused else None
+    if out is None:
+        y, (a, b) = _affine(x, mean_c, scale, bias), channel_moments(x, mean_c, inv)
+    else:
+        y, a, b = out
     if host_check and math.isfinite(b.sum().item()):
         return y, a, b, None, mean_c, inv, scale
     finite = torch.isfinite(b)
     return y, a.where(finite, 0.0), b.where(finite, 1.0), finite, mean_c, inv, scale
 
 
-def _train_grads(gy, x, mean_c, inv, scale, weight, a, b, needs, nll_weight, shared: bool):
+def _train_grads(gy, x, mean_c, inv, scale, weight, a, b, needs, nll_weight, shared: bool, fused: bool = False):
     """Gradients for ``(x, mean, std, weight, bias)``: those of an eval-mode batch norm with running
     statistics ``mean_c``, ``1 / inv**2`` for x, weight and bias; ``nll_weight * dNLL`` for mean and std
-    (none when ``nll_weight`` is None: explicit mode)."""
+    (none when ``nll_weight`` is None: explicit mode). With ``fused``, x/weight/bias gradients by
+    :func:`batchless.fused.backward` where it applies (when all three are needed)."""
     w = None if weight is None else _cast(weight, inv.dtype)
     gx = gw = gb = None
-    if gy is not None:  # (None: the output itself is unused; only the NLL gradient below remains)
+    use_fused = fused and gy is not None and needs[0] and needs[3] and needs[4]
+    out = _fused.backward(gy, x, mean_c, inv, scale) if use_fused else None
+    if out is not None:
+        gx, gw, gb = out
+    elif gy is not None:  # (None: the output itself is unused; only the NLL gradient below remains)
         view = (1, -1) + (1,) * (x.dim() - 2)
         if needs[0]:  # one multiply (native eval-mode backward is 1.5-3x slower on CPU); in bfloat16/float16
             # the per-channel factor is rounded to x's dtype first: <= 2**-8 relative error, not 2**-9
@@ -254,10 +264,12 @@ class _BatchlessTrainEager(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, x, mean, std, weight, bias, nll_weight, side):
+        fused = _fused.usable(x)
         with _autocast_off(x):
             y, a, b, finite, mean_c, inv, scale = _train_maths(x, mean, std, weight, bias,
-                                                                 host_check=x.device.type == "cpu")
+                                                                 host_check=x.device.type == "cpu", fused=fused)
         ctx.save_for_backward(x, mean_c, weight)
+        ctx.fused = fused
         ctx.stats = inv, scale, a, b  # intermediates: no version counter to check
         ctx.shared = mean.shape[0] != x.shape[1]
         ctx.nll_weight = nll_weight
@@ -270,7 +282,7 @@ class _BatchlessTrainEager(torch.autograd.Function):
         x, mean_c, weight = ctx.saved_tensors
         inv, scale, a, b = ctx.stats
         return *_train_grads(gy, x, mean_c, inv, scale, weight, a, b, ctx.needs_input_grad, ctx.nll_weight,
-                             ctx.shared), None, None
+                             ctx.shared, ctx.fused), None, None
 
 
 def nll_from_moments(mean: Tensor, std: Tensor, a: Tensor, b: Tensor) -> Tensor:

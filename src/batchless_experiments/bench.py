@@ -41,13 +41,13 @@ def _speed(args: argparse.Namespace, device: torch.device) -> int:
     result = {"benchmark": "speed", "command": _command(), "machine": bench_speed.machine_info(device),
               "config": {"rounds": rounds, "warmup": warmup, "quick": args.quick}}
     result["layers"] = bench_speed.bench_layers(shapes, args.dtypes, rounds=rounds, inner=inner, warmup=warmup,
-                                                device=device, compile=args.compile, log=log)
+                                                device=device, compile=args.compile, other_path=args.fused, log=log)
     batch, image = (2, 8) if args.quick else (args.model_batch, 32)
     result["models"], result["fold"] = [], None
     if not args.no_models:
         result["models"] = bench_speed.bench_models(
             batch, image, widths=(4, 8, 8) if args.quick else (16, 32, 64), rounds=rounds, inner=inner,
-            warmup=warmup, device=device, compile=args.compile, log=log)
+            warmup=warmup, device=device, compile=args.compile, other_path=args.fused, log=log)
         result["fold"] = _fold(batch, image, rounds=rounds, warmup=warmup, device=device, quick=args.quick, log=log)
     print(bench_speed.markdown_table(result["layers"]) + "\n\n" + bench_speed.markdown_table(result["models"]))
     fold = result["fold"]
@@ -148,7 +148,11 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
                    help="activation dtypes (default float32,bfloat16; parameters stay float32)")
     s.add_argument("--model-batch", type=positive_int, default=32, help="ResNet batch size (default 32)")
     s.add_argument("--compile", action="store_true",
-                   help="also time torch.compile-d batchless and BatchNorm (the fused path)")
+                   help="also time torch.compile-d batchless and BatchNorm (whole-layer/model compilation)")
+    s.add_argument("--fused", action="store_true",
+                   help="also time batchless on the kernel path it does not take by default on the device: "
+                        "batchless+fused (the compiled kernels of batchless.fused) on CPU, batchless+eager on "
+                        "CUDA")
     _common(s)
     s.set_defaults(func=run_speed)
 

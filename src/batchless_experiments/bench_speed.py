@@ -29,6 +29,7 @@ import torch.nn.functional as F
 from torch import nn
 
 import batchless as bl
+from batchless import fused
 
 LAYER_SHAPES = {
     "1d": (256, 512),
@@ -152,8 +153,33 @@ def summarize(samples: dict[str, list[float]], reference: str = REFERENCE) -> di
     return out
 
 
-def _candidates(norms, build: Callable[[str], nn.Module], compile: bool, device: torch.device) -> dict:
+class FusedPath(nn.Module):
+    """``module`` with its training forwards (and so their backwards) on the path that ``mode`` of
+    :func:`batchless.fused.set_fused` selects, whatever the process-wide setting."""
+
+    def __init__(self, module: nn.Module, mode: str):
+        super().__init__()
+        self.module, self.mode = module, mode
+
+    def forward(self, x):
+        previous = fused.set_fused(self.mode)
+        try:
+            return self.module(x)
+        finally:
+            fused.set_fused(previous)
+
+
+def default_path(device: torch.device) -> str:
+    """The kernel path batchless takes on ``device`` by default: ``"fused"`` or ``"eager"``."""
+    return "fused" if fused.usable(torch.ones(1, device=device)) else "eager"
+
+
+def _candidates(norms, build: Callable[[str], nn.Module], compile: bool, device: torch.device,
+                other_path: bool = False) -> dict:
     modules = {norm: build(norm) for norm in norms}
+    if other_path and "batchless" in norms:  # the kernel path batchless does not take by default here
+        path, mode = ("eager", "never") if default_path(device) == "fused" else ("fused", "always")
+        modules[f"batchless+{path}"] = FusedPath(build("batchless"), mode)
     if compile:  # the fused path, against BatchNorm compiled alike
         torch._dynamo.reset()  # the previous shapes' compilations would count towards the recompile limit
         modules.update({f"{norm}+compile": torch.compile(build(norm)) for norm in ("batchless", REFERENCE)
@@ -163,14 +189,16 @@ def _candidates(norms, build: Callable[[str], nn.Module], compile: bool, device:
 
 def bench_layers(shapes: dict[str, tuple[int, ...]], dtypes: list[str], *, norms=LAYER_NORMS, rounds: int,
                  inner: int | None, warmup: int, device: torch.device, compile: bool = False,
-                 log=print) -> list[dict]:
-    """Training step and inference of every norm for every shape and dtype; one record per combination."""
+                 other_path: bool = False, log=print) -> list[dict]:
+    """Training step and inference of every norm for every shape and dtype; one record per combination.
+    ``other_path`` adds batchless on the kernel path it does not take by default (``batchless+fused`` on
+    CPU, ``batchless+eager`` on CUDA)."""
     records = []
     for shape_name, shape in shapes.items():
         for dtype_name in dtypes:
             dtype = DTYPES[dtype_name]
             x = torch.randn(shape, device=device, dtype=dtype)
-            modules = _candidates(norms, lambda n, s=shape: make_layer(n, s), compile, device)
+            modules = _candidates(norms, lambda n, s=shape: make_layer(n, s), compile, device, other_path)
             modules = {k: m.to(device) for k, m in modules.items()}  # float32 parameters, see PARAM_DTYPE
             for mode in ("train", "infer"):
                 if mode == "train":
@@ -220,12 +248,13 @@ def resnet(norm: str, widths=(16, 32, 64), blocks: int = 1, num_classes: int = 1
 
 def bench_models(batch: int, image: int, *, norms=MODEL_NORMS, widths=(16, 32, 64), blocks: int = 1,
                  rounds: int, inner: int | None, warmup: int, device: torch.device, compile: bool = False,
-                 log=print) -> list[dict]:
-    """Training step (cross-entropy, gradients for input and parameters) and inference of the ResNet."""
+                 other_path: bool = False, log=print) -> list[dict]:
+    """Training step (cross-entropy, gradients for input and parameters) and inference of the ResNet
+    (``other_path``: as in :func:`bench_layers`)."""
     torch.manual_seed(0)
     x = torch.randn(batch, 3, image, image, device=device)
     target = torch.randint(0, 10, (batch,), device=device)
-    modules = _candidates(norms, lambda n: resnet(n, widths, blocks), compile, device)
+    modules = _candidates(norms, lambda n: resnet(n, widths, blocks), compile, device, other_path)
     modules = {k: m.to(device) for k, m in modules.items()}
     records = []
     for mode in ("train", "infer"):
@@ -252,7 +281,7 @@ def machine_info(device: torch.device) -> dict:
         pass
     info = {"cpu": cpu, "cpu_count": os.cpu_count(), "threads": torch.get_num_threads(),
             "torch": torch.__version__, "python": platform.python_version(), "device": str(device),
-            "batchless": bl.__version__, "source": source_revision(),
+            "batchless": bl.__version__, "batchless_path": default_path(device), "source": source_revision(),
             "load_average": os.getloadavg()[0] if hasattr(os, "getloadavg") else None,
             "allocator_env": {k: v for k, v in os.environ.items() if k.startswith("MALLOC_") or k == "LD_PRELOAD"}}
     if device.type == "cuda":
