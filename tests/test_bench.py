@@ -12,6 +12,7 @@ import math
 import pytest
 import torch
 
+from batchless import fused
 from batchless_experiments import bench_memory, bench_speed, cli
 
 
@@ -39,6 +40,26 @@ def test_speed_quick_writes_json(tmp_path, capsys):
     assert fold is None or (_finite(fold["ratio"]) and fold["batchless_layers_left"] == 0)
     table = capsys.readouterr().out
     assert table.startswith("| benchmark |") and "resnet" in table
+
+
+def test_speed_fused_times_the_other_kernel_path(tmp_path):
+    out = tmp_path / "speed.json"
+    assert cli.main(["bench", "speed", "--quick", "--silent", "--fused", "--no-models", "--shapes", "4x6x5x5",
+                     "--dtypes", "float32", "--out", str(out)]) == 0
+    result = json.loads(out.read_text())
+    assert result["machine"]["batchless_path"] == "eager"  # the CPU default
+    train = next(r for r in result["layers"] if r["mode"] == "train")
+    assert _finite(train["results"]["batchless+fused"]["median_ms"])
+    assert fused._mode == "auto"  # the candidate's path was set around its calls only
+
+
+def test_fused_path_module_uses_its_mode_and_restores(monkeypatch):
+    monkeypatch.setattr(fused, "_mode", "auto")
+    seen = []
+    inner = torch.nn.Identity()
+    inner.register_forward_hook(lambda *args: seen.append(fused._mode))
+    bench_speed.FusedPath(inner, "always")(torch.ones(1))
+    assert seen == ["always"] and fused._mode == "auto"
 
 
 def test_memory_quick_writes_json_and_plot(tmp_path, capsys):

@@ -112,7 +112,7 @@ def _run(fn, x: Tensor, *args):
         compiled = _compiled[key] = torch.compile(fresh, dynamic=True)
     try:
         return compiled(x, *args)
-    except torch.OutOfMemoryError:
+    except torch.cuda.OutOfMemoryError:  # (torch.OutOfMemoryError since 2.5; the same class)
         raise
     except Exception as error:  # noqa: BLE001 - any compiler failure means: use the eager path
         _failed = True

@@ -10,8 +10,10 @@ A training step is ``y = layer(x)`` followed by ``torch.autograd.grad(y, [x, *pa
 for the input and every parameter (batchless's mu/sigma included, their NLL gradient arrives through the
 same backward), without accumulating into ``.grad``. Inference is the eval-mode forward under
 ``torch.no_grad()``. On CUDA, timings use CUDA events after a synchronize; ``compile=True`` adds
-``torch.compile``-d batchless and BatchNorm (``batchless+compile``, ``bn+compile``): the fused path where
-a compiler is available (ratios stay relative to eager BatchNorm).
+``torch.compile``-d batchless and BatchNorm (``batchless+compile``, ``bn+compile``): whole-layer compilation where
+a compiler is available (ratios stay relative to eager BatchNorm); ``other_path=True`` adds batchless on
+the kernel path of :mod:`batchless.fused` it does not take by default on the device (``batchless+fused`` on
+CPU, ``batchless+eager`` on CUDA). The machine record says which path ``batchless`` itself took.
 """
 
 from __future__ import annotations
