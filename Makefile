@@ -3,7 +3,7 @@ PYTHON ?= python3
 VENV ?= .venv
 BIN := $(VENV)/bin
 
-.PHONY: install demo test test-slow test-all lint clean
+.PHONY: install demo test test-slow test-all lint clean gpu-check
 
 $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
@@ -30,6 +30,16 @@ test-all: install
 
 lint: install
 	$(BIN)/ruff check src tests
+
+# On a CUDA machine whose python3 already has torch (nothing installed): the CUDA tests, then the CUDA
+# speed (fused vs eager vs cuDNN BatchNorm) and memory benchmarks, written to $(GPU_OUT).
+GPU_OUT ?= docs
+GPU_RUN := PYTHONPATH=src $(PYTHON)
+gpu-check:
+	$(GPU_RUN) -m pytest -q -p no:cacheprovider tests/test_fused.py tests/test_robustness.py -k "cuda or fused"
+	$(GPU_RUN) -m batchless_experiments bench speed --device cuda --fused --compile --out $(GPU_OUT)/bench_speed_cuda.json
+	$(GPU_RUN) -m batchless_experiments bench memory --device cuda --out $(GPU_OUT)/bench_memory_cuda.json \
+		--plot $(GPU_OUT)/bench_memory_cuda.png
 
 clean:
 	rm -rf $(VENV) build dist src/*.egg-info

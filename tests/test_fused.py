@@ -1,7 +1,7 @@
 """The fused (compiled) training kernels: same results as the formula, layouts kept, a clean fallback.
 
-CUDA takes this path by default; here it is forced on CPU with ``set_fused("always")``, which compiles
-the same graphs with Inductor's C++ backend.
+CUDA takes this path by default; the tests force it with ``set_fused("always")``, so that on CPU the same
+graphs compile with Inductor's C++ backend (CUDA: Triton, where a device is present).
 """
 
 import pytest
@@ -29,10 +29,13 @@ def fused_runs(monkeypatch):
     return calls
 
 
-def make_layer(shape, affine=True, shared=False):
+DEVICES = ["cpu", pytest.param("cuda", marks=pytest.mark.skipif(not torch.cuda.is_available(), reason="no CUDA"))]
+
+
+def make_layer(shape, affine=True, shared=False, device="cpu"):
     torch.manual_seed(0)
     cls = {2: bl.BatchlessNorm1d, 3: bl.BatchlessNorm1d, 4: bl.BatchlessNorm2d, 5: bl.BatchlessNorm3d}[len(shape)]
-    layer = cls(shape[1], affine=affine, shared=shared)
+    layer = cls(shape[1], affine=affine, shared=shared, device=device)
     with torch.no_grad():
         layer.mean.uniform_(-1, 1)
         layer.set_std(torch.rand_like(layer.mean) + 0.5)
@@ -51,11 +54,12 @@ CASES = [  # (shape, dtype, memory format, affine, shared)
 ]
 
 
+@pytest.mark.parametrize("device", DEVICES)
 @pytest.mark.parametrize("shape, dtype, fmt, affine, shared", CASES)
-def test_fused_matches_naive_formula(fused_runs, shape, dtype, fmt, affine, shared):
-    layer = make_layer(shape, affine, shared)
-    x = (torch.randn(shape) * 2 + 1).to(dtype).contiguous(memory_format=fmt).requires_grad_()
-    g = torch.randn(shape).to(dtype).contiguous(memory_format=fmt)
+def test_fused_matches_naive_formula(fused_runs, shape, dtype, fmt, affine, shared, device):
+    layer = make_layer(shape, affine, shared, device)
+    x = (torch.randn(shape) * 2 + 1).to(device, dtype).contiguous(memory_format=fmt).requires_grad_()
+    g = torch.randn(shape).to(device, dtype).contiguous(memory_format=fmt)
     y = layer(x)
     got = torch.autograd.grad(y, [x, *layer.parameters()], g)
     # the forward always fuses; the backward does when x, weight and bias all need gradients
@@ -115,6 +119,8 @@ def test_where_the_fused_path_applies(monkeypatch):
     monkeypatch.setattr(fused, "_failed", False)
     monkeypatch.setattr(fused, "_mode", "auto")
     assert not fused.usable(torch.ones(2, 3))  # auto: CUDA only
+    if torch.cuda.is_available():
+        assert fused.usable(torch.ones(2, 3, device="cuda"))
     monkeypatch.setattr(fused, "_mode", "always")
     assert fused.usable(torch.ones(2, 3))
     assert not fused.usable(torch.ones(2, 3, dtype=torch.float64))  # gradcheck precision: eager
