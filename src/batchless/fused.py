@@ -78,9 +78,9 @@ def _canonical(t: Tensor) -> Tensor | None:
 
 def _uncanonical(y: Tensor, like: Tensor) -> Tensor:
     """The inverse of :func:`_canonical` for an output computed from ``like``'s canonical view."""
-    if y.dim() == 3:
-        return y.view(like.shape)
-    return y.view(like.movedim(1, -1).shape).movedim(-1, 1)
+    if y.dim() == 3:  # (reshape: a view for the contiguous outputs the compiler gives, a copy otherwise)
+        return y.reshape(like.shape)
+    return y.reshape(like.movedim(1, -1).shape).movedim(-1, 1)
 
 
 def _forward_maths(x, mean, inv, scale, bias):
@@ -118,7 +118,7 @@ def _run(fn, x: Tensor, *args):
         _failed = True
         first_line = (str(error).strip().splitlines() or [""])[0]
         warnings.warn(
-            f"batchless: compiling the fused training kernels failed ({type(error).__name__}: {first_line}); "
+            f"batchless: the fused training kernels failed to compile or run ({type(error).__name__}: {first_line}); "
             "using the eager path from now on. batchless.fused.set_fused('never') skips the attempt.",
             stacklevel=4,
         )
