@@ -179,7 +179,8 @@ def test_to_batchnorm_onnx_export_matches_onnxruntime(tmp_path):
         assert max_rel_diff(torch.from_numpy(got), model(x)) <= 1e-5
 
 
-@pytest.mark.parametrize("module", ["batchless.convert", "batchless.fold", "batchless.init", "batchless.accumulate"])
+@pytest.mark.parametrize("module", ["batchless.convert", "batchless.fold", "batchless.init", "batchless.accumulate",
+                                    "batchless.fused"])
 def test_docstring_examples(module):
     result = doctest.testmod(importlib.import_module(module))
     assert result.failed == 0 and result.attempted > 0
