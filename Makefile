@@ -11,7 +11,9 @@ $(BIN)/python:
 	$(BIN)/pip install torch==2.13.0
 
 $(VENV)/.installed: $(BIN)/python pyproject.toml
-	$(BIN)/pip install -e ".[experiments,dev,onnx]"
+	$(BIN)/pip install -e ".[experiments,dev,onnx,kernels]"
+	# The native CPU kernels, compiled once per machine (~30 s; without a C++ compiler: a warning, eager path)
+	$(BIN)/python -c "import batchless.fused as f; f.build_cpu_kernels()"
 	touch $@
 
 install: $(VENV)/.installed
@@ -19,8 +21,12 @@ install: $(VENV)/.installed
 demo: install
 	$(BIN)/batchless demo
 
+# The suite runs on the native CPU kernels (the default once built); the layer's own tests run again on
+# the eager path, which users without a C++ compiler get.
 test: install
 	$(BIN)/python -m pytest -q -m "not slow"
+	BATCHLESS_FUSED=never $(BIN)/python -m pytest -q -m "not slow" tests/test_layer.py tests/test_robustness.py \
+		tests/test_accumulate.py
 
 test-slow: install
 	$(BIN)/python -m pytest -q -m slow

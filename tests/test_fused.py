@@ -1,35 +1,78 @@
-"""The fused (compiled) training kernels: same results as the formula, layouts kept, a clean fallback.
+"""The fused training kernels: same results as the formula, layouts kept, a clean fallback.
 
-CUDA takes this path by default; the tests force it with ``set_fused("always")``, so that on CPU the same
-graphs compile with Inductor's C++ backend (CUDA: Triton, where a device is present).
+Both implementations run here: the native CPU kernels (built once per machine; the tests build them where
+a C++ compiler and ninja exist, and fail if that build fails), and the ``torch.compile`` ones, which CUDA
+takes by default and the tests force with ``set_fused("compiled")``, so that on CPU the same graphs compile
+with Inductor's C++ backend (CUDA: Triton, where a device is present).
 """
+
+import os
+import shutil
+import subprocess
+import sys
+import types
 
 import pytest
 import torch
 
 import batchless as bl
-from batchless import fused
+from batchless import _cpu_kernels, fused
 from reference import naive_forward
+
+CAN_BUILD = shutil.which(os.environ.get("CXX", "c++")) is not None and shutil.which("ninja") is not None
+
+
+@pytest.fixture(scope="session")
+def cpu_kernels():
+    if not CAN_BUILD:
+        pytest.skip("no C++ compiler or ninja: the native CPU kernels cannot be built here")
+    assert fused.build_cpu_kernels(), "the native CPU kernels failed to build"
+    return _cpu_kernels.load()
+
+
+def _counted(calls, fn, name=None):
+    """fn, recording (its direction, whether it gave a result) per call; an empty result is no result."""
+    def wrapper(*args):
+        out = fn(*args)
+        direction = name or args[0].__name__.strip("_").split("_")[0]  # compiled: _forward_maths, ...
+        calls.append((direction, out is not None and len(out) > 0))
+        return out
+
+    return wrapper
 
 
 @pytest.fixture
-def fused_runs(monkeypatch):
-    """Force the fused path and count the fused calls that ran (None results: the eager path took over)."""
-    monkeypatch.setattr(fused, "_mode", "always")
+def compiled_runs(monkeypatch):
+    """Force the compiled kernels and count their calls."""
+    monkeypatch.setattr(fused, "_mode", "compiled")
     monkeypatch.setattr(fused, "_failed", False)
     calls = []
-    run = fused._run
+    monkeypatch.setattr(fused, "_run", _counted(calls, fused._run))
+    return calls
 
-    def counting(fn, x, *args):
-        out = run(fn, x, *args)
-        calls.append((fn.__name__, out is not None))
-        return out
 
-    monkeypatch.setattr(fused, "_run", counting)
+@pytest.fixture
+def native_runs(monkeypatch, cpu_kernels):
+    """The native kernels (what auto mode takes on CPU once they are built), their calls counted."""
+    monkeypatch.setattr(fused, "_mode", "auto")
+    calls = []
+    counted = types.SimpleNamespace(forward=_counted(calls, cpu_kernels.forward, "forward"),
+                                    backward=_counted(calls, cpu_kernels.backward, "backward"))
+    monkeypatch.setitem(_cpu_kernels._loaded, "module", counted)
     return calls
 
 
 DEVICES = ["cpu", pytest.param("cuda", marks=pytest.mark.skipif(not torch.cuda.is_available(), reason="no CUDA"))]
+KERNELS = [("compiled", "cpu"), ("native", "cpu"),
+           pytest.param(("compiled", "cuda"), marks=pytest.mark.skipif(not torch.cuda.is_available(),
+                                                                      reason="no CUDA"))]
+
+
+@pytest.fixture
+def kernel_runs(request):
+    """(the kernels' calls, device) for a ("compiled" | "native", device) parameter."""
+    kernels, device = request.param
+    return request.getfixturevalue(f"{kernels}_runs"), device
 
 
 def make_layer(shape, affine=True, shared=False, device="cpu"):
@@ -54,16 +97,17 @@ CASES = [  # (shape, dtype, memory format, affine, shared)
 ]
 
 
-@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("kernel_runs", KERNELS, indirect=True, ids=lambda k: "-".join(k))
 @pytest.mark.parametrize("shape, dtype, fmt, affine, shared", CASES)
-def test_fused_matches_naive_formula(fused_runs, shape, dtype, fmt, affine, shared, device):
+def test_fused_matches_naive_formula(kernel_runs, shape, dtype, fmt, affine, shared):
+    calls, device = kernel_runs
     layer = make_layer(shape, affine, shared, device)
     x = (torch.randn(shape) * 2 + 1).to(device, dtype).contiguous(memory_format=fmt).requires_grad_()
     g = torch.randn(shape).to(device, dtype).contiguous(memory_format=fmt)
     y = layer(x)
     got = torch.autograd.grad(y, [x, *layer.parameters()], g)
     # the forward always fuses; the backward does when x, weight and bias all need gradients
-    assert fused_runs == [("_forward_maths", True)] + [("_backward_maths", True)] * affine
+    assert calls == [("forward", True)] + [("backward", True)] * affine
     assert y.dtype == dtype and y.is_contiguous(memory_format=fmt)
     assert got[0].dtype == dtype and got[0].is_contiguous(memory_format=fmt)
 
@@ -78,11 +122,13 @@ def test_fused_matches_naive_formula(fused_runs, shape, dtype, fmt, affine, shar
         torch.testing.assert_close(a.double(), b, rtol=tol, atol=tol * b.abs().max().item(), msg=name)
 
 
-def test_fused_backward_falls_back_for_another_gradient_layout(fused_runs):
+@pytest.mark.parametrize("kernel_runs", KERNELS[:2], indirect=True, ids=lambda k: "-".join(k))
+def test_fused_backward_falls_back_for_another_gradient_layout(kernel_runs):
+    calls, _ = kernel_runs
     layer = make_layer((4, 6, 5, 7))
     x = torch.randn(4, 6, 5, 7, requires_grad=True)
     got = torch.autograd.grad(layer(x).sum(), [x, *layer.parameters()])  # an expanded (stride 0) gradient
-    assert fused_runs == [("_forward_maths", True)]
+    assert calls[0] == ("forward", True) and ("backward", True) not in calls
     fused.set_fused("never")
     want = torch.autograd.grad(layer(x).sum(), [x, *layer.parameters()])
     for a, b in zip(got, want, strict=True):
@@ -90,7 +136,7 @@ def test_fused_backward_falls_back_for_another_gradient_layout(fused_runs):
 
 
 def test_compiler_failure_warns_once_and_falls_back(monkeypatch):
-    monkeypatch.setattr(fused, "_mode", "always")
+    monkeypatch.setattr(fused, "_mode", "compiled")
     monkeypatch.setattr(fused, "_failed", False)
     monkeypatch.setattr(fused, "_compiled", {})
 
@@ -102,7 +148,7 @@ def test_compiler_failure_warns_once_and_falls_back(monkeypatch):
     x = torch.randn(4, 6, 5, 7, requires_grad=True)
     with pytest.warns(UserWarning, match="fused training kernels failed to compile or run .*no C\\+\\+ compiler found"):
         y = layer(x)
-    assert not fused.usable(x)
+    assert fused.path(x) == "eager"
     monkeypatch.setattr(fused, "_mode", "never")
     torch.testing.assert_close(y, layer(x))
 
@@ -111,17 +157,80 @@ def test_set_fused_checks_and_returns_previous(monkeypatch):
     monkeypatch.setattr(fused, "_mode", "auto")
     assert fused.set_fused("never") == "auto"
     assert fused.set_fused("auto") == "never"
-    with pytest.raises(bl.BatchlessError, match=r"one of \('auto', 'always', 'never'\), got 'on'"):
+    with pytest.raises(bl.BatchlessError, match=r"one of \('auto', 'compiled', 'never'\), got 'on'"):
         fused.set_fused("on")
 
 
-def test_where_the_fused_path_applies(monkeypatch):
+def test_which_kernels_apply(monkeypatch):
     monkeypatch.setattr(fused, "_failed", False)
     monkeypatch.setattr(fused, "_mode", "auto")
-    assert not fused.usable(torch.ones(2, 3))  # auto: CUDA only
+    for built in (None, types.SimpleNamespace()):
+        monkeypatch.setitem(_cpu_kernels._loaded, "module", built)
+        assert fused.path(torch.ones(2, 3)) == ("eager" if built is None else "native")  # auto on CPU: once built
+        assert fused.path(torch.ones(2, 3, dtype=torch.float16)) == "eager"  # no native float16
     if torch.cuda.is_available():
-        assert fused.usable(torch.ones(2, 3, device="cuda"))
-    monkeypatch.setattr(fused, "_mode", "always")
-    assert fused.usable(torch.ones(2, 3))
-    assert not fused.usable(torch.ones(2, 3, dtype=torch.float64))  # gradcheck precision: eager
-    assert not fused.usable(torch.ones(0, 3))
+        assert fused.path(torch.ones(2, 3, device="cuda")) == "compiled"
+    monkeypatch.setattr(fused, "_mode", "compiled")
+    assert fused.path(torch.ones(2, 3)) == fused.path(torch.ones(2, 3, dtype=torch.float16)) == "compiled"
+    assert fused.path(torch.ones(2, 3, dtype=torch.float64)) == "eager"  # gradcheck precision: eager
+    assert fused.path(torch.ones(0, 3)) == "eager"
+    monkeypatch.setattr(fused, "_mode", "never")
+    assert fused.path(torch.ones(2, 3)) == "eager"
+
+
+def test_native_kernels_refuse_what_they_do_not_handle(cpu_kernels):
+    x, c = torch.randn(4, 6, 5), torch.ones(6)
+    for unsupported in (x.double(), x.half(), x.transpose(0, 2).contiguous().transpose(0, 2), x[:0]):
+        assert cpu_kernels.forward(unsupported, c, c, None, None) == []
+    y, *_, inv, scale = cpu_kernels.forward(x, c, c, c, c)
+    assert cpu_kernels.backward(torch.ones(1, 1, 1).expand_as(x), x, c, inv, scale) == []  # stride-0 gradient
+    assert cpu_kernels.backward(x.transpose(1, 2).contiguous().transpose(1, 2), x, c, inv, scale) == []
+
+
+def test_native_nonfinite_channels_add_no_nll(native_runs):
+    layer = make_layer((8, 4, 3))
+    x = torch.randn(8, 4, 3)
+    x[2, 1, 0], x[5, 3, 1] = float("nan"), float("inf")
+    with pytest.warns(UserWarning, match="NaN/Inf"):
+        layer(x)
+    assert native_runs == [("forward", True)]
+    b_native = layer._last.b
+    fused.set_fused("never")
+    layer(x)
+    torch.testing.assert_close(b_native, layer._last.b)
+    assert b_native[1] == b_native[3] == 1.0 and layer.nonfinite_batches == 2
+
+
+@pytest.mark.parametrize("shape", [(2**13, 2, 256), (2**13, 2, 16), (2**20, 2)], ids=["long-rows", "short-rows",
+                                                                                  "channels-last"])
+def test_native_kernels_sum_precisely_over_many_elements(native_runs, shape):
+    # 2**21 elements per channel, far from the mean: one float32 running sum would be off by ~1e-3
+    layer = make_layer(shape)
+    with torch.no_grad():
+        layer.mean.zero_(), layer.set_std(torch.ones(2))
+    x = torch.randn(shape, generator=torch.Generator().manual_seed(0)) * 0.1 + 3.0
+    layer(x)
+    assert native_runs == [("forward", True)]
+    torch.testing.assert_close(layer._last.b.double(), x.double().square().mean((0, *range(2, x.dim()))),
+                               rtol=1e-6, atol=0)
+
+
+def test_environment_variable_sets_the_initial_mode():
+    code = "import torch, batchless.fused as f; print(f.path(torch.ones(2, 3)))"
+    env = {**os.environ, "BATCHLESS_FUSED": "never"}
+    out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, check=True)
+    assert out.stdout.strip() == "eager"
+    env["BATCHLESS_FUSED"] = "on"
+    out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True)
+    assert out.returncode != 0
+    assert "BATCHLESS_FUSED must be one of ('auto', 'compiled', 'never'), got 'on'" in out.stderr
+
+
+def test_build_failure_warns_and_stays_eager(monkeypatch, tmp_path):
+    monkeypatch.setenv("BATCHLESS_CACHE", str(tmp_path))
+    monkeypatch.setattr(_cpu_kernels, "_loaded", {})
+    monkeypatch.setenv("CXX", str(tmp_path / "no-such-compiler"))
+    with pytest.warns(UserWarning, match="could not build the CPU kernels"):
+        assert not fused.build_cpu_kernels()
+    monkeypatch.setattr(fused, "_mode", "auto")
+    assert fused.path(torch.ones(2, 3)) == "eager"

@@ -173,15 +173,16 @@ def _train_maths(x: Tensor, mean: Tensor, std: Tensor, weight: Tensor | None, bi
     return y, a.where(finite, 0.0), b.where(finite, 1.0), finite, mean_c, inv, scale
 
 
-def _train_grads(gy, x, mean_c, inv, scale, weight, a, b, needs, nll_weight, shared: bool, fused: bool = False):
+def _train_grads(gy, x, mean_c, inv, scale, weight, a, b, needs, nll_weight, shared: bool, kernels="eager"):
     """Gradients for ``(x, mean, std, weight, bias)``: those of an eval-mode batch norm with running
     statistics ``mean_c``, ``1 / inv**2`` for x, weight and bias; ``nll_weight * dNLL`` for mean and std
-    (none when ``nll_weight`` is None: explicit mode). With ``fused``, x/weight/bias gradients by
-    :func:`batchless.fused.backward` where it applies (when all three are needed)."""
+    (none when ``nll_weight`` is None: explicit mode). With ``kernels`` other than ``"eager"`` (see
+    :func:`batchless.fused.path`), x/weight/bias gradients by :func:`batchless.fused.backward` where it
+    applies (when all three are needed)."""
     w = None if weight is None else _cast(weight, inv.dtype)
     gx = gw = gb = None
-    use_fused = fused and gy is not None and needs[0] and needs[3] and needs[4]
-    out = _fused.backward(gy, x, mean_c, inv, scale) if use_fused else None
+    use_fused = kernels != "eager" and gy is not None and needs[0] and needs[3] and needs[4]
+    out = _fused.backward(gy, x, mean_c, inv, scale, kernels) if use_fused else None
     if out is not None:
         gx, gw, gb = out
     elif gy is not None:  # (None: the output itself is unused; only the NLL gradient below remains)
@@ -264,12 +265,13 @@ class _BatchlessTrainEager(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, x, mean, std, weight, bias, nll_weight, side):
-        fused = _fused.usable(x)
+        kernels = _fused.path(x)
         with _autocast_off(x):
-            y, a, b, finite, mean_c, inv, scale = _train_maths(x, mean, std, weight, bias,
-                                                                 host_check=x.device.type == "cpu", fused=fused)
+            out = _fused.native_forward(x, mean, std, weight, bias) if kernels == "native" else None
+            y, a, b, finite, mean_c, inv, scale = out or _train_maths(
+                x, mean, std, weight, bias, host_check=x.device.type == "cpu", fused=kernels == "compiled")
         ctx.save_for_backward(x, mean_c, weight)
-        ctx.fused = fused
+        ctx.kernels = kernels
         ctx.stats = inv, scale, a, b  # intermediates: no version counter to check
         ctx.shared = mean.shape[0] != x.shape[1]
         ctx.nll_weight = nll_weight
@@ -282,7 +284,7 @@ class _BatchlessTrainEager(torch.autograd.Function):
         x, mean_c, weight = ctx.saved_tensors
         inv, scale, a, b = ctx.stats
         return *_train_grads(gy, x, mean_c, inv, scale, weight, a, b, ctx.needs_input_grad, ctx.nll_weight,
-                             ctx.shared, ctx.fused), None, None
+                             ctx.shared, ctx.kernels), None, None
 
 
 def nll_from_moments(mean: Tensor, std: Tensor, a: Tensor, b: Tensor) -> Tensor:

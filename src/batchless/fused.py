@@ -1,51 +1,69 @@
-"""Fused training kernels: the layer's forward and backward as ``torch.compile``-generated kernels.
+"""Fused training kernels: the layer's forward and backward in one pass over the activations each.
 
 Batchless needs no statistics of the batch before it can normalise, so, unlike BatchNorm, its training
 forward is a single pass over the input: the output ``x * scale + shift`` and the two per-channel moments of
-``x_hat = (x - mean) / std`` read the same elements, and a compiler fuses them into one kernel (BatchNorm
-needs one pass for its statistics and one for the output). The backward is one pass too: the input gradient
-``gy * scale`` and the weight/bias gradients ``sum(gy * x_hat)``, ``sum(gy)`` (BatchNorm's input gradient
-needs those sums first). :func:`forward` and :func:`backward` compute exactly what the eager path of
-:mod:`batchless.functional` does, through kernels that ``torch.compile`` generates (Triton on CUDA, C++ on
-CPU).
+``x_hat = (x - mean) / std`` read the same elements (BatchNorm needs one pass for its statistics and one for
+the output). The backward is one pass too: the input gradient ``gy * scale`` and the weight/bias gradients
+``sum(gy * x_hat)``, ``sum(gy)`` (BatchNorm's input gradient needs those sums first). Two implementations
+compute exactly what the eager path of :mod:`batchless.functional` does:
 
-When they are used is set by :func:`set_fused`: by default (``"auto"``) on CUDA, where eager PyTorch
-would launch one kernel per operation; on CPU the eager path's native kernels are used (a compiled call
-costs ~0.1 ms more and needs a C++ compiler). Whole-model ``torch.compile`` and ``torch.func`` transforms
-never come here: the compiler fuses the layer with its neighbours itself. If compiling fails (no Triton,
-no C++ compiler, an unsupported Python), batchless warns once and continues on the eager path.
+* ``"native"``: C++ kernels for CPU (float32 and bfloat16), compiled once per machine by
+  :func:`build_cpu_kernels` (``make install`` does it) and loaded from a cache afterwards;
+* ``"compiled"``: kernels that ``torch.compile`` generates (Triton on CUDA, C++ on CPU), each compiled once
+  per canonical view, dtype and device type with dynamic sizes, so a model's many layer shapes do not
+  trigger a compilation each.
 
-Inputs are handed to the compiler in one of two canonical views, ``(N, C, L)`` for contiguous tensors and
-``(M, C)`` for channels-last ones (and for (N, C) inputs), each compiled once per view, dtype and device
-type with dynamic sizes, so that a model's many layer shapes do not trigger a compilation each. Other
-layouts, float64 and empty inputs take the eager path.
+When they are used is set by :func:`set_fused` (initially by the environment variable ``BATCHLESS_FUSED``,
+if set); :func:`path` tells which one a tensor gets. By default
+(``"auto"``): ``"compiled"`` on CUDA, where eager PyTorch would launch one kernel per operation;
+``"native"`` on CPU once the kernels are built (until then, and where no C++ compiler exists, the eager
+path). Whole-model ``torch.compile`` and ``torch.func`` transforms never come here: the compiler fuses the
+layer with its neighbours itself. If ``torch.compile`` fails (no Triton, no C++ compiler, an unsupported
+Python), batchless warns once and continues on the eager path.
+
+Both take inputs in one of two canonical views, ``(N, C, L)`` for contiguous tensors and ``(M, C)`` for
+channels-last ones (and for (N, C) inputs). Other layouts, float64 (and, on the native path, float16) and
+empty inputs take the eager path, as does a backward that records a graph (double backward).
 """
 
 from __future__ import annotations
 
 import math
+import os
 import types
 import warnings
 
 import torch
 from torch import Tensor
 
+from . import _cpu_kernels
 from .errors import BatchlessError
 
-FUSED_MODES = ("auto", "always", "never")
+FUSED_MODES = ("auto", "compiled", "never")
 _FUSED_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
 
-_mode = "auto"
+
+
+def _initial_mode() -> str:
+    """The mode in ``$BATCHLESS_FUSED`` (e.g. ``never``, to run a script on the eager path), else auto."""
+    mode = os.environ.get("BATCHLESS_FUSED") or "auto"
+    if mode not in FUSED_MODES:
+        raise BatchlessError(f"the environment variable BATCHLESS_FUSED must be one of {FUSED_MODES}, got {mode!r}")
+    return mode
+
+
+_mode = _initial_mode()
 _failed = False  # a compilation failed: the eager path from then on
 _compiled: dict = {}
 
 
 def set_fused(mode: str) -> str:
-    """Choose when training forwards and backwards use the fused (compiled) kernels; returns the old mode.
+    """Choose which kernels training forwards and backwards use; returns the previous mode.
 
     Args:
-        mode: ``"auto"`` (default): on CUDA devices; ``"always"``: on every device, CPU included (each new
-            input layout and dtype then compiles once, a few seconds); ``"never"``: the eager path only.
+        mode: ``"auto"`` (default): the native CPU kernels on CPU once built (:func:`build_cpu_kernels`),
+            ``torch.compile``'s on CUDA; ``"compiled"``: ``torch.compile``'s on every device, CPU included
+            (each new input layout and dtype then compiles once, a few seconds); ``"never"``: the eager path.
 
     Example::
 
@@ -61,11 +79,30 @@ def set_fused(mode: str) -> str:
     return previous
 
 
-def usable(x: Tensor) -> bool:
-    """Whether the training forward/backward of ``x`` goes through the fused kernels (eager code only)."""
-    if _mode == "never" or _failed or x.dtype not in _FUSED_DTYPES or x.numel() == 0:
+def build_cpu_kernels(verbose: bool = False) -> bool:
+    """Compile the native CPU kernels (once per machine, ~30 s; later calls and processes load the cached
+    build); True when they are ready. Needs a C++ compiler and ``ninja``; on failure, warns with the
+    reason and returns False (training then stays on the eager path)."""
+    try:
+        from torch.utils import cpp_extension
+
+        if not cpp_extension.is_ninja_available():
+            raise RuntimeError("ninja is not installed (pip install ninja)")
+        return _cpu_kernels.load(build=True, verbose=verbose) is not None
+    except Exception as error:  # noqa: BLE001 - a missing compiler, a compile error: report, stay eager
+        lines = str(error).strip().splitlines() or [""]
+        warnings.warn(f"batchless: could not build the CPU kernels ({type(error).__name__}: {lines[-1]}); "
+                      "training stays on the eager path", stacklevel=2)
         return False
-    return _mode == "always" or x.device.type == "cuda"
+
+
+def path(x: Tensor) -> str:
+    """Which kernels the training step of ``x`` takes: ``"native"``, ``"compiled"`` or ``"eager"``."""
+    if _mode == "never" or x.numel() == 0 or x.dtype not in _FUSED_DTYPES:
+        return "eager"
+    if _mode == "auto" and x.device.type == "cpu":
+        return "native" if x.dtype != torch.float16 and _cpu_kernels.load() is not None else "eager"
+    return "eager" if _failed or (_mode == "auto" and x.device.type != "cuda") else "compiled"
 
 
 def _canonical(t: Tensor) -> Tensor | None:
@@ -138,11 +175,20 @@ def forward(x: Tensor, mean: Tensor, inv: Tensor, scale: Tensor, bias: Tensor | 
     return None if out is None else (_uncanonical(out[0], x), out[1], out[2])
 
 
-def backward(gy: Tensor, x: Tensor, mean: Tensor, inv: Tensor, scale: Tensor):
-    """``(gx, gweight, gbias)`` in one fused pass (gweight/gbias in float32), or None where the eager path
-    must do it (gy in another layout than x, or a backward that records a graph)."""
+def native_forward(x: Tensor, mean: Tensor, std: Tensor, weight: Tensor | None, bias: Tensor | None):
+    """``(y, a, b, finite, mean_c, inv, scale)`` as :func:`batchless.functional._train_maths` gives them
+    (host-checked ``finite``), from the native CPU kernels, or None where the eager path must do it."""
+    return _cpu_kernels.load().forward(x, mean, std, weight, bias) or None
+
+
+def backward(gy: Tensor, x: Tensor, mean: Tensor, inv: Tensor, scale: Tensor, kernels: str):
+    """``(gx, gweight, gbias)`` in one fused pass by the ``kernels`` of :func:`path` (gweight/gbias in
+    float32), or None where the eager path must do it (gy in another layout than x, or a backward that
+    records a graph)."""
     if torch.is_grad_enabled() or gy.dtype != x.dtype:
         return None
+    if kernels == "native":
+        return _cpu_kernels.load().backward(gy, x, mean, inv, scale) or None
     gv, xv = _canonical(gy), _canonical(x)
     if gv is None or xv is None or gv.shape != xv.shape:
         return None

@@ -150,9 +150,8 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
     s.add_argument("--compile", action="store_true",
                    help="also time torch.compile-d batchless and BatchNorm (whole-layer/model compilation)")
     s.add_argument("--fused", action="store_true",
-                   help="also time batchless on the kernel path it does not take by default on the device: "
-                        "batchless+fused (the compiled kernels of batchless.fused) on CPU, batchless+eager on "
-                        "CUDA")
+                   help="also time batchless on the kernel paths of batchless.fused it does not take by "
+                        "default on the device: batchless+eager, batchless+compiled (torch.compile's kernels)")
     _common(s)
     s.set_defaults(func=run_speed)
 

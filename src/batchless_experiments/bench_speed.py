@@ -12,8 +12,9 @@ same backward), without accumulating into ``.grad``. Inference is the eval-mode 
 ``torch.no_grad()``. On CUDA, timings use CUDA events after a synchronize; ``compile=True`` adds
 ``torch.compile``-d batchless and BatchNorm (``batchless+compile``, ``bn+compile``): whole-layer compilation where
 a compiler is available (ratios stay relative to eager BatchNorm); ``other_path=True`` adds batchless on
-the kernel path of :mod:`batchless.fused` it does not take by default on the device (``batchless+fused`` on
-CPU, ``batchless+eager`` on CUDA). The machine record says which path ``batchless`` itself took.
+the kernel paths of :mod:`batchless.fused` it does not take by default on the device (``batchless+eager``
+and ``batchless+compiled`` as they apply). The machine record says which path
+``batchless`` itself took.
 """
 
 from __future__ import annotations
@@ -172,16 +173,21 @@ class FusedPath(nn.Module):
 
 
 def default_path(device: torch.device) -> str:
-    """The kernel path batchless takes on ``device`` by default: ``"fused"`` or ``"eager"``."""
-    return "fused" if fused.usable(torch.ones(1, device=device)) else "eager"
+    """The kernels batchless takes on ``device`` by default: ``"native"``, ``"compiled"`` or ``"eager"``."""
+    return fused.path(torch.ones(1, device=device))
+
+
+_PATH_MODES = {"eager": "never", "compiled": "compiled", "native": "auto"}  # set_fused modes giving each path
 
 
 def _candidates(norms, build: Callable[[str], nn.Module], compile: bool, device: torch.device,
                 other_path: bool = False) -> dict:
     modules = {norm: build(norm) for norm in norms}
-    if other_path and "batchless" in norms:  # the kernel path batchless does not take by default here
-        path, mode = ("eager", "never") if default_path(device) == "fused" else ("fused", "always")
-        modules[f"batchless+{path}"] = FusedPath(build("batchless"), mode)
+    if other_path and "batchless" in norms:  # the kernel paths batchless does not take by default here
+        default = default_path(device)
+        for path, mode in _PATH_MODES.items():
+            if path not in (default, "native"):  # (native: the CPU default wherever it is built)
+                modules[f"batchless+{path}"] = FusedPath(build("batchless"), mode)
     if compile:  # the fused path, against BatchNorm compiled alike
         torch._dynamo.reset()  # the previous shapes' compilations would count towards the recompile limit
         modules.update({f"{norm}+compile": torch.compile(build(norm)) for norm in ("batchless", REFERENCE)
@@ -193,8 +199,8 @@ def bench_layers(shapes: dict[str, tuple[int, ...]], dtypes: list[str], *, norms
                  inner: int | None, warmup: int, device: torch.device, compile: bool = False,
                  other_path: bool = False, log=print) -> list[dict]:
     """Training step and inference of every norm for every shape and dtype; one record per combination.
-    ``other_path`` adds batchless on the kernel path it does not take by default (``batchless+fused`` on
-    CPU, ``batchless+eager`` on CUDA)."""
+    ``other_path`` adds batchless on the kernel paths it does not take by default (``batchless+eager``,
+    ``batchless+compiled``; see :func:`default_path`)."""
     records = []
     for shape_name, shape in shapes.items():
         for dtype_name in dtypes:

@@ -1,0 +1,260 @@
+// One-pass CPU kernels of the batchless training step (see batchless/fused.py).
+//
+// forward:  y = x * scale + shift and the per-channel moments a = mean(x_hat), b = mean(x_hat^2) of
+//           x_hat = (x - mean) * inv, in one read of x (BatchNorm reads it twice: statistics, then output).
+// backward: gx = gy * scale, gweight = sum(gy * x_hat), gbias = sum(gy), in one read of gy and x.
+// Inputs are float32 or bfloat16 (computed in float32), in one of two layouts: contiguous (N, C, L) or
+// "rows" (M, C) with the channel fastest (2-D inputs, channels-last). Partial sums are float32 over at
+// most kBlock elements per channel, then float64. Anything else: an empty result, and the caller takes
+// the eager path.
+#include <torch/extension.h>
+#include <ATen/Parallel.h>
+
+#include <algorithm>
+#include <cstring>
+#include <vector>
+
+namespace {
+
+inline float load(float v) { return v; }
+inline float load(c10::BFloat16 v) {
+  const uint32_t u = static_cast<uint32_t>(v.x) << 16;
+  float f;
+  std::memcpy(&f, &u, 4);
+  return f;
+}
+template <typename T> inline T store(float f);
+template <> inline float store<float>(float f) { return f; }
+template <> inline c10::BFloat16 store<c10::BFloat16>(float f) {  // round to nearest even, NaN stays NaN
+  uint32_t u;
+  std::memcpy(&u, &f, 4);
+  uint32_t r = (u + 0x7FFFu + ((u >> 16) & 1u)) >> 16;
+  r = (u & 0x7FFFFFFFu) > 0x7F800000u ? 0x7FC0u : r;
+  return c10::BFloat16(static_cast<uint16_t>(r), c10::BFloat16::from_bits());
+}
+
+constexpr int64_t kBlock = 1024;      // elements per channel summed in float32 before going to float64
+constexpr int64_t kGrain = 1 << 15;   // elements per thread task, at least
+
+struct Layout {
+  bool ok = false, rows = false;
+  int64_t outer = 0, C = 0, inner = 1;  // (N, C, L) or (M, C, 1)
+};
+
+// (N, C, L) when contiguous with L > 1; (M, C) when dim 1 is the fastest and the others follow in order.
+Layout layout_of(const at::Tensor& t) {
+  Layout v;
+  if (t.dim() < 2 || t.numel() == 0) return v;
+  v.C = t.size(1);
+  const int64_t n = t.size(0), L = t.numel() / (n * v.C);
+  if (t.dim() > 2 && L > 1 && t.is_contiguous()) {
+    v.ok = true, v.outer = n, v.inner = L;
+    return v;
+  }
+  int64_t expected = 1;  // strides of the (0, 2, ..., d-1, 1) permutation, innermost first
+  std::vector<int64_t> order{1};
+  for (int64_t d = t.dim() - 1; d >= 2; --d) order.push_back(d);
+  order.push_back(0);
+  for (int64_t d : order) {
+    if (t.size(d) != 1 && t.stride(d) != expected) return v;
+    expected *= t.size(d);
+  }
+  v.ok = v.rows = true, v.outer = t.numel() / v.C;
+  return v;
+}
+
+// Adds s1[0:n], s2[0:n] to d1, d2 and zeroes them.
+inline void flush(float* s1, float* s2, int64_t n, double& d1, double& d2) {
+  float t1 = 0, t2 = 0;
+#pragma omp simd reduction(+ : t1, t2)
+  for (int64_t i = 0; i < n; ++i) t1 += s1[i], t2 += s2[i];
+  d1 += t1, d2 += t2;
+  std::fill(s1, s1 + n, 0.f);
+  std::fill(s2, s2 + n, 0.f);
+}
+
+constexpr int64_t kLongRow = 256;  // rows this long sum in registers; shorter ones elementwise in arrays
+
+// Two channel sums over a (N, C, L) layout, a task per range of channels. at_channel(c) gives the element
+// function of channel c, term(i, t1, t2), which handles element i and adds its two terms to t1, t2. Long
+// rows are summed in registers, kBlock elements at a time; short ones (L = 64) elementwise into arrays of
+// L accumulators (each holding at most max(16, kBlock / L) terms before they go to float64), so that they
+// vectorize as well as long ones.
+template <typename AtChannel>
+void channel_sums_ncl(const Layout& v, double* out1, double* out2, const AtChannel& at_channel) {
+  const int64_t L = v.inner, rows_per_flush = std::max<int64_t>(16, kBlock / L);
+  at::parallel_for(0, v.C, std::max<int64_t>(1, kGrain / (v.outer * L)), [&](int64_t c0, int64_t c1) {
+    std::vector<float> s1(L < kLongRow ? L : 0), s2(s1.size());
+    for (int64_t c = c0; c < c1; ++c) {
+      const auto term = at_channel(c);
+      double d1 = 0, d2 = 0;
+      for (int64_t n = 0; n < v.outer; ++n) {
+        const int64_t o = (n * v.C + c) * L;
+        if (L >= kLongRow) {
+          for (int64_t l0 = 0; l0 < L; l0 += kBlock) {
+            float t1 = 0, t2 = 0;
+#pragma omp simd reduction(+ : t1, t2)
+            for (int64_t l = l0; l < std::min(L, l0 + kBlock); ++l) term(o + l, t1, t2);
+            d1 += t1, d2 += t2;
+          }
+        } else {
+          float* a1 = s1.data();
+          float* a2 = s2.data();
+#pragma omp simd
+          for (int64_t l = 0; l < L; ++l) term(o + l, a1[l], a2[l]);
+          if ((n + 1) % rows_per_flush == 0 || n + 1 == v.outer) flush(a1, a2, L, d1, d2);
+        }
+      }
+      out1[c] = d1, out2[c] = d2;
+    }
+  });
+}
+
+// The same over a (M, C) layout, a task per block of rows; term(i, c, t1, t2) handles element i, of
+// channel c. Every accumulator holds the terms of a block of 16 to kBlock rows before it goes to float64.
+template <typename Term>
+void channel_sums_rows(const Layout& v, double* out1, double* out2, const Term& term) {
+  const int64_t C = v.C, rows_per_block = std::clamp<int64_t>(8 * kBlock / C, 16, kBlock);
+  const int64_t blocks = (v.outer + rows_per_block - 1) / rows_per_block;
+  std::vector<double> p1(blocks * C), p2(blocks * C);
+  at::parallel_for(0, blocks, std::max<int64_t>(1, kGrain / (rows_per_block * C)), [&](int64_t b0, int64_t b1) {
+    std::vector<float> s1(C), s2(C);
+    float* a1 = s1.data();
+    float* a2 = s2.data();
+    for (int64_t b = b0; b < b1; ++b) {
+      std::fill(s1.begin(), s1.end(), 0.f);
+      std::fill(s2.begin(), s2.end(), 0.f);
+      for (int64_t r = b * rows_per_block, end = std::min(v.outer, r + rows_per_block); r < end; ++r) {
+#pragma omp simd
+        for (int64_t c = 0; c < C; ++c) term(r * C + c, c, a1[c], a2[c]);
+      }
+      std::copy(s1.begin(), s1.end(), p1.begin() + b * C);
+      std::copy(s2.begin(), s2.end(), p2.begin() + b * C);
+    }
+  });
+  std::fill(out1, out1 + C, 0.0);
+  std::fill(out2, out2 + C, 0.0);
+  for (int64_t b = 0; b < blocks; ++b)
+    for (int64_t c = 0; c < C; ++c) out1[c] += p1[b * C + c], out2[c] += p2[b * C + c];
+}
+
+// Forward: y = x * scale + shift; sums of x_hat and x_hat^2, x_hat = (x - mean) * inv.
+template <typename T>
+void forward_kernel(const Layout& v, const T* x, T* y, const float* mean, const float* inv, const float* scale,
+                    const float* shift, double* sum1, double* sum2) {
+  const auto term = [x, y](int64_t i, float m, float iv, float sc, float sh, float& t1, float& t2) {
+    const float xv = load(x[i]), h = (xv - m) * iv;
+    t1 += h, t2 += h * h;
+    y[i] = store<T>(xv * sc + sh);
+  };
+  if (v.rows) {
+    channel_sums_rows(v, sum1, sum2, [&](int64_t i, int64_t c, float& t1, float& t2) {
+      term(i, mean[c], inv[c], scale[c], shift[c], t1, t2);
+    });
+  } else {
+    channel_sums_ncl(v, sum1, sum2, [&](int64_t c) {
+      return [term, m = mean[c], iv = inv[c], sc = scale[c], sh = shift[c]](int64_t i, float& t1, float& t2) {
+        term(i, m, iv, sc, sh, t1, t2);
+      };
+    });
+  }
+}
+
+// Backward: gx = gy * scale; sums of gy * x_hat and gy.
+template <typename T>
+void backward_kernel(const Layout& v, const T* gy, const T* x, T* gx, const float* mean, const float* inv,
+                     const float* scale, double* gweight, double* gbias) {
+  const auto term = [gy, x, gx](int64_t i, float m, float iv, float sc, float& t1, float& t2) {
+    const float g = load(gy[i]);
+    t1 += g * ((load(x[i]) - m) * iv), t2 += g;
+    gx[i] = store<T>(g * sc);
+  };
+  if (v.rows) {
+    channel_sums_rows(v, gweight, gbias, [&](int64_t i, int64_t c, float& t1, float& t2) {
+      term(i, mean[c], inv[c], scale[c], t1, t2);
+    });
+  } else {
+    channel_sums_ncl(v, gweight, gbias, [&](int64_t c) {
+      return [term, m = mean[c], iv = inv[c], sc = scale[c]](int64_t i, float& t1, float& t2) {
+        term(i, m, iv, sc, t1, t2);
+      };
+    });
+  }
+}
+
+bool supported(const at::Tensor& x) {
+  return x.device().is_cpu() && (x.scalar_type() == at::kFloat || x.scalar_type() == at::kBFloat16);
+}
+
+template <typename F>
+void dispatch(const at::Tensor& x, const F& f) {  // f(T{}) for the supported element types
+  if (x.scalar_type() == at::kFloat)
+    f(float{});
+  else
+    f(c10::BFloat16{});
+}
+
+at::Tensor dense(const at::Tensor& p, int64_t C) {  // a (C,) or shared (1,) parameter as (C,) float32
+  auto t = p.detach().to(at::kFloat);
+  return t.size(0) == C ? t.contiguous() : t.expand({C}).contiguous();
+}
+
+// (y, a, b, finite, mean, inv, scale), with finite undefined when every channel is; [] if not supported.
+std::vector<at::Tensor> forward(const at::Tensor& x, const at::Tensor& mean, const at::Tensor& std_,
+                                const c10::optional<at::Tensor>& weight, const c10::optional<at::Tensor>& bias) {
+  const Layout v = layout_of(x);
+  if (!v.ok || !supported(x)) return {};
+  const int64_t C = v.C;
+  const auto mean_c = dense(mean, C), inv = dense(std_, C).reciprocal();
+  const auto scale = weight ? weight->detach().to(at::kFloat) * inv : inv;
+  const auto shift = bias ? at::addcmul(bias->detach().to(at::kFloat), mean_c, scale, -1.0) : -(mean_c * scale);
+  auto y = at::empty_like(x);
+  std::vector<double> sum1(C), sum2(C);
+  dispatch(x, [&](auto zero) {
+    using T = decltype(zero);
+    forward_kernel<T>(v, x.data_ptr<T>(), y.data_ptr<T>(), mean_c.data_ptr<float>(), inv.data_ptr<float>(),
+                      scale.data_ptr<float>(), shift.data_ptr<float>(), sum1.data(), sum2.data());
+  });
+  auto a = at::empty({C}, inv.options()), b = at::empty({C}, inv.options());
+  float* ap = a.data_ptr<float>();
+  float* bp = b.data_ptr<float>();
+  const double n = static_cast<double>(v.outer * v.inner);
+  bool all_finite = true;
+  for (int64_t c = 0; c < C; ++c) {
+    ap[c] = static_cast<float>(sum1[c] / n), bp[c] = static_cast<float>(sum2[c] / n);
+    all_finite = all_finite && std::isfinite(ap[c]) && std::isfinite(bp[c]);
+  }
+  at::Tensor finite;
+  if (!all_finite) {  // such channels add no NLL: a = 0, b = 1
+    finite = at::isfinite(a).logical_and_(at::isfinite(b));
+    a = a.where(finite, 0.0), b = b.where(finite, 1.0);
+  }
+  return {y, a, b, finite, mean_c, inv, scale};
+}
+
+// (gx, gweight, gbias), the last two in float32; [] if gy and x do not share a supported layout.
+std::vector<at::Tensor> backward(const at::Tensor& gy, const at::Tensor& x, const at::Tensor& mean,
+                                 const at::Tensor& inv, const at::Tensor& scale) {
+  const Layout v = layout_of(x), g = layout_of(gy);
+  if (!v.ok || !g.ok || v.rows != g.rows || gy.sizes() != x.sizes() || gy.scalar_type() != x.scalar_type() ||
+      !supported(x))
+    return {};
+  auto gx = at::empty_like(x);
+  std::vector<double> gweight(v.C), gbias(v.C);
+  dispatch(x, [&](auto zero) {
+    using T = decltype(zero);
+    backward_kernel<T>(v, gy.data_ptr<T>(), x.data_ptr<T>(), gx.data_ptr<T>(), mean.data_ptr<float>(),
+                       inv.data_ptr<float>(), scale.data_ptr<float>(), gweight.data(), gbias.data());
+  });
+  auto gw = at::empty({v.C}, inv.options()), gb = at::empty({v.C}, inv.options());
+  std::copy(gweight.begin(), gweight.end(), gw.data_ptr<float>());
+  std::copy(gbias.begin(), gbias.end(), gb.data_ptr<float>());
+  return {gx, gw, gb};
+}
+
+}  // namespace
+
+PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
+  m.def("forward", &forward, "Training forward: (y, a, b, finite, mean, inv, scale), or [] if unsupported");
+  m.def("backward", &backward, "Training backward: (gx, gweight, gbias), or [] if unsupported");
+}

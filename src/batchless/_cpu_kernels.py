@@ -1,0 +1,63 @@
+"""Building and loading the C++ CPU kernels behind :mod:`batchless.fused` (source: ``_cpu_kernels.cpp``).
+
+The kernels are compiled on request, once per machine, by :func:`batchless.fused.build_cpu_kernels` (``make
+install`` calls it; it needs a C++ compiler and ``ninja``), and cached under ``$BATCHLESS_CACHE`` (default
+``~/.cache/batchless``) in a directory named after a hash of the source, the torch and Python versions and
+the CPU capability, so a changed source or an upgraded torch never loads a stale build. Every later process
+loads the cached build in milliseconds, without a compiler; where there is none, batchless stays on the
+eager path.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import importlib.util
+import os
+import sys
+from pathlib import Path
+
+import torch
+
+SOURCE = Path(__file__).with_name("_cpu_kernels.cpp")
+# Instruction sets by the capability ATen itself dispatches to on this CPU (never -march=native: a cache
+# directory shared by different machines would then hold code that some of them cannot run).
+_ARCH_FLAGS = {
+    "AVX512": ["-mavx512f", "-mavx512bw", "-mavx512vl", "-mavx512dq", "-mfma"],
+    "AVX2": ["-mavx2", "-mfma"],
+}
+_loaded: dict = {}
+
+
+def _flags() -> list[str]:
+    return ["-O3", "-fopenmp-simd", *_ARCH_FLAGS.get(torch.backends.cpu.get_cpu_capability(), [])]
+
+
+def _build_dir() -> Path:
+    """The cache directory of this source, torch, Python and CPU capability; its name is the module's name."""
+    key = hashlib.sha256(SOURCE.read_bytes())
+    key.update(" ".join([torch.__version__, sys.version, *_flags()]).encode())
+    root = Path(os.environ.get("BATCHLESS_CACHE") or Path.home() / ".cache" / "batchless")
+    return root / f"batchless_cpu_{key.hexdigest()[:16]}"
+
+
+def load(build: bool = False, verbose: bool = False):
+    """The compiled module (``forward``, ``backward``), or None when it is not built (with ``build``: it is
+    compiled first, showing the compiler's output with ``verbose``; errors propagate). Looked up once per
+    process unless asked to build."""
+    if "module" in _loaded and (_loaded["module"] is not None or not build):
+        return _loaded["module"]
+    directory = _build_dir()
+    library = directory / f"{directory.name}.so"
+    module = None
+    if build:
+        from torch.utils import cpp_extension
+
+        directory.mkdir(parents=True, exist_ok=True)
+        module = cpp_extension.load(directory.name, [str(SOURCE)], extra_cflags=_flags(),
+                                    build_directory=str(directory), verbose=verbose)
+    elif library.is_file():
+        spec = importlib.util.spec_from_file_location(directory.name, library)
+        module = importlib.util.module_from_spec(spec)
+        spec.loader.exec_module(module)
+    _loaded["module"] = module
+    return module
