@@ -110,32 +110,36 @@ void channel_sums_ncl(const Layout& v, double* out1, double* out2, const AtChann
   });
 }
 
-// The same over a (M, C) layout, a task per block of rows; term(i, c, t1, t2) handles element i, of
-// channel c. Every accumulator holds the terms of a block of 16 to kBlock rows before it goes to float64.
+// The same over a (M, C) layout, in tasks of consecutive rows (as many as threads, unless that leaves
+// less than kGrain elements to each); term(i, c, t1, t2) handles element i, of channel c. A task sums into
+// (C,) float accumulators, which go to its float64 ones every kBlock rows; the tasks' sums are added last.
 template <typename Term>
 void channel_sums_rows(const Layout& v, double* out1, double* out2, const Term& term) {
-  const int64_t C = v.C, rows_per_block = std::clamp<int64_t>(8 * kBlock / C, 16, kBlock);
-  const int64_t blocks = (v.outer + rows_per_block - 1) / rows_per_block;
-  std::vector<double> p1(blocks * C), p2(blocks * C);
-  at::parallel_for(0, blocks, std::max<int64_t>(1, kGrain / (rows_per_block * C)), [&](int64_t b0, int64_t b1) {
+  const int64_t C = v.C, M = v.outer;
+  const int64_t rows_per_task = std::max((M + at::get_num_threads() - 1) / at::get_num_threads(), kGrain / C);
+  const int64_t tasks = (M + rows_per_task - 1) / rows_per_task;
+  std::vector<double> p1(tasks * C), p2(tasks * C);
+  at::parallel_for(0, tasks, 1, [&](int64_t t0, int64_t t1) {
     std::vector<float> s1(C), s2(C);
     float* a1 = s1.data();
     float* a2 = s2.data();
-    for (int64_t b = b0; b < b1; ++b) {
-      std::fill(s1.begin(), s1.end(), 0.f);
-      std::fill(s2.begin(), s2.end(), 0.f);
-      for (int64_t r = b * rows_per_block, end = std::min(v.outer, r + rows_per_block); r < end; ++r) {
+    for (int64_t t = t0; t < t1; ++t) {
+      double* d1 = p1.data() + t * C;
+      double* d2 = p2.data() + t * C;
+      const int64_t r0 = t * rows_per_task, r1 = std::min(M, r0 + rows_per_task);
+      for (int64_t r = r0; r < r1; ++r) {
 #pragma omp simd
         for (int64_t c = 0; c < C; ++c) term(r * C + c, c, a1[c], a2[c]);
+        if ((r - r0 + 1) % kBlock == 0 || r + 1 == r1) {
+          for (int64_t c = 0; c < C; ++c) d1[c] += a1[c], d2[c] += a2[c], a1[c] = 0.f, a2[c] = 0.f;
+        }
       }
-      std::copy(s1.begin(), s1.end(), p1.begin() + b * C);
-      std::copy(s2.begin(), s2.end(), p2.begin() + b * C);
     }
   });
   std::fill(out1, out1 + C, 0.0);
   std::fill(out2, out2 + C, 0.0);
-  for (int64_t b = 0; b < blocks; ++b)
-    for (int64_t c = 0; c < C; ++c) out1[c] += p1[b * C + c], out2[c] += p2[b * C + c];
+  for (int64_t t = 0; t < tasks; ++t)
+    for (int64_t c = 0; c < C; ++c) out1[c] += p1[t * C + c], out2[c] += p2[t * C + c];
 }
 
 // Forward: y = x * scale + shift; sums of x_hat and x_hat^2, x_hat = (x - mean) * inv.

@@ -29,7 +29,7 @@ _loaded: dict = {}
 
 
 def _flags() -> list[str]:
-    return ["-O3", "-fopenmp-simd", *_ARCH_FLAGS.get(torch.backends.cpu.get_cpu_capability(), [])]
+    return ["-O3", "-fopenmp", *_ARCH_FLAGS.get(torch.backends.cpu.get_cpu_capability(), [])]
 
 
 def _build_dir() -> Path:
@@ -53,7 +53,7 @@ def load(build: bool = False, verbose: bool = False):
         from torch.utils import cpp_extension
 
         directory.mkdir(parents=True, exist_ok=True)
-        module = cpp_extension.load(directory.name, [str(SOURCE)], extra_cflags=_flags(),
+        module = cpp_extension.load(directory.name, [str(SOURCE)], extra_cflags=_flags(), extra_ldflags=["-fopenmp"],
                                     build_directory=str(directory), verbose=verbose)
     elif library.is_file():
         spec = importlib.util.spec_from_file_location(directory.name, library)
