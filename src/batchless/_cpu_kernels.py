@@ -32,10 +32,16 @@ def _flags() -> list[str]:
     return ["-O3", "-fopenmp", *_ARCH_FLAGS.get(torch.backends.cpu.get_cpu_capability(), [])]
 
 
+def _link_flags() -> list[str]:
+    """OpenMP from the runtime torch itself loaded (one thread pool in the process), else the compiler's."""
+    bundled = sorted((Path(torch.__file__).parent / "lib").glob("libgomp*.so*"))
+    return [f"-L{bundled[0].parent}", f"-l:{bundled[0].name}"] if bundled else ["-fopenmp"]
+
+
 def _build_dir() -> Path:
     """The cache directory of this source, torch, Python and CPU capability; its name is the module's name."""
     key = hashlib.sha256(SOURCE.read_bytes())
-    key.update(" ".join([torch.__version__, sys.version, *_flags()]).encode())
+    key.update(" ".join([torch.__version__, sys.version, *_flags(), *_link_flags()]).encode())
     root = Path(os.environ.get("BATCHLESS_CACHE") or Path.home() / ".cache" / "batchless")
     return root / f"batchless_cpu_{key.hexdigest()[:16]}"
 
@@ -53,7 +59,7 @@ def load(build: bool = False, verbose: bool = False):
         from torch.utils import cpp_extension
 
         directory.mkdir(parents=True, exist_ok=True)
-        module = cpp_extension.load(directory.name, [str(SOURCE)], extra_cflags=_flags(), extra_ldflags=["-fopenmp"],
+        module = cpp_extension.load(directory.name, [str(SOURCE)], extra_cflags=_flags(), extra_ldflags=_link_flags(),
                                     build_directory=str(directory), verbose=verbose)
     elif library.is_file():
         spec = importlib.util.spec_from_file_location(directory.name, library)
