@@ -6,6 +6,7 @@ takes by default and the tests force with ``set_fused("compiled")``, so that on 
 with Inductor's C++ backend (CUDA: Triton, where a device is present).
 """
 
+import contextlib
 import os
 import shutil
 import subprocess
@@ -56,23 +57,29 @@ def native_runs(monkeypatch, cpu_kernels):
     """The native kernels (what auto mode takes on CPU once they are built), their calls counted."""
     monkeypatch.setattr(fused, "_mode", "auto")
     calls = []
-    counted = types.SimpleNamespace(forward=_counted(calls, cpu_kernels.forward, "forward"),
-                                    backward=_counted(calls, cpu_kernels.backward, "backward"))
+    counted = types.SimpleNamespace(**{name: _counted(calls, getattr(cpu_kernels, name), name)
+                                       for name in ("forward", "backward", "train")})
     monkeypatch.setitem(_cpu_kernels._loaded, "module", counted)
     return calls
 
 
 DEVICES = ["cpu", pytest.param("cuda", marks=pytest.mark.skipif(not torch.cuda.is_available(), reason="no CUDA"))]
-KERNELS = [("compiled", "cpu"), ("native", "cpu"),
+KERNELS = [("compiled", "cpu"), ("native", "cpu"), ("native-weighted", "cpu"),
            pytest.param(("compiled", "cuda"), marks=pytest.mark.skipif(not torch.cuda.is_available(),
                                                                       reason="no CUDA"))]
 
 
 @pytest.fixture
 def kernel_runs(request):
-    """(the kernels' calls, device) for a ("compiled" | "native", device) parameter."""
+    """(the kernels' calls, device, the block to run the step in, the calls a step with affine makes) for a
+    (kernels, device) parameter. "native": the one-node C++ step; "native-weighted": the native kernels
+    under the Python autograd Function, which a tensor NLL weight (read at backward time) takes."""
     kernels, device = request.param
-    return request.getfixturevalue(f"{kernels}_runs"), device
+    calls = request.getfixturevalue(f"{kernels.split('-')[0]}_runs")
+    if kernels == "native":
+        return calls, device, contextlib.nullcontext(), lambda affine: [("train", True)]
+    block = bl.nll_weight(torch.tensor(1.0)) if kernels == "native-weighted" else contextlib.nullcontext()
+    return calls, device, block, lambda affine: [("forward", True)] + [("backward", True)] * affine
 
 
 def make_layer(shape, affine=True, shared=False, device="cpu"):
@@ -100,14 +107,15 @@ CASES = [  # (shape, dtype, memory format, affine, shared)
 @pytest.mark.parametrize("kernel_runs", KERNELS, indirect=True, ids=lambda k: "-".join(k))
 @pytest.mark.parametrize("shape, dtype, fmt, affine, shared", CASES)
 def test_fused_matches_naive_formula(kernel_runs, shape, dtype, fmt, affine, shared):
-    calls, device = kernel_runs
+    calls, device, block, expected_calls = kernel_runs
     layer = make_layer(shape, affine, shared, device)
     x = (torch.randn(shape) * 2 + 1).to(device, dtype).contiguous(memory_format=fmt).requires_grad_()
     g = torch.randn(shape).to(device, dtype).contiguous(memory_format=fmt)
-    y = layer(x)
-    got = torch.autograd.grad(y, [x, *layer.parameters()], g)
+    with block:
+        y = layer(x)
+        got = torch.autograd.grad(y, [x, *layer.parameters()], g)
     # the forward always fuses; the backward does when x, weight and bias all need gradients
-    assert calls == [("forward", True)] + [("backward", True)] * affine
+    assert calls == expected_calls(affine)
     assert y.dtype == dtype and y.is_contiguous(memory_format=fmt)
     assert got[0].dtype == dtype and got[0].is_contiguous(memory_format=fmt)
 
@@ -122,13 +130,14 @@ def test_fused_matches_naive_formula(kernel_runs, shape, dtype, fmt, affine, sha
         torch.testing.assert_close(a.double(), b, rtol=tol, atol=tol * b.abs().max().item(), msg=name)
 
 
-@pytest.mark.parametrize("kernel_runs", KERNELS[:2], indirect=True, ids=lambda k: "-".join(k))
-def test_fused_backward_falls_back_for_another_gradient_layout(kernel_runs):
-    calls, _ = kernel_runs
+@pytest.mark.parametrize("kernel_runs", KERNELS[:3], indirect=True, ids=lambda k: "-".join(k))
+def test_fused_backward_takes_another_gradient_layout(kernel_runs):
+    calls, _, block, expected_calls = kernel_runs
     layer = make_layer((4, 6, 5, 7))
     x = torch.randn(4, 6, 5, 7, requires_grad=True)
-    got = torch.autograd.grad(layer(x).sum(), [x, *layer.parameters()])  # an expanded (stride 0) gradient
-    assert calls[0] == ("forward", True) and ("backward", True) not in calls
+    with block:  # an expanded (stride 0) gradient: the Python path falls back to eager, the node copies it
+        got = torch.autograd.grad(layer(x).sum(), [x, *layer.parameters()])
+    assert calls[0] in {("forward", True), ("train", True)} and ("backward", True) not in calls
     fused.set_fused("never")
     want = torch.autograd.grad(layer(x).sum(), [x, *layer.parameters()])
     for a, b in zip(got, want, strict=True):
@@ -193,7 +202,7 @@ def test_native_nonfinite_channels_add_no_nll(native_runs):
     x[2, 1, 0], x[5, 3, 1] = float("nan"), float("inf")
     with pytest.warns(UserWarning, match="NaN/Inf"):
         layer(x)
-    assert native_runs == [("forward", True)]
+    assert native_runs == [("train", True)]
     b_native = layer._last.b
     fused.set_fused("never")
     layer(x)
@@ -210,7 +219,7 @@ def test_native_kernels_sum_precisely_over_many_elements(native_runs, shape):
         layer.mean.zero_(), layer.set_std(torch.ones(2))
     x = torch.randn(shape, generator=torch.Generator().manual_seed(0)) * 0.1 + 3.0
     layer(x)
-    assert native_runs == [("forward", True)]
+    assert native_runs == [("train", True)]
     torch.testing.assert_close(layer._last.b.double(), x.double().square().mean((0, *range(2, x.dim()))),
                                rtol=1e-6, atol=0)
 
@@ -234,3 +243,67 @@ def test_build_failure_warns_and_stays_eager(monkeypatch, tmp_path):
         assert not fused.build_cpu_kernels()
     monkeypatch.setattr(fused, "_mode", "auto")
     assert fused.path(torch.ones(2, 3)) == "eager"
+
+
+def _step(layer, x, mode, loss=lambda y: (y * torch.linspace(-1, 1, y.numel()).view_as(y)).sum(), block=None):
+    """Gradients of ``loss(layer(x))`` (+ the explicit NLL) for x (when it requires one) and the parameters,
+    on the kernels of ``mode``."""
+    previous = fused.set_fused(mode)
+    try:
+        with block or contextlib.nullcontext():
+            y = layer(x)
+            total = loss(y) + (bl.nll_loss(layer) if layer.nll == "explicit" else 0)
+            inputs = [x] * x.requires_grad + list(layer.parameters())
+            return torch.autograd.grad(total, inputs, allow_unused=True)
+    finally:
+        fused.set_fused(previous)
+
+
+NODE_CASES = {  # name: (layer arguments, x dtype, parameter dtype, x requires grad, NLL weight block)
+    "nested-float-blocks": ({}, torch.float32, torch.float32, True, lambda: _nested(0.5, 0.25)),
+    "explicit": ({"nll": "explicit"}, torch.float32, torch.float32, True, None),
+    "bfloat16-parameters": ({}, torch.bfloat16, torch.bfloat16, True, None),
+    "input-without-gradient": ({}, torch.float32, torch.float32, False, None),
+    "shared-no-affine": ({"shared": True, "affine": False}, torch.float32, torch.float32, True, None),
+}
+
+
+@contextlib.contextmanager
+def _nested(*weights):
+    with contextlib.ExitStack() as stack:
+        for w in weights:
+            stack.enter_context(bl.nll_weight(w))
+        yield
+
+
+@pytest.mark.parametrize("case", NODE_CASES)
+def test_native_node_matches_the_eager_path(native_runs, case):
+    kwargs, dtype, param_dtype, needs_grad, block = NODE_CASES[case]
+    torch.manual_seed(0)
+    layer = bl.BatchlessNorm2d(6, **kwargs).to(param_dtype)
+    with torch.no_grad():
+        for p in layer.parameters():
+            p.uniform_(0.5, 1.5)
+    x = (torch.randn(4, 6, 5, 5) * 2).to(dtype).requires_grad_(needs_grad)
+    got = _step(layer, x, "auto", block=block and block())
+    assert native_runs == [("train", True)]
+    want = _step(layer, x, "never", block=block and block())
+    tol = 2**-7 if dtype == torch.bfloat16 else 1e-5
+    for a, b in zip(got, want, strict=True):
+        assert a.dtype == b.dtype
+        torch.testing.assert_close(a, b, rtol=tol, atol=tol * b.abs().max().item())
+
+
+def test_native_node_double_backward_matches_the_eager_path(native_runs):
+    layer = make_layer((4, 6, 5, 5))
+    x = torch.randn(4, 6, 5, 5, requires_grad=True)
+
+    def penalty(y):  # a gradient penalty: the gradient of the output's energy, differentiated again
+        (gx,) = torch.autograd.grad(y.square().sum(), x, create_graph=True)
+        return gx.square().sum()
+
+    got = _step(layer, x, "auto", loss=penalty)
+    assert ("train", True) in native_runs
+    want = _step(layer, x, "never", loss=penalty)
+    for a, b in zip(got, want, strict=True):
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6)

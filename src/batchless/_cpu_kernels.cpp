@@ -204,8 +204,9 @@ at::Tensor dense(const at::Tensor& p, int64_t C) {  // a (C,) or shared (1,) par
 }
 
 // (y, a, b, finite, mean, inv, scale), with finite undefined when every channel is; [] if not supported.
-std::vector<at::Tensor> forward(const at::Tensor& x, const at::Tensor& mean, const at::Tensor& std_,
-                                const c10::optional<at::Tensor>& weight, const c10::optional<at::Tensor>& bias) {
+std::vector<at::Tensor> batchless_forward(const at::Tensor& x, const at::Tensor& mean, const at::Tensor& std_,
+                                          const c10::optional<at::Tensor>& weight,
+                                          const c10::optional<at::Tensor>& bias) {
   const Layout v = layout_of(x);
   if (!v.ok || !supported(x)) return {};
   const int64_t C = v.C;
@@ -237,8 +238,8 @@ std::vector<at::Tensor> forward(const at::Tensor& x, const at::Tensor& mean, con
 }
 
 // (gx, gweight, gbias), the last two in float32; [] if gy and x do not share a supported layout.
-std::vector<at::Tensor> backward(const at::Tensor& gy, const at::Tensor& x, const at::Tensor& mean,
-                                 const at::Tensor& inv, const at::Tensor& scale) {
+std::vector<at::Tensor> batchless_backward(const at::Tensor& gy, const at::Tensor& x, const at::Tensor& mean,
+                                           const at::Tensor& inv, const at::Tensor& scale) {
   const Layout v = layout_of(x), g = layout_of(gy);
   if (!v.ok || !g.ok || v.rows != g.rows || gy.sizes() != x.sizes() || gy.scalar_type() != x.scalar_type() ||
       !supported(x))
@@ -256,9 +257,85 @@ std::vector<at::Tensor> backward(const at::Tensor& gy, const at::Tensor& x, cons
   return {gx, gw, gb};
 }
 
+// The whole training step as one autograd node, for the common case of a float NLL weight (or none:
+// explicit mode), what functional._BatchlessTrainEager does with these kernels, without Python's
+// per-node costs. Gradients: x, weight, bias by the kernel above (the gradient copied into x's layout when
+// it arrives in another); mean, std: nll_weight * dNLL = nll_weight / C * (-a, 1 - b) / std (autograd sums
+// these (C,) gradients for a shared (1,) Gaussian). A backward that records a graph (double backward) uses
+// differentiable ATen operations.
+struct Train : public torch::autograd::Function<Train> {
+  static at::Tensor forward(torch::autograd::AutogradContext* ctx, const at::Tensor& x, const at::Tensor& mean,
+                            const at::Tensor& std_, const c10::optional<at::Tensor>& weight,
+                            const c10::optional<at::Tensor>& bias, c10::optional<double> nll_weight,
+                            std::vector<at::Tensor>* side) {
+    auto out = batchless_forward(x, mean, std_, weight, bias);  // y, a, b, finite, mean_c, inv, scale
+    ctx->save_for_backward({x, out[4], out[5], out[6], out[1], out[2]});
+    ctx->saved_data["nll_weight"] = nll_weight ? *nll_weight : -1.0;
+    ctx->saved_data["weight_dtype"] = weight ? weight->scalar_type() : at::kFloat;
+    ctx->saved_data["affine"] = weight.has_value();
+    ctx->set_materialize_grads(false);
+    *side = {out[1], out[2], out[3]};
+    return out[0];
+  }
+
+  static torch::autograd::variable_list backward(torch::autograd::AutogradContext* ctx,
+                                                 torch::autograd::variable_list grads) {
+    const auto saved = ctx->get_saved_variables();
+    const at::Tensor &x = saved[0], &mean = saved[1], &inv = saved[2], &scale = saved[3];
+    const at::Tensor &gy = grads[0];
+    at::Tensor gx, gmean, gstd, gweight, gbias;
+    if (gy.defined()) {
+      if (at::GradMode::is_enabled()) {
+        std::vector<int64_t> view(x.dim(), 1), dims{0};
+        view[1] = x.size(1);
+        for (int64_t d = 2; d < x.dim(); ++d) dims.push_back(d);
+        gx = gy * scale.view(view).to(gy.scalar_type());
+        gweight = (gy.to(at::kFloat) * ((x.to(at::kFloat) - mean.view(view)) * inv.view(view))).sum(dims);
+        gbias = gy.to(at::kFloat).sum(dims);
+      } else {
+        const Layout v = layout_of(x), g = layout_of(gy);
+        const bool same = g.ok && g.rows == v.rows && gy.scalar_type() == x.scalar_type();
+        auto out = batchless_backward(same ? gy : at::empty_like(x).copy_(gy), x, mean, inv, scale);
+        gx = out[0], gweight = out[1], gbias = out[2];
+      }
+      const auto dtype = ctx->saved_data["weight_dtype"].toScalarType();
+      if (!ctx->saved_data["affine"].toBool()) {
+        gweight = gbias = at::Tensor();
+      } else if (dtype != at::kFloat) {
+        gweight = gweight.to(dtype), gbias = gbias.to(dtype);
+      }
+    }
+    const double nll_weight = ctx->saved_data["nll_weight"].toDouble();
+    if (nll_weight >= 0) {
+      const at::Tensor &a = saved[4], &b = saved[5];
+      const int64_t C = a.size(0);
+      gmean = at::empty_like(a), gstd = at::empty_like(a);
+      const float *ap = a.data_ptr<float>(), *bp = b.data_ptr<float>(), *ip = inv.data_ptr<float>();
+      float *gm = gmean.data_ptr<float>(), *gs = gstd.data_ptr<float>();
+      for (int64_t c = 0; c < C; ++c) {
+        const float k = ip[c] * static_cast<float>(nll_weight / C);
+        gm[c] = -ap[c] * k, gs[c] = (1.f - bp[c]) * k;
+      }
+    }
+    return {gx, gmean, gstd, gweight, gbias, at::Tensor(), at::Tensor()};
+  }
+};
+
+// train(x, mean, std, weight, bias, nll_weight) -> [y, a, b, finite] through the Train node, or [] where
+// the kernels do not apply.
+std::vector<at::Tensor> train(const at::Tensor& x, const at::Tensor& mean, const at::Tensor& std_,
+                              const c10::optional<at::Tensor>& weight, const c10::optional<at::Tensor>& bias,
+                              c10::optional<double> nll_weight) {
+  if (!layout_of(x).ok || !supported(x)) return {};
+  std::vector<at::Tensor> side;
+  auto y = Train::apply(x, mean, std_, weight, bias, nll_weight, &side);
+  return {y, side[0], side[1], side[2]};
+}
+
 }  // namespace
 
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
-  m.def("forward", &forward, "Training forward: (y, a, b, finite, mean, inv, scale), or [] if unsupported");
-  m.def("backward", &backward, "Training backward: (gx, gweight, gbias), or [] if unsupported");
+  m.def("forward", &batchless_forward, "Training forward: (y, a, b, finite, mean, inv, scale), or [] if unsupported");
+  m.def("backward", &batchless_backward, "Training backward: (gx, gweight, gbias), or [] if unsupported");
+  m.def("train", &train, "Training step as one autograd node: (y, a, b, finite), or [] if unsupported");
 }

@@ -28,6 +28,7 @@ from __future__ import annotations
 
 import contextlib
 import math
+import numbers
 
 import torch
 from torch import Tensor
@@ -264,8 +265,7 @@ class _BatchlessTrainEager(torch.autograd.Function):
     the finiteness check read on the host for CPU tensors."""
 
     @staticmethod
-    def forward(ctx, x, mean, std, weight, bias, nll_weight, side):
-        kernels = _fused.path(x)
+    def forward(ctx, x, mean, std, weight, bias, nll_weight, side, kernels):
         with _autocast_off(x):
             out = _fused.native_forward(x, mean, std, weight, bias) if kernels == "native" else None
             y, a, b, finite, mean_c, inv, scale = out or _train_maths(
@@ -284,7 +284,7 @@ class _BatchlessTrainEager(torch.autograd.Function):
         x, mean_c, weight = ctx.saved_tensors
         inv, scale, a, b = ctx.stats
         return *_train_grads(gy, x, mean_c, inv, scale, weight, a, b, ctx.needs_input_grad, ctx.nll_weight,
-                             ctx.shared, ctx.kernels), None, None
+                             ctx.shared, ctx.kernels), None, None, None
 
 
 def nll_from_moments(mean: Tensor, std: Tensor, a: Tensor, b: Tensor) -> Tensor:
@@ -329,6 +329,22 @@ def train_forward(x: Tensor, mean: Tensor, std: Tensor, weight: Tensor | None, b
         mean, std = mean.detach(), std.detach()
     if torch.compiler.is_compiling() or torch._C._functorch.is_functorch_wrapped_tensor(x):
         return _BatchlessTrain.apply(x, mean, std, weight, bias, nll_weight)[:4]
+    kernels = _fused.path(x)
+    if kernels == "native":  # one C++ autograd node for numeric NLL weights
+        weight_nll = _number(nll_weight)
+        out = None if weight_nll is False else _fused.native_train(x, mean, std, weight, bias, weight_nll)
+        if out:
+            return tuple(out)
     side = []
-    y = _BatchlessTrainEager.apply(x, mean, std, weight, bias, nll_weight, side)
+    y = _BatchlessTrainEager.apply(x, mean, std, weight, bias, nll_weight, side, kernels)
     return y, *side
+
+
+def _number(nll_weight) -> float | None | bool:
+    """An NLL weight as a float (None stays None), or False for weights read at backward time (tensors,
+    GradScalers)."""
+    if nll_weight is None or type(nll_weight) is float:
+        return nll_weight
+    if isinstance(nll_weight, tuple) and all(isinstance(w, numbers.Real) for w in nll_weight):
+        return float(math.prod(nll_weight))
+    return False

@@ -175,6 +175,13 @@ def forward(x: Tensor, mean: Tensor, inv: Tensor, scale: Tensor, bias: Tensor | 
     return None if out is None else (_uncanonical(out[0], x), out[1], out[2])
 
 
+def native_train(x: Tensor, mean: Tensor, std: Tensor, weight: Tensor | None, bias: Tensor | None,
+                 nll_weight: float | None):
+    """``(y, a, b, finite)`` of :func:`batchless.functional.train_forward` with a numeric NLL weight, its
+    backward one C++ autograd node, or an empty list where the eager path must do it."""
+    return _cpu_kernels.load().train(x, mean, std, weight, bias, nll_weight)
+
+
 def native_forward(x: Tensor, mean: Tensor, std: Tensor, weight: Tensor | None, bias: Tensor | None):
     """``(y, a, b, finite, mean_c, inv, scale)`` as :func:`batchless.functional._train_maths` gives them
     (host-checked ``finite``), from the native CPU kernels, or None where the eager path must do it."""
