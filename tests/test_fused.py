@@ -307,3 +307,22 @@ def test_native_node_double_backward_matches_the_eager_path(native_runs):
     want = _step(layer, x, "never", loss=penalty)
     for a, b in zip(got, want, strict=True):
         torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.parametrize("given", ["weight", "bias"])
+def test_native_node_takes_weight_or_bias_alone(native_runs, given):
+    torch.manual_seed(0)
+    x = torch.randn(8, 5, 3, requires_grad=True)
+    mean, std, p = (torch.rand(5, requires_grad=True) + 0.5 for _ in range(3))
+    args = (p, None) if given == "weight" else (None, p)
+
+    def grads(mode):
+        fused.set_fused(mode)
+        y, *_ = bl.functional.train_forward(x, mean, std, *args, 1.0)
+        return torch.autograd.grad((y * y).sum(), [x, mean, std, p])
+
+    got, want = grads("auto"), grads("never")
+    fused.set_fused("auto")
+    assert native_runs == [("train", True)]
+    for a, b in zip(got, want, strict=True):
+        torch.testing.assert_close(a, b)

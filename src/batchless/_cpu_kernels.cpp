@@ -272,7 +272,9 @@ struct Train : public torch::autograd::Function<Train> {
     ctx->save_for_backward({x, out[4], out[5], out[6], out[1], out[2]});
     ctx->saved_data["nll_weight"] = nll_weight ? *nll_weight : -1.0;
     ctx->saved_data["weight_dtype"] = weight ? weight->scalar_type() : at::kFloat;
-    ctx->saved_data["affine"] = weight.has_value();
+    ctx->saved_data["bias_dtype"] = bias ? bias->scalar_type() : at::kFloat;
+    ctx->saved_data["weight"] = weight.has_value();
+    ctx->saved_data["bias"] = bias.has_value();
     ctx->set_materialize_grads(false);
     *side = {out[1], out[2], out[3]};
     return out[0];
@@ -298,12 +300,11 @@ struct Train : public torch::autograd::Function<Train> {
         auto out = batchless_backward(same ? gy : at::empty_like(x).copy_(gy), x, mean, inv, scale);
         gx = out[0], gweight = out[1], gbias = out[2];
       }
-      const auto dtype = ctx->saved_data["weight_dtype"].toScalarType();
-      if (!ctx->saved_data["affine"].toBool()) {
-        gweight = gbias = at::Tensor();
-      } else if (dtype != at::kFloat) {
-        gweight = gweight.to(dtype), gbias = gbias.to(dtype);
-      }
+      // (a gradient for each parameter given, in its dtype)
+      gweight = ctx->saved_data["weight"].toBool() ? gweight.to(ctx->saved_data["weight_dtype"].toScalarType())
+                                                   : at::Tensor();
+      gbias = ctx->saved_data["bias"].toBool() ? gbias.to(ctx->saved_data["bias_dtype"].toScalarType())
+                                               : at::Tensor();
     }
     const double nll_weight = ctx->saved_data["nll_weight"].toDouble();
     if (nll_weight >= 0) {

@@ -191,7 +191,7 @@ def _train_grads(gy, x, mean_c, inv, scale, weight, a, b, needs, nll_weight, sha
         if needs[0]:  # one multiply (native eval-mode backward is 1.5-3x slower on CPU); in bfloat16/float16
             # the per-channel factor is rounded to x's dtype first: <= 2**-8 relative error, not 2**-9
             gx = gy * _cast(scale, gy.dtype).reshape(view)
-        if w is not None and (needs[3] or needs[4]):
+        if needs[3] or needs[4]:
             if x.numel() == 0 or (not torch.compiler.is_compiling()
                                   and torch._C._functorch.is_functorch_wrapped_tensor(gy)):
                 # The native CPU kernel divides by N (SIGFPE on an empty batch) and has no vmap rule
