@@ -230,8 +230,9 @@ class _BatchlessTrain(torch.autograd.Function):
     the sums of batch norm's training-mode backward); mean/std are constants in this path. When
     ``nll_weight`` is not None (implicit mode) backward also gives mean/std ``nll_weight * dNLL``;
     otherwise mean/std get no gradient here.
-    This setup_context-style Function serves torch.func transforms; eager code uses the lighter
-    :class:`_BatchlessTrainEager`, which computes the same thing.
+    This setup_context-style Function serves torch.func transforms and torch.compile; eager code uses the
+    lighter :class:`_BatchlessTrainEager`, or, on CPU with the native kernels built and a numeric NLL weight,
+    their one-node C++ equivalent (``Train`` in ``_cpu_kernels.cpp``); all compute the same thing.
     """
 
     generate_vmap_rule = True  # per-sample gradients with torch.func (the layer is per-instance)
