@@ -37,7 +37,8 @@ def test_speed_quick_writes_json(tmp_path, capsys):
         assert rec["results"]["bn"]["ratio_to_bn"] == 1.0
     assert {r["mode"] for r in result["models"]} == {"train", "infer"}
     fold = result["fold"]  # None only while batchless_experiments.bench_fold is not installed
-    assert fold is None or (_finite(fold["ratio"]) and fold["batchless_layers_left"] == 0)
+    assert fold is None or (_finite(fold["ratio"]) and _finite(fold["ratio_biased"])
+                            and fold["batchless_layers_left"] == 0)
     table = capsys.readouterr().out
     assert table.startswith("| benchmark |") and "resnet" in table
 

@@ -2,11 +2,15 @@
 
 The model is the small ResNet of :mod:`.bench_speed` (every batchless layer follows a convolution, so all
 fold away). Candidates are timed interleaved (order alternating per round); the reported ratio is the
-median over rounds of the paired ratio folded / no-normalization, so 1.0 means "costs nothing".
+median over rounds of the paired ratio folded / no-normalization, so 1.0 means "costs nothing". Folding
+gives every convolution a bias, which the no-normalization ResNet (bias-free convolutions, as in the
+normalized ones) lacks; ``ratio_biased`` compares with that ResNet given zero conv biases, i.e. what the
+folded network costs beyond a network without normalization that has them.
 """
 
 from __future__ import annotations
 
+import copy
 import statistics
 
 import torch
@@ -36,14 +40,18 @@ def benchmark_fold(batch: int = 32, image: int = 32, *, rounds: int = 30, warmup
     with torch.no_grad():
         want = model(x)
         max_rel_diff = ((folded(x) - want).abs().max() / want.abs().max()).item()
-    fns = {"none": inference_step(plain, x), "folded": inference_step(folded, x),
-           "batchless": inference_step(model, x)}
+    biased = copy.deepcopy(plain)
+    for conv in biased.modules():
+        if isinstance(conv, torch.nn.Conv2d) and conv.bias is None:
+            conv.bias = torch.nn.Parameter(torch.zeros(conv.out_channels, device=device))
+    fns = {"none": inference_step(plain, x), "none+bias": inference_step(biased, x),
+           "folded": inference_step(folded, x), "batchless": inference_step(model, x)}
     samples = time_interleaved(fns, rounds=rounds, inner=1 if quick else None, warmup=warmup, device=device)
     results = {name: {k: v for k, v in rec.items() if k != "ratio_to_bn"}
                for name, rec in summarize(samples, reference="none").items()}
 
-    def paired(name: str) -> float:
-        return statistics.median(t / r for t, r in zip(samples[name], samples["none"], strict=True))
+    def paired(name: str, reference: str = "none") -> float:
+        return statistics.median(t / r for t, r in zip(samples[name], samples[reference], strict=True))
 
     return {
         "model": f"resnet{2 + 2 * len(widths)}-{'-'.join(map(str, widths))}",
@@ -53,6 +61,7 @@ def benchmark_fold(batch: int = 32, image: int = 32, *, rounds: int = 30, warmup
         "rounds": rounds,
         "results": results,
         "ratio": paired("folded"),
+        "ratio_biased": paired("folded", "none+bias"),
         "ratio_unfolded": paired("batchless"),
         "max_rel_diff": max_rel_diff,
         "batchless_layers_left": sum(1 for _ in bl.loss.batchless_layers(folded)),
