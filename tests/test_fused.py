@@ -326,3 +326,25 @@ def test_native_node_takes_weight_or_bias_alone(native_runs, given):
     assert native_runs == [("train", True)]
     for a, b in zip(got, want, strict=True):
         torch.testing.assert_close(a, b)
+
+
+@pytest.mark.parametrize("threads", [1, 2])
+@pytest.mark.parametrize("shape, fmt", [
+    ((64, 8, 256), torch.contiguous_format), ((64, 16, 8, 8), torch.contiguous_format),
+    ((4096, 16), torch.contiguous_format), ((32, 8, 16, 16), torch.channels_last)],
+    ids=["long-rows", "short-rows", "rows", "channels-last"])
+def test_native_kernels_split_across_threads_alike(native_runs, threads, shape, fmt):
+    # large enough (32k elements per task at least) that the kernels give each of 2 threads a task
+    layer = make_layer(shape)
+    x = torch.randn(shape).contiguous(memory_format=fmt).requires_grad_()
+    g = torch.randn(shape).contiguous(memory_format=fmt)
+    previous = torch.get_num_threads()
+    torch.set_num_threads(threads)
+    try:
+        got = torch.autograd.grad(layer(x), [x, *layer.parameters()], g)
+    finally:
+        torch.set_num_threads(previous)
+    assert native_runs == [("train", True)]
+    want = _step(layer, x, "never", loss=lambda y: (y * g).sum())
+    for a, b in zip(got, want, strict=True):
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-5 * b.abs().max().item())
