@@ -348,3 +348,16 @@ def test_native_kernels_split_across_threads_alike(native_runs, threads, shape, 
     want = _step(layer, x, "never", loss=lambda y: (y * g).sum())
     for a, b in zip(got, want, strict=True):
         torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-5 * b.abs().max().item())
+
+
+def test_damaged_cached_build_warns_and_stays_eager(monkeypatch, tmp_path):
+    monkeypatch.setenv("BATCHLESS_CACHE", str(tmp_path))
+    monkeypatch.setattr(_cpu_kernels, "_loaded", {})
+    monkeypatch.setattr(fused, "_mode", "auto")
+    directory = _cpu_kernels._build_dir()
+    directory.mkdir(parents=True)
+    (directory / f"{directory.name}.so").write_bytes(b"not a shared library")
+    with pytest.warns(UserWarning, match="cached CPU kernels .* did not load"):
+        assert fused.path(torch.ones(2, 3)) == "eager"
+    layer = make_layer((4, 3))
+    layer(torch.randn(4, 3)).sum().backward()  # trains on the eager path

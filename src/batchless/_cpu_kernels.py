@@ -14,6 +14,7 @@ import hashlib
 import importlib.util
 import os
 import sys
+import warnings
 from pathlib import Path
 
 import torch
@@ -47,9 +48,10 @@ def _build_dir() -> Path:
 
 
 def load(build: bool = False, verbose: bool = False):
-    """The compiled module (``forward``, ``backward``), or None when it is not built (with ``build``: it is
-    compiled first, showing the compiler's output with ``verbose``; errors propagate). Looked up once per
-    process unless asked to build."""
+    """The compiled module (``forward``, ``backward``, ``train``), or None when it is not built or its
+    cached build does not load (a warning says why). With ``build`` it is compiled first, showing the
+    compiler's output with ``verbose``; compiler errors propagate. Looked up once per process unless asked
+    to build."""
     if "module" in _loaded and (_loaded["module"] is not None or not build):
         return _loaded["module"]
     directory = _build_dir()
@@ -62,8 +64,14 @@ def load(build: bool = False, verbose: bool = False):
         module = cpp_extension.load(directory.name, [str(SOURCE)], extra_cflags=_flags(), extra_ldflags=_link_flags(),
                                     build_directory=str(directory), verbose=verbose)
     elif library.is_file():
-        spec = importlib.util.spec_from_file_location(directory.name, library)
-        module = importlib.util.module_from_spec(spec)
-        spec.loader.exec_module(module)
+        try:
+            spec = importlib.util.spec_from_file_location(directory.name, library)
+            module = importlib.util.module_from_spec(spec)
+            spec.loader.exec_module(module)
+        except ImportError as error:  # e.g. a damaged file: training must not fail for a faster path
+            module = None
+            warnings.warn(f"batchless: the cached CPU kernels in {directory} did not load ({error}); using the "
+                          "eager path (batchless.fused.build_cpu_kernels() after deleting that directory rebuilds "
+                          "them)", stacklevel=2)
     _loaded["module"] = module
     return module

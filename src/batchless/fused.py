@@ -43,7 +43,6 @@ FUSED_MODES = ("auto", "compiled", "never")
 _FUSED_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
 
 
-
 def _initial_mode() -> str:
     """The mode in ``$BATCHLESS_FUSED`` (e.g. ``never``, to run a script on the eager path), else auto."""
     mode = os.environ.get("BATCHLESS_FUSED") or "auto"
