@@ -361,3 +361,17 @@ def test_damaged_cached_build_warns_and_stays_eager(monkeypatch, tmp_path):
         assert fused.path(torch.ones(2, 3)) == "eager"
     layer = make_layer((4, 3))
     layer(torch.randn(4, 3)).sum().backward()  # trains on the eager path
+
+
+def test_native_node_without_autograd_or_with_frozen_parameters(native_runs):
+    layer = make_layer((2, 4, 3, 3))
+    x = torch.randn(2, 4, 3, 3)
+    with torch.inference_mode():
+        want = layer(x)
+    with torch.no_grad():
+        torch.testing.assert_close(layer(x), want)
+    layer.requires_grad_(False)
+    x.requires_grad_()
+    (gx,) = torch.autograd.grad(layer(x), x, torch.ones_like(x))
+    torch.testing.assert_close(gx, (layer.weight / layer.std).view(1, 4, 1, 1).expand_as(x))
+    assert native_runs == [("train", True)] * 3
