@@ -58,7 +58,7 @@ def native_runs(monkeypatch, cpu_kernels):
     monkeypatch.setattr(fused, "_mode", "auto")
     calls = []
     counted = types.SimpleNamespace(**{name: _counted(calls, getattr(cpu_kernels, name), name)
-                                       for name in ("forward", "backward", "train")})
+                                       for name in ("forward", "backward", "train", "eval")})
     monkeypatch.setitem(_cpu_kernels._loaded, "module", counted)
     return calls
 
@@ -375,3 +375,26 @@ def test_native_node_without_autograd_or_with_frozen_parameters(native_runs):
     (gx,) = torch.autograd.grad(layer(x), x, torch.ones_like(x))
     torch.testing.assert_close(gx, (layer.weight / layer.std).view(1, 4, 1, 1).expand_as(x))
     assert native_runs == [("train", True)] * 3
+
+
+@pytest.mark.parametrize("shape, dtype, fmt, affine, shared", CASES)
+def test_native_evaluation_without_gradients_matches_eager(native_runs, shape, dtype, fmt, affine, shared):
+    layer = make_layer(shape, affine, shared).eval()
+    x = (torch.randn(shape) * 2 + 1).to(dtype).contiguous(memory_format=fmt)
+    with torch.no_grad():
+        y = layer(x)
+        assert native_runs == [("eval", True)]
+        fused.set_fused("never")
+        want = layer(x)
+    assert y.dtype == dtype and y.is_contiguous(memory_format=fmt)
+    tol = 2**-8 if dtype == torch.bfloat16 else 1e-6
+    torch.testing.assert_close(y, want, rtol=tol, atol=tol * want.abs().max().item())
+
+
+def test_evaluation_with_gradients_stays_differentiable(native_runs):
+    layer = make_layer((4, 6, 5)).eval()
+    x = torch.randn(4, 6, 5, requires_grad=True)
+    gx, gw, gb = torch.autograd.grad(layer(x).sum(), [x, layer.weight, layer.bias])
+    assert native_runs == []  # a gradient is needed: the eager (autograd) path
+    torch.testing.assert_close(gx, (layer.weight / layer.std).view(1, 6, 1).expand_as(x))
+    torch.testing.assert_close(gb, torch.full((6,), 20.0))

@@ -190,6 +190,28 @@ void backward_kernel(const Layout& v, const T* gy, const T* x, T* gx, const floa
   }
 }
 
+// Evaluation: y = x * scale + shift, nothing else.
+template <typename T>
+void affine_kernel(const Layout& v, const T* x, T* y, const float* scale, const float* shift) {
+  const int64_t C = v.C, L = v.inner;
+  if (v.rows) {
+    at::parallel_for(0, v.outer, std::max<int64_t>(1, kGrain / C), [&](int64_t r0, int64_t r1) {
+      for (int64_t r = r0; r < r1; ++r) {
+#pragma omp simd
+        for (int64_t c = 0; c < C; ++c) y[r * C + c] = store<T>(load(x[r * C + c]) * scale[c] + shift[c]);
+      }
+    });
+  } else {
+    at::parallel_for(0, v.outer * C, std::max<int64_t>(1, kGrain / L), [&](int64_t q0, int64_t q1) {
+      for (int64_t q = q0; q < q1; ++q) {  // row q of the (N * C, L) view, channel q % C
+        const float sc = scale[q % C], sh = shift[q % C];
+#pragma omp simd
+        for (int64_t l = 0; l < L; ++l) y[q * L + l] = store<T>(load(x[q * L + l]) * sc + sh);
+      }
+    });
+  }
+}
+
 bool supported(const at::Tensor& x) {
   return x.device().is_cpu() && (x.scalar_type() == at::kFloat || x.scalar_type() == at::kBFloat16);
 }
@@ -207,6 +229,32 @@ at::Tensor dense(const at::Tensor& p, int64_t C) {  // a (C,) or shared (1,) par
   return t.size(0) == C ? t.contiguous() : t.expand({C}).contiguous();
 }
 
+// The per-channel (C,) float32 mean, 1 / std, scale = weight / std and shift = bias - mean * scale.
+std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> affine_of(const at::Tensor& mean, const at::Tensor& std_,
+                                                                     const c10::optional<at::Tensor>& weight,
+                                                                     const c10::optional<at::Tensor>& bias,
+                                                                     int64_t C) {
+  auto mean_c = dense(mean, C), inv = dense(std_, C).reciprocal();
+  auto scale = weight ? weight->detach().to(at::kFloat) * inv : inv;
+  auto shift = bias ? at::addcmul(bias->detach().to(at::kFloat), mean_c, scale, -1.0) : -(mean_c * scale);
+  return {mean_c, inv, scale, shift};
+}
+
+// Evaluation forward, y = (x - mean) / std * weight + bias (no autograd); undefined if not supported.
+at::Tensor batchless_eval(const at::Tensor& x, const at::Tensor& mean, const at::Tensor& std_,
+                          const c10::optional<at::Tensor>& weight, const c10::optional<at::Tensor>& bias) {
+  const Layout v = layout_of(x);
+  if (!v.ok || !supported(x)) return {};
+  at::Tensor mean_c, inv, scale, shift;
+  std::tie(mean_c, inv, scale, shift) = affine_of(mean, std_, weight, bias, v.C);
+  auto y = at::empty_like(x);
+  dispatch(x, [&](auto zero) {
+    using T = decltype(zero);
+    affine_kernel<T>(v, x.data_ptr<T>(), y.data_ptr<T>(), scale.data_ptr<float>(), shift.data_ptr<float>());
+  });
+  return y;
+}
+
 // (y, a, b, finite, mean, inv, scale), with finite undefined when every channel is; [] if not supported.
 std::vector<at::Tensor> batchless_forward(const at::Tensor& x, const at::Tensor& mean, const at::Tensor& std_,
                                           const c10::optional<at::Tensor>& weight,
@@ -214,9 +262,8 @@ std::vector<at::Tensor> batchless_forward(const at::Tensor& x, const at::Tensor&
   const Layout v = layout_of(x);
   if (!v.ok || !supported(x)) return {};
   const int64_t C = v.C;
-  const auto mean_c = dense(mean, C), inv = dense(std_, C).reciprocal();
-  const auto scale = weight ? weight->detach().to(at::kFloat) * inv : inv;
-  const auto shift = bias ? at::addcmul(bias->detach().to(at::kFloat), mean_c, scale, -1.0) : -(mean_c * scale);
+  at::Tensor mean_c, inv, scale, shift;
+  std::tie(mean_c, inv, scale, shift) = affine_of(mean, std_, weight, bias, C);
   auto y = at::empty_like(x);
   std::vector<double> sum1(C), sum2(C);
   dispatch(x, [&](auto zero) {
@@ -343,4 +390,5 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("forward", &batchless_forward, "Training forward: (y, a, b, finite, mean, inv, scale), or [] if unsupported");
   m.def("backward", &batchless_backward, "Training backward: (gx, gweight, gbias), or [] if unsupported");
   m.def("train", &train, "Training step as one autograd node: (y, a, b, finite), or [] if unsupported");
+  m.def("eval", &batchless_eval, "Evaluation forward without autograd: y, or None if unsupported");
 }

@@ -311,6 +311,11 @@ def gauged_nll(b: Tensor) -> Tensor:
 def eval_forward(x: Tensor, mean: Tensor, std: Tensor, weight: Tensor | None, bias: Tensor | None) -> Tensor:
     """Batchless normalisation of ``x`` (N, C, *) in evaluation, with per-channel (C,) or shared (1,)
     ``mean``/``std``: the fixed affine map ``(x - mean) / std * weight + bias`` of an eval-mode BatchNorm."""
+    if _fused.path(x) == "native" and not (
+            torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in (x, weight, bias))):
+        y = _fused.native_eval(x, mean, std, weight, bias)  # one C++ call where no gradient is needed
+        if y is not None:
+            return y
     with _autocast_off(x):
         mean_c, std_c = _dense_stats(mean, std, x)
         return _affine(x, mean_c, _scale(std_c.reciprocal(), weight), bias)

@@ -96,11 +96,14 @@ def build_cpu_kernels(verbose: bool = False) -> bool:
 
 
 def path(x: Tensor) -> str:
-    """Which kernels the training step of ``x`` takes: ``"native"``, ``"compiled"`` or ``"eager"``."""
+    """Which kernels the training step of ``x`` takes: ``"native"``, ``"compiled"`` or ``"eager"`` (the native
+    kernels also serve evaluation forwards that need no gradient)."""
     if _mode == "never" or x.numel() == 0 or x.dtype not in _FUSED_DTYPES:
         return "eager"
-    if _mode == "auto" and x.device.type == "cpu":
-        return "native" if x.dtype != torch.float16 and _cpu_kernels.load() is not None else "eager"
+    if _mode == "auto" and x.device.type == "cpu":  # plain tensors only: not fake, traced, vmapped or subclassed
+        native = (x.dtype != torch.float16 and type(x) is Tensor and not torch.compiler.is_compiling()
+                  and not torch._C._functorch.is_functorch_wrapped_tensor(x) and _cpu_kernels.load() is not None)
+        return "native" if native else "eager"
     return "eager" if _failed or (_mode == "auto" and x.device.type != "cuda") else "compiled"
 
 
@@ -179,6 +182,12 @@ def native_train(x: Tensor, mean: Tensor, std: Tensor, weight: Tensor | None, bi
     """``(y, a, b, finite)`` of :func:`batchless.functional.train_forward` with a numeric NLL weight, its
     backward one C++ autograd node, or an empty list where the eager path must do it."""
     return _cpu_kernels.load().train(x, mean, std, weight, bias, nll_weight)
+
+
+def native_eval(x: Tensor, mean: Tensor, std: Tensor, weight: Tensor | None, bias: Tensor | None):
+    """:func:`batchless.functional.eval_forward`'s output from the native CPU kernels, without autograd, or
+    None where the eager path must do it."""
+    return _cpu_kernels.load().eval(x, mean, std, weight, bias)
 
 
 def native_forward(x: Tensor, mean: Tensor, std: Tensor, weight: Tensor | None, bias: Tensor | None):
