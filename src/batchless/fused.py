@@ -8,7 +8,8 @@ the output). The backward is one pass too: the input gradient ``gy * scale`` and
 compute exactly what the eager path of :mod:`batchless.functional` does:
 
 * ``"native"``: C++ kernels for CPU (float32 and bfloat16), compiled once per machine by
-  :func:`build_cpu_kernels` (``make install`` does it) and loaded from a cache afterwards;
+  :func:`build_cpu_kernels` (``make install`` does it) and loaded from a cache afterwards; they also run
+  evaluation forwards that need no gradient (one affine pass);
 * ``"compiled"``: kernels that ``torch.compile`` generates (Triton on CUDA, C++ on CPU), each compiled once
   per canonical view, dtype and device type with dynamic sizes, so a model's many layer shapes do not
   trigger a compilation each.
