@@ -1,12 +1,14 @@
-// One-pass CPU kernels of the batchless training step (see batchless/fused.py).
+// One-pass CPU kernels of batchless (see batchless/fused.py; built and loaded by batchless/_cpu_kernels.py).
 //
 // forward:  y = x * scale + shift and the per-channel moments a = mean(x_hat), b = mean(x_hat^2) of
 //           x_hat = (x - mean) * inv, in one read of x (BatchNorm reads it twice: statistics, then output).
 // backward: gx = gy * scale, gweight = sum(gy * x_hat), gbias = sum(gy), in one read of gy and x.
+// eval:     y = x * scale + shift alone.
+// train:    forward and backward (with the NLL gradients of mean and std) as one autograd node.
 // Inputs are float32 or bfloat16 (computed in float32), in one of two layouts: contiguous (N, C, L) or
-// "rows" (M, C) with the channel fastest (2-D inputs, channels-last). Partial sums are float32 over at
-// most kBlock elements per channel, then float64. Anything else: an empty result, and the caller takes
-// the eager path.
+// "rows" (M, C) with the channel fastest (2-D inputs, channels-last). Sums go through float32 partial sums
+// of at most a few thousand terms, then float64. Anything else: an empty result, and the caller takes the
+// eager path.
 #include <torch/extension.h>
 #include <ATen/Parallel.h>
 
@@ -33,7 +35,7 @@ template <> inline c10::BFloat16 store<c10::BFloat16>(float f) {  // round to ne
   return c10::BFloat16(static_cast<uint16_t>(r), c10::BFloat16::from_bits());
 }
 
-constexpr int64_t kBlock = 1024;      // elements per channel summed in float32 before going to float64
+constexpr int64_t kBlock = 1024;      // terms per float32 partial sum (about; see the two summing loops)
 constexpr int64_t kGrain = 1 << 15;   // elements per thread task, at least
 
 struct Layout {
