@@ -324,10 +324,8 @@ struct Train : public torch::autograd::Function<Train> {
     auto out = batchless_forward(x, mean, std_, weight, bias);  // y, a, b, finite, mean_c, inv, scale
     ctx->save_for_backward({x, out[4], out[5], out[6], out[1], out[2]});
     ctx->saved_data["nll_weight"] = nll_weight ? *nll_weight : -1.0;
-    ctx->saved_data["weight_dtype"] = weight ? weight->scalar_type() : at::kFloat;
-    ctx->saved_data["bias_dtype"] = bias ? bias->scalar_type() : at::kFloat;
-    ctx->saved_data["weight"] = weight.has_value();
-    ctx->saved_data["bias"] = bias.has_value();
+    if (weight) ctx->saved_data["weight_dtype"] = weight->scalar_type();  // (absent: no weight, no gradient)
+    if (bias) ctx->saved_data["bias_dtype"] = bias->scalar_type();
     ctx->set_materialize_grads(false);
     *side = {out[1], out[2], out[3]};
     return out[0];
@@ -354,10 +352,9 @@ struct Train : public torch::autograd::Function<Train> {
         gx = out[0], gweight = out[1], gbias = out[2];
       }
       // (a gradient for each parameter given, in its dtype)
-      gweight = ctx->saved_data["weight"].toBool() ? gweight.to(ctx->saved_data["weight_dtype"].toScalarType())
-                                                   : at::Tensor();
-      gbias = ctx->saved_data["bias"].toBool() ? gbias.to(ctx->saved_data["bias_dtype"].toScalarType())
-                                               : at::Tensor();
+      auto& data = ctx->saved_data;
+      gweight = data.count("weight_dtype") ? gweight.to(data["weight_dtype"].toScalarType()) : at::Tensor();
+      gbias = data.count("bias_dtype") ? gbias.to(data["bias_dtype"].toScalarType()) : at::Tensor();
     }
     const double nll_weight = ctx->saved_data["nll_weight"].toDouble();
     if (nll_weight >= 0) {

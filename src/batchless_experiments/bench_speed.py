@@ -177,7 +177,8 @@ def default_path(device: torch.device) -> str:
     return fused.path(torch.ones(1, device=device))
 
 
-_PATH_MODES = {"eager": "never", "compiled": "compiled", "native": "auto"}  # set_fused modes giving each path
+# The set_fused modes that give the other paths (native is the CPU default wherever it is built)
+_PATH_MODES = {"eager": "never", "compiled": "compiled"}
 
 
 def _candidates(norms, build: Callable[[str], nn.Module], compile: bool, device: torch.device,
@@ -186,7 +187,7 @@ def _candidates(norms, build: Callable[[str], nn.Module], compile: bool, device:
     if other_path and "batchless" in norms:  # the kernel paths batchless does not take by default here
         default = default_path(device)
         for path, mode in _PATH_MODES.items():
-            if path not in (default, "native"):  # (native: the CPU default wherever it is built)
+            if path != default:
                 modules[f"batchless+{path}"] = FusedPath(build("batchless"), mode)
     if compile:  # the fused path, against BatchNorm compiled alike
         torch._dynamo.reset()  # the previous shapes' compilations would count towards the recompile limit
