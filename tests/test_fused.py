@@ -294,19 +294,98 @@ def test_native_node_matches_the_eager_path(native_runs, case):
         torch.testing.assert_close(a, b, rtol=tol, atol=tol * b.abs().max().item())
 
 
-def test_native_node_double_backward_matches_the_eager_path(native_runs):
-    layer = make_layer((4, 6, 5, 5))
-    x = torch.randn(4, 6, 5, 5, requires_grad=True)
+PATHS = {  # name: (fused mode, NLL weight block): the three ways an eager training step can go
+    "native-node": ("auto", None),
+    "native-under-python-function": ("auto", lambda: bl.nll_weight(torch.tensor(1.0))),
+    "eager": ("never", None),
+}
 
-    def penalty(y):  # a gradient penalty: the gradient of the output's energy, differentiated again
-        (gx,) = torch.autograd.grad(y.square().sum(), x, create_graph=True)
+
+def _penalty_grads(forward, params, x):
+    """A gradient penalty through a conv and the normalization, (sum of the squared input gradient of the
+    output's weighted energy) differentiated again: its gradients for x and every parameter (zeros where a
+    parameter does not take part)."""
+    (gx,) = torch.autograd.grad((forward(x).square() * torch.linspace(0.5, 1.5, 3)).sum(), x, create_graph=True)
+    grads = torch.autograd.grad(gx.square().sum(), [x, *params], allow_unused=True)
+    return [torch.zeros_like(p) if g is None else g for g, p in zip(grads, [x, *params], strict=True)]
+
+
+@pytest.mark.parametrize("path", PATHS)
+@pytest.mark.parametrize("std_param", ["log", "inv"])
+def test_double_backward_matches_the_formula(cpu_kernels, path, std_param):
+    """Gradient penalties (WGAN-GP, R1) differentiate the input gradient again: gx = gy * weight / std must
+    carry the weight's share (mean and std are constants in the output, as in the formula)."""
+    mode, block = PATHS[path]
+    torch.manual_seed(0)
+    conv, layer = torch.nn.Conv1d(5, 5, 1), bl.BatchlessNorm1d(5, std_param=std_param)
+    with torch.no_grad():
+        layer.mean.uniform_(-1, 1), layer.raw_std.uniform_(0.5, 1.5)
+        layer.weight.uniform_(0.5, 1.5), layer.bias.uniform_(-1, 1)
+    params = [*conv.parameters(), *layer.parameters()]
+    x = torch.randn(8, 5, 3, requires_grad=True)
+    previous = fused.set_fused(mode)
+    try:
+        with block() if block else contextlib.nullcontext():
+            got = _penalty_grads(lambda x: layer(conv(x)), params, x)
+    finally:
+        fused.set_fused(previous)
+    args = (layer.mean, layer.raw_std, layer.weight, layer.bias, std_param, layer.eps)
+    want = _penalty_grads(lambda x: naive_forward(conv(x), *args)[0], params, x)
+    assert want[-2].abs().min() > 0  # the weight's share, which a constant gx would miss
+    # the penalty's backward passes the layer once, so (implicit mode) mean/std get the NLL gradient once
+    want[3:5] = torch.autograd.grad(naive_forward(conv(x), *args)[1], [layer.mean, layer.raw_std])
+    for a, b in zip(got, want, strict=True):
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-5 * b.abs().max().item())
+
+
+def test_double_backward_under_torch_func_matches_the_formula():
+    """torch.func transforms take the setup_context Function; its backward is traced, so it must be
+    differentiable too."""
+    torch.manual_seed(0)
+    layer = make_layer((8, 5, 3))
+    x = torch.randn(8, 5, 3)
+    params = {k: v.detach() for k, v in layer.named_parameters()}
+
+    def penalty(params, forward):
+        gx = torch.func.grad(lambda x: forward(params, x).square().sum())(x)
         return gx.square().sum()
 
-    got = _step(layer, x, "auto", loss=penalty)
-    assert ("train", True) in native_runs
-    want = _step(layer, x, "never", loss=penalty)
+    def ours(params, x):
+        return torch.func.functional_call(layer, params, (x,))
+
+    def formula(params, x):
+        return naive_forward(x, params["mean"], params["raw_std"], params["weight"], params["bias"], "log",
+                             layer.eps)[0]
+
+    got, want = (torch.func.grad(penalty)(params, f) for f in (ours, formula))
+    assert want["weight"].abs().min() > 0
+    for name in ("weight", "bias"):
+        torch.testing.assert_close(got[name], want[name], rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.parametrize("std_param", ["log", "abs", "inv"])
+@pytest.mark.parametrize("shared", [False, True], ids=["per-channel", "shared"])
+def test_native_node_differentiates_each_std_parametrization(native_runs, std_param, shared):
+    """sigma's parametrization is part of the native node: the NLL gradient reaches raw_std through it (the
+    sign of a negative raw value included), and evaluation reads it too."""
+    torch.manual_seed(0)
+    layer = bl.BatchlessNorm1d(5, std_param=std_param, shared=shared)
+    with torch.no_grad():
+        layer.mean.uniform_(-1, 1), layer.weight.uniform_(0.5, 1.5), layer.bias.uniform_(-1, 1)
+        layer.raw_std.uniform_(-0.5, 0.5) if std_param == "log" else layer.raw_std.uniform_(-1.5, -0.5)
+    x = (torch.randn(8, 5, 3) * 2 + 1).requires_grad_()
+    got = _step(layer, x, "auto")
+    assert native_runs == [("train", True)]
+    args = (layer.mean, layer.raw_std, layer.weight, layer.bias, std_param, layer.eps)
+    y, nll = naive_forward(x, *args)
+    loss = (y * torch.linspace(-1, 1, y.numel()).view_as(y)).sum() + nll
+    want = torch.autograd.grad(loss, [x, *layer.parameters()])
     for a, b in zip(got, want, strict=True):
         torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6)
+    layer.eval()
+    with torch.no_grad():
+        torch.testing.assert_close(layer(x), naive_forward(x, *args)[0], rtol=1e-5, atol=1e-6)
+    assert native_runs[-1] == ("eval", True)
 
 
 @pytest.mark.parametrize("given", ["weight", "bias"])

@@ -4,7 +4,8 @@
 //           x_hat = (x - mean) * inv, in one read of x (BatchNorm reads it twice: statistics, then output).
 // backward: gx = gy * scale, gweight = sum(gy * x_hat), gbias = sum(gy), in one read of gy and x.
 // eval:     y = x * scale + shift alone.
-// train:    forward and backward (with the NLL gradients of mean and std) as one autograd node.
+// train:    forward and backward (with the NLL gradients of mean and std, and sigma's parametrization) as
+//           one autograd node.
 // Inputs are float32 or bfloat16 (computed in float32), in one of two layouts: contiguous (N, C, L) or
 // "rows" (M, C) with the channel fastest (2-D inputs, channels-last). Sums go through float32 partial sums
 // of at most a few thousand terms, then float64. Anything else: an empty result, and the caller takes the
@@ -226,54 +227,69 @@ void dispatch(const at::Tensor& x, const F& f) {  // f(T{}) for the supported el
     f(c10::BFloat16{});
 }
 
-at::Tensor dense(const at::Tensor& p, int64_t C) {  // a (C,) or shared (1,) parameter as (C,) float32
-  auto t = p.detach().to(at::kFloat);
-  return t.size(0) == C ? t.contiguous() : t.expand({C}).contiguous();
+at::Tensor as_float(const at::Tensor& t) {  // t itself when it is contiguous float32
+  return t.scalar_type() == at::kFloat && t.is_contiguous() ? t : t.detach().to(at::kFloat).contiguous();
 }
 
-// The per-channel (C,) float32 mean, 1 / std, scale = weight / std and shift = bias - mean * scale.
-std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> affine_of(const at::Tensor& mean, const at::Tensor& std_,
-                                                                     const c10::optional<at::Tensor>& weight,
-                                                                     const c10::optional<at::Tensor>& bias,
-                                                                     int64_t C) {
-  auto mean_c = dense(mean, C), inv = dense(std_, C).reciprocal();
-  auto scale = weight ? weight->detach().to(at::kFloat) * inv : inv;
-  auto shift = bias ? at::addcmul(bias->detach().to(at::kFloat), mean_c, scale, -1.0) : -(mean_c * scale);
-  return {mean_c, inv, scale, shift};
+// How the `std` argument gives sigma (batchless.functional.std_from_param): kStd: it is sigma; kLog:
+// exp(s); kAbs: |s| + eps; kInv: 1 / (|s| + eps).
+enum StdKind : int64_t { kStd = 0, kLog = 1, kAbs = 2, kInv = 3 };
+
+// The per-channel factors as one (5, C) float32 tensor, rows: mean, inv = 1 / std, scale = weight / std,
+// shift = bias - mean * scale, and d std / d s (the derivative of sigma in the `std` argument). mean and
+// std are (C,) or shared (1,); one plain loop, as a handful of ATen calls on (C,) vectors costs more than
+// the whole layer on small inputs.
+at::Tensor factors_of(const at::Tensor& mean, const at::Tensor& std_, int64_t kind, double eps,
+                      const c10::optional<at::Tensor>& weight, const c10::optional<at::Tensor>& bias, int64_t C) {
+  const at::Tensor m = as_float(mean), s = as_float(std_);
+  const at::Tensor w = weight ? as_float(*weight) : at::Tensor(), b = bias ? as_float(*bias) : at::Tensor();
+  const float *mp = m.data_ptr<float>(), *sp = s.data_ptr<float>();
+  const float *wp = w.defined() ? w.data_ptr<float>() : nullptr, *bp = b.defined() ? b.data_ptr<float>() : nullptr;
+  const bool m1 = m.numel() != C, s1 = s.numel() != C;
+  const float e = static_cast<float>(eps);
+  auto f = at::empty({5, C}, m.options());
+  float* fp = f.data_ptr<float>();
+  for (int64_t c = 0; c < C; ++c) {
+    const float mu = mp[m1 ? 0 : c], raw = sp[s1 ? 0 : c], sign = raw > 0 ? 1.f : (raw < 0 ? -1.f : 0.f);
+    float sd = raw, d = 1.f;
+    if (kind == kLog) sd = std::exp(raw), d = sd;
+    if (kind == kAbs) sd = std::fabs(raw) + e, d = sign;
+    if (kind == kInv) sd = 1.f / (std::fabs(raw) + e), d = -sign * sd * sd;
+    const float inv = 1.f / sd, scale = wp ? wp[c] * inv : inv;
+    fp[c] = mu, fp[C + c] = inv, fp[2 * C + c] = scale, fp[3 * C + c] = (bp ? bp[c] : 0.f) - mu * scale;
+    fp[4 * C + c] = d;
+  }
+  return f;
 }
 
 // Evaluation forward, y = (x - mean) / std * weight + bias (no autograd); undefined if not supported.
-at::Tensor batchless_eval(const at::Tensor& x, const at::Tensor& mean, const at::Tensor& std_,
-                          const c10::optional<at::Tensor>& weight, const c10::optional<at::Tensor>& bias) {
+at::Tensor batchless_eval(const at::Tensor& x, const at::Tensor& mean, const at::Tensor& std_, int64_t kind,
+                          double eps, const c10::optional<at::Tensor>& weight, const c10::optional<at::Tensor>& bias) {
   const Layout v = layout_of(x);
   if (!v.ok || !supported(x)) return {};
-  at::Tensor mean_c, inv, scale, shift;
-  std::tie(mean_c, inv, scale, shift) = affine_of(mean, std_, weight, bias, v.C);
+  const auto f = factors_of(mean, std_, kind, eps, weight, bias, v.C);
+  const float* fp = f.data_ptr<float>();
   auto y = at::empty_like(x);
   dispatch(x, [&](auto zero) {
     using T = decltype(zero);
-    affine_kernel<T>(v, x.data_ptr<T>(), y.data_ptr<T>(), scale.data_ptr<float>(), shift.data_ptr<float>());
+    affine_kernel<T>(v, x.data_ptr<T>(), y.data_ptr<T>(), fp + 2 * v.C, fp + 3 * v.C);
   });
   return y;
 }
 
-// (y, a, b, finite, mean, inv, scale), with finite undefined when every channel is; [] if not supported.
-std::vector<at::Tensor> batchless_forward(const at::Tensor& x, const at::Tensor& mean, const at::Tensor& std_,
-                                          const c10::optional<at::Tensor>& weight,
-                                          const c10::optional<at::Tensor>& bias) {
-  const Layout v = layout_of(x);
-  if (!v.ok || !supported(x)) return {};
+// The training forward: (y, a, b, finite) for the factors f of factors_of, finite undefined when every
+// channel is; x supported.
+std::vector<at::Tensor> forward_with(const at::Tensor& x, const Layout& v, const at::Tensor& f) {
   const int64_t C = v.C;
-  at::Tensor mean_c, inv, scale, shift;
-  std::tie(mean_c, inv, scale, shift) = affine_of(mean, std_, weight, bias, C);
+  const float* fp = f.data_ptr<float>();
   auto y = at::empty_like(x);
   std::vector<double> sum1(C), sum2(C);
   dispatch(x, [&](auto zero) {
     using T = decltype(zero);
-    forward_kernel<T>(v, x.data_ptr<T>(), y.data_ptr<T>(), mean_c.data_ptr<float>(), inv.data_ptr<float>(),
-                      scale.data_ptr<float>(), shift.data_ptr<float>(), sum1.data(), sum2.data());
+    forward_kernel<T>(v, x.data_ptr<T>(), y.data_ptr<T>(), fp, fp + C, fp + 2 * C, fp + 3 * C, sum1.data(),
+                      sum2.data());
   });
-  auto a = at::empty({C}, inv.options()), b = at::empty({C}, inv.options());
+  auto a = at::empty({C}, f.options()), b = at::empty({C}, f.options());
   float* ap = a.data_ptr<float>();
   float* bp = b.data_ptr<float>();
   const double n = static_cast<double>(v.outer * v.inner);
@@ -287,7 +303,34 @@ std::vector<at::Tensor> batchless_forward(const at::Tensor& x, const at::Tensor&
     finite = at::isfinite(a).logical_and_(at::isfinite(b));
     a = a.where(finite, 0.0), b = b.where(finite, 1.0);
   }
-  return {y, a, b, finite, mean_c, inv, scale};
+  return {y, a, b, finite};
+}
+
+// (y, a, b, finite, mean, inv, scale), with finite undefined when every channel is; [] if not supported.
+std::vector<at::Tensor> batchless_forward(const at::Tensor& x, const at::Tensor& mean, const at::Tensor& std_,
+                                          const c10::optional<at::Tensor>& weight,
+                                          const c10::optional<at::Tensor>& bias) {
+  const Layout v = layout_of(x);
+  if (!v.ok || !supported(x)) return {};
+  const auto f = factors_of(mean, std_, kStd, 0.0, weight, bias, v.C);
+  auto out = forward_with(x, v, f);
+  return {out[0], out[1], out[2], out[3], f[0], f[1], f[2]};
+}
+
+// (gx, gweight, gbias) from the (C,) float32 factors, the last two in float32; x and gy in the same layout.
+std::vector<at::Tensor> backward_with(const at::Tensor& gy, const at::Tensor& x, const Layout& v, const float* mean,
+                                      const float* inv, const float* scale) {
+  auto gx = at::empty_like(x);
+  std::vector<double> gweight(v.C), gbias(v.C);
+  dispatch(x, [&](auto zero) {
+    using T = decltype(zero);
+    backward_kernel<T>(v, gy.data_ptr<T>(), x.data_ptr<T>(), gx.data_ptr<T>(), mean, inv, scale, gweight.data(),
+                       gbias.data());
+  });
+  auto gw = at::empty({v.C}, x.options().dtype(at::kFloat)), gb = at::empty({v.C}, gw.options());
+  std::copy(gweight.begin(), gweight.end(), gw.data_ptr<float>());
+  std::copy(gbias.begin(), gbias.end(), gb.data_ptr<float>());
+  return {gx, gw, gb};
 }
 
 // (gx, gweight, gbias), the last two in float32; [] if gy and x do not share a supported layout.
@@ -297,35 +340,32 @@ std::vector<at::Tensor> batchless_backward(const at::Tensor& gy, const at::Tenso
   if (!v.ok || !g.ok || v.rows != g.rows || gy.sizes() != x.sizes() || gy.scalar_type() != x.scalar_type() ||
       !supported(x))
     return {};
-  auto gx = at::empty_like(x);
-  std::vector<double> gweight(v.C), gbias(v.C);
-  dispatch(x, [&](auto zero) {
-    using T = decltype(zero);
-    backward_kernel<T>(v, gy.data_ptr<T>(), x.data_ptr<T>(), gx.data_ptr<T>(), mean.data_ptr<float>(),
-                       inv.data_ptr<float>(), scale.data_ptr<float>(), gweight.data(), gbias.data());
-  });
-  auto gw = at::empty({v.C}, inv.options()), gb = at::empty({v.C}, inv.options());
-  std::copy(gweight.begin(), gweight.end(), gw.data_ptr<float>());
-  std::copy(gbias.begin(), gbias.end(), gb.data_ptr<float>());
-  return {gx, gw, gb};
+  return backward_with(gy, x, v, mean.data_ptr<float>(), inv.data_ptr<float>(), scale.data_ptr<float>());
 }
 
 // The whole training step as one autograd node, for the common case of a float NLL weight (or none:
 // explicit mode), what functional._BatchlessTrainEager does with these kernels, without Python's
-// per-node costs. Gradients: x, weight, bias by the kernel above (the gradient copied into x's layout when
-// it arrives in another); mean, std: nll_weight * dNLL = nll_weight / C * (-a, 1 - b) / std (autograd sums
-// these (C,) gradients for a shared (1,) Gaussian). A backward that records a graph (double backward) uses
-// differentiable ATen operations.
+// per-node costs; sigma's parametrization (kind, eps) is inside the node too. Gradients: x, weight, bias
+// by the kernel above (the gradient copied into x's layout when it arrives in another); mean and the std
+// argument: nll_weight * dNLL, dNLL/d(mean, std) = (-a, 1 - b) / (C std), chained through d std / d s and
+// summed over channels for a shared (1,) Gaussian.
+// A backward that records a graph (double backward: gradient penalties) gives gx, gweight and gbias as
+// differentiable ATen functions of gy, x and the weight (gx = gy * weight / std); mean and std are
+// constants there, as in the output, and the NLL gradient is a constant.
 struct Train : public torch::autograd::Function<Train> {
   static at::Tensor forward(torch::autograd::AutogradContext* ctx, const at::Tensor& x, const at::Tensor& mean,
-                            const at::Tensor& std_, const c10::optional<at::Tensor>& weight,
+                            const at::Tensor& std_, int64_t kind, double eps, const c10::optional<at::Tensor>& weight,
                             const c10::optional<at::Tensor>& bias, c10::optional<double> nll_weight,
                             std::vector<at::Tensor>* side) {
-    auto out = batchless_forward(x, mean, std_, weight, bias);  // y, a, b, finite, mean_c, inv, scale
-    ctx->save_for_backward({x, out[4], out[5], out[6], out[1], out[2]});
-    ctx->saved_data["nll_weight"] = nll_weight ? *nll_weight : -1.0;
-    if (weight) ctx->saved_data["weight_dtype"] = weight->scalar_type();  // (absent: no weight, no gradient)
-    if (bias) ctx->saved_data["bias_dtype"] = bias->scalar_type();
+    const Layout v = layout_of(x);
+    const auto f = factors_of(mean, std_, kind, eps, weight, bias, v.C);
+    auto out = forward_with(x, v, f);  // y, a, b, finite
+    ctx->save_for_backward({x, weight ? *weight : at::Tensor()});
+    auto& data = ctx->saved_data;
+    data["f"] = f, data["a"] = out[1], data["b"] = out[2];  // intermediates: no version counter to check
+    data["nll_weight"] = nll_weight ? *nll_weight : -1.0;
+    data["shared"] = std::vector<bool>{mean.numel() != v.C, std_.numel() != v.C};
+    if (bias) data["bias_dtype"] = bias->scalar_type();  // (absent: no bias, no gradient)
     ctx->set_materialize_grads(false);
     *side = {out[1], out[2], out[3]};
     return out[0];
@@ -334,52 +374,58 @@ struct Train : public torch::autograd::Function<Train> {
   static torch::autograd::variable_list backward(torch::autograd::AutogradContext* ctx,
                                                  torch::autograd::variable_list grads) {
     const auto saved = ctx->get_saved_variables();
-    const at::Tensor &x = saved[0], &mean = saved[1], &inv = saved[2], &scale = saved[3];
-    const at::Tensor &gy = grads[0];
+    const at::Tensor &x = saved[0], &weight = saved[1], &gy = grads[0];
+    auto& data = ctx->saved_data;
+    const at::Tensor f = data["f"].toTensor();
+    const int64_t C = f.size(1);
+    const float* fp = f.data_ptr<float>();
     at::Tensor gx, gmean, gstd, gweight, gbias;
     if (gy.defined()) {
       if (at::GradMode::is_enabled()) {
         std::vector<int64_t> view(x.dim(), 1), dims{0};
-        view[1] = x.size(1);
+        view[1] = C;
         for (int64_t d = 2; d < x.dim(); ++d) dims.push_back(d);
-        gx = gy * scale.view(view).to(gy.scalar_type());
-        gweight = (gy.to(at::kFloat) * ((x.to(at::kFloat) - mean.view(view)) * inv.view(view))).sum(dims);
-        gbias = gy.to(at::kFloat).sum(dims);
+        const auto g = gy.to(at::kFloat), inv = f[1].view(view);
+        gx = (g * (weight.defined() ? weight.to(at::kFloat).view(view) * inv : inv)).to(gy.scalar_type());
+        gweight = (g * ((x.to(at::kFloat) - f[0].view(view)) * inv)).sum(dims);
+        gbias = g.sum(dims);
       } else {
         const Layout v = layout_of(x), g = layout_of(gy);
         const bool same = g.ok && g.rows == v.rows && gy.scalar_type() == x.scalar_type();
-        auto out = batchless_backward(same ? gy : at::empty_like(x).copy_(gy), x, mean, inv, scale);
+        auto out = backward_with(same ? gy : at::empty_like(x).copy_(gy), x, v, fp, fp + C, fp + 2 * C);
         gx = out[0], gweight = out[1], gbias = out[2];
       }
       // (a gradient for each parameter given, in its dtype)
-      auto& data = ctx->saved_data;
-      gweight = data.count("weight_dtype") ? gweight.to(data["weight_dtype"].toScalarType()) : at::Tensor();
+      gweight = weight.defined() ? gweight.to(weight.scalar_type()) : at::Tensor();
       gbias = data.count("bias_dtype") ? gbias.to(data["bias_dtype"].toScalarType()) : at::Tensor();
     }
-    const double nll_weight = ctx->saved_data["nll_weight"].toDouble();
+    const double nll_weight = data["nll_weight"].toDouble();
     if (nll_weight >= 0) {
-      const at::Tensor &a = saved[4], &b = saved[5];
-      const int64_t C = a.size(0);
-      gmean = at::empty_like(a), gstd = at::empty_like(a);
-      const float *ap = a.data_ptr<float>(), *bp = b.data_ptr<float>(), *ip = inv.data_ptr<float>();
-      float *gm = gmean.data_ptr<float>(), *gs = gstd.data_ptr<float>();
+      const auto shared = data["shared"].toBoolList();
+      const float *ap = data["a"].toTensor().data_ptr<float>(), *bp = data["b"].toTensor().data_ptr<float>();
+      gmean = at::empty({shared[0] ? 1 : C}, f.options()), gstd = at::empty({shared[1] ? 1 : C}, f.options());
+      float *gm = gmean.data_ptr<float>(), *gs = gstd.data_ptr<float>(), sum_m = 0.f, sum_s = 0.f;
       for (int64_t c = 0; c < C; ++c) {
-        const float k = ip[c] * static_cast<float>(nll_weight / C);
-        gm[c] = -ap[c] * k, gs[c] = (1.f - bp[c]) * k;
+        const float k = fp[C + c] * static_cast<float>(nll_weight / C);
+        const float m = -ap[c] * k, s = (1.f - bp[c]) * k * fp[4 * C + c];
+        if (shared[0]) sum_m += m; else gm[c] = m;  // a shared (1,) Gaussian: the sum over channels
+        if (shared[1]) sum_s += s; else gs[c] = s;
       }
+      if (shared[0]) gm[0] = sum_m;
+      if (shared[1]) gs[0] = sum_s;
     }
-    return {gx, gmean, gstd, gweight, gbias, at::Tensor(), at::Tensor()};
+    return {gx, gmean, gstd, at::Tensor(), at::Tensor(), gweight, gbias, at::Tensor(), at::Tensor()};
   }
 };
 
-// train(x, mean, std, weight, bias, nll_weight) -> [y, a, b, finite] through the Train node, or [] where
-// the kernels do not apply.
-std::vector<at::Tensor> train(const at::Tensor& x, const at::Tensor& mean, const at::Tensor& std_,
-                              const c10::optional<at::Tensor>& weight, const c10::optional<at::Tensor>& bias,
-                              c10::optional<double> nll_weight) {
+// train(x, mean, std, kind, eps, weight, bias, nll_weight) -> [y, a, b, finite] through the Train node, or
+// [] where the kernels do not apply.
+std::vector<at::Tensor> train(const at::Tensor& x, const at::Tensor& mean, const at::Tensor& std_, int64_t kind,
+                              double eps, const c10::optional<at::Tensor>& weight,
+                              const c10::optional<at::Tensor>& bias, c10::optional<double> nll_weight) {
   if (!layout_of(x).ok || !supported(x)) return {};
   std::vector<at::Tensor> side;
-  auto y = Train::apply(x, mean, std_, weight, bias, nll_weight, &side);
+  auto y = Train::apply(x, mean, std_, kind, eps, weight, bias, nll_weight, &side);
   return {y, side[0], side[1], side[2]};
 }
 

@@ -179,13 +179,28 @@ def _train_grads(gy, x, mean_c, inv, scale, weight, a, b, needs, nll_weight, sha
     statistics ``mean_c``, ``1 / inv**2`` for x, weight and bias; ``nll_weight * dNLL`` for mean and std
     (none when ``nll_weight`` is None: explicit mode). With ``kernels`` other than ``"eager"`` (see
     :func:`batchless.fused.path`), x/weight/bias gradients by :func:`batchless.fused.backward` where it
-    applies (when all three are needed)."""
+    applies (when all three are needed).
+
+    A backward that records a graph (double backward: gradient penalties, Hessian-vector products) gets the
+    x, weight and bias gradients as differentiable functions of ``gy``, ``x`` and ``weight`` (so the
+    penalty's gradient reaches ``weight`` through ``gx = gy * weight / std``); mean/std are constants there,
+    as in the output, and the implicit NLL gradient is a constant too (``nll="explicit"`` differentiates the
+    NLL twice)."""
     w = None if weight is None else _cast(weight, inv.dtype)
     gx = gw = gb = None
     use_fused = kernels != "eager" and gy is not None and needs[0] and needs[3] and needs[4]
     out = _fused.backward(gy, x, mean_c, inv, scale, kernels) if use_fused else None
     if out is not None:
         gx, gw, gb = out
+    elif gy is not None and torch.is_grad_enabled():  # recording a graph: differentiable ops only
+        view, dims = (1, -1) + (1,) * (x.dim() - 2), [0, *range(2, x.dim())]
+        g = gy.to(inv.dtype)
+        if needs[0]:
+            gx = (g * _scale(inv, w).reshape(view)).to(gy.dtype)
+        if needs[3]:
+            gw = (g * ((x.to(inv.dtype) - mean_c.reshape(view)) * inv.reshape(view))).sum(dims)
+        if needs[4]:
+            gb = g.sum(dims)
     elif gy is not None:  # (None: the output itself is unused; only the NLL gradient below remains)
         view = (1, -1) + (1,) * (x.dim() - 2)
         if needs[0]:  # one multiply (native eval-mode backward is 1.5-3x slower on CPU); in bfloat16/float16
@@ -311,13 +326,21 @@ def gauged_nll(b: Tensor) -> Tensor:
 def eval_forward(x: Tensor, mean: Tensor, std: Tensor, weight: Tensor | None, bias: Tensor | None) -> Tensor:
     """Batchless normalisation of ``x`` (N, C, *) in evaluation, with per-channel (C,) or shared (1,)
     ``mean``/``std``: the fixed affine map ``(x - mean) / std * weight + bias`` of an eval-mode BatchNorm."""
+    return eval_forward_param(x, mean, std, "std", 0.0, weight, bias)
+
+
+def eval_forward_param(x: Tensor, mean: Tensor, raw_std: Tensor, std_param: str, eps: float, weight: Tensor | None,
+                       bias: Tensor | None) -> Tensor:
+    """:func:`eval_forward` with sigma given by its parameter: ``std_from_param(raw_std, std_param, eps)``
+    (``std_param`` ``"std"``: ``raw_std`` is sigma itself). The native CPU kernels take the parameter
+    directly (one C++ call where no gradient is needed)."""
     if _fused.path(x) == "native" and not (
             torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in (x, weight, bias))):
-        y = _fused.native_eval(x, mean, std, weight, bias)  # one C++ call where no gradient is needed
+        y = _fused.native_eval(x, mean, raw_std, _STD_KINDS[std_param], eps, weight, bias)
         if y is not None:
             return y
     with _autocast_off(x):
-        mean_c, std_c = _dense_stats(mean, std, x)
+        mean_c, std_c = _dense_stats(mean, _std(raw_std, std_param, eps), x)
         return _affine(x, mean_c, _scale(std_c.reciprocal(), weight), bias)
 
 
@@ -331,19 +354,36 @@ def train_forward(x: Tensor, mean: Tensor, std: Tensor, weight: Tensor | None, b
     finite. With ``nll_weight`` None (explicit mode) mean/std get no gradient through ``y``; otherwise
     (implicit mode) the backward of ``y`` gives them ``nll_weight * dNLL``.
     """
+    return train_forward_param(x, mean, std, "std", 0.0, weight, bias, nll_weight)
+
+
+def train_forward_param(x: Tensor, mean: Tensor, raw_std: Tensor, std_param: str, eps: float, weight: Tensor | None,
+                        bias: Tensor | None, nll_weight):
+    """:func:`train_forward` with sigma given by its parameter, as in :func:`eval_forward_param`: on the native
+    CPU path the parametrization's gradient is part of the layer's one autograd node."""
     if nll_weight is None:
-        mean, std = mean.detach(), std.detach()
-    if torch.compiler.is_compiling() or torch._C._functorch.is_functorch_wrapped_tensor(x):
-        return _BatchlessTrain.apply(x, mean, std, weight, bias, nll_weight)[:4]
-    kernels = _fused.path(x)
+        mean, raw_std = mean.detach(), raw_std.detach()
+    eager = not torch.compiler.is_compiling() and not torch._C._functorch.is_functorch_wrapped_tensor(x)
+    kernels = _fused.path(x) if eager else "eager"
     if kernels == "native":  # one C++ autograd node for numeric NLL weights
         weight_nll = _number(nll_weight)
-        out = None if weight_nll is False else _fused.native_train(x, mean, std, weight, bias, weight_nll)
+        out = None if weight_nll is False else _fused.native_train(
+            x, mean, raw_std, _STD_KINDS[std_param], eps, weight, bias, weight_nll)
         if out:
             return tuple(out)
+    std = _std(raw_std, std_param, eps)
+    if not eager:
+        return _BatchlessTrain.apply(x, mean, std, weight, bias, nll_weight)[:4]
     side = []
     y = _BatchlessTrainEager.apply(x, mean, std, weight, bias, nll_weight, side, kernels)
     return y, *side
+
+
+_STD_KINDS = {"std": 0, "log": 1, "abs": 2, "inv": 3}  # the native kernels' codes (StdKind in the C++ source)
+
+
+def _std(raw_std: Tensor, std_param: str, eps: float) -> Tensor:
+    return raw_std if std_param == "std" else std_from_param(raw_std, std_param, eps)
 
 
 def _number(nll_weight) -> float | None | bool:

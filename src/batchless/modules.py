@@ -139,17 +139,17 @@ class _BatchlessNorm(nn.Module):
     def forward(self, x: Tensor) -> Tensor:
         self._check_input(x)
         if not self.training:
-            return BF.eval_forward(x, self.mean, self.std, self.weight, self.bias)
+            return BF.eval_forward_param(x, self.mean, self.raw_std, self.std_param, self.eps, self.weight, self.bias)
         implicit = self.nll == "implicit"
         eager = not torch.compiler.is_compiling()
         last = self._last
         if eager and not implicit and not last.used:
             _warn_unused_nll()
-        mean, std = self.mean, self.std
-        y, a, b, finite = BF.train_forward(x, mean, std, self.weight, self.bias,
-                                           current_nll_weight() if implicit else None)
+        mean = self.mean
+        y, a, b, finite = BF.train_forward_param(x, mean, self.raw_std, self.std_param, self.eps, self.weight,
+                                                 self.bias, current_nll_weight() if implicit else None)
         # implicit: the NLL is only reported, so it is computed when asked for (see _last_nll)
-        last.nll, last.b = (None, b) if implicit else (BF.nll_from_moments(mean, std, a, b), None)
+        last.nll, last.b = (None, b) if implicit else (BF.nll_from_moments(mean, self.std, a, b), None)
         last.used = implicit
         if finite is not None and eager and not torch._C._functorch.is_functorch_wrapped_tensor(finite):
             self._count_nonfinite(finite)
