@@ -37,7 +37,9 @@ class _BatchlessNorm(nn.Module):
     of whatever loss you compute from the output also delivers the NLL gradient (weight 1, or the weight set
     by :func:`batchless.nll_weight`) to ``mean`` and ``std``: an unchanged training loop trains them.
     With ``nll="explicit"`` add it yourself: ``loss = task_loss + batchless.nll_loss(model)``. In evaluation
-    no NLL is recorded and nothing is trained.
+    no NLL is recorded and nothing is trained. Double backward (gradient penalties such as WGAN-GP or R1)
+    differentiates the output's gradients exactly, with mean/std constants as in the output; the implicit
+    NLL gradient is a constant there (explicit mode differentiates the NLL twice).
 
     Args:
         num_features: number of channels ``C``.
