@@ -95,6 +95,26 @@ def test_time_interleaved_alternates_order():
     assert {k: len(v) for k, v in samples.items()} == {"a": 4, "b": 4, "c": 4}
 
 
+def test_page_faults_are_counted_per_call_and_marked_in_tables():
+    """A candidate that touches fresh memory on every call (here 4 MB from mmap) is told apart."""
+    import mmap
+
+    def fresh():
+        with mmap.mmap(-1, 1 << 22) as m:
+            m[:: mmap.PAGESIZE] = b"x" * len(range(0, 1 << 22, mmap.PAGESIZE))
+
+    faults = {}
+    samples = bench_speed.time_interleaved({"bn": lambda: None, "fresh": fresh}, rounds=3, inner=2, warmup=1,
+                                           device=torch.device("cpu"), faults=faults)
+    summary = bench_speed.summarize(samples, faults=faults)
+    assert summary["fresh"]["page_faults_per_call"] >= (1 << 22) // mmap.PAGESIZE
+    assert summary["bn"]["page_faults_per_call"] < bench_speed.FAULTS_MARK
+    rec = {"shape_name": "s", "shape": [1], "dtype": "float32", "mode": "train", "results": summary}
+    table = bench_speed.markdown_table([rec])
+    row = table.splitlines()[2].split("|")
+    assert row[4].strip().endswith("(1.00x)") and row[5].strip().endswith("\\*") and "page faults" in table
+
+
 def test_summarize_pairs_ratios_by_round():
     summary = bench_speed.summarize({"bn": [1.0, 2.0, 4.0], "x": [0.5, 1.0, 2.0]})
     assert summary["x"]["ratio_to_bn"] == 0.5 and summary["x"]["median_ms"] == 1.0

@@ -46,9 +46,11 @@ def benchmark_fold(batch: int = 32, image: int = 32, *, rounds: int = 30, warmup
             conv.bias = torch.nn.Parameter(torch.zeros(conv.out_channels, device=device))
     fns = {"none": inference_step(plain, x), "none+bias": inference_step(biased, x),
            "folded": inference_step(folded, x), "batchless": inference_step(model, x)}
-    samples = time_interleaved(fns, rounds=rounds, inner=1 if quick else None, warmup=warmup, device=device)
+    faults = {}
+    samples = time_interleaved(fns, rounds=rounds, inner=1 if quick else None, warmup=warmup, device=device,
+                               faults=faults)
     results = {name: {k: v for k, v in rec.items() if k != "ratio_to_bn"}
-               for name, rec in summarize(samples, reference="none").items()}
+               for name, rec in summarize(samples, reference="none", faults=faults).items()}
 
     def paired(name: str, reference: str = "none") -> float:
         return statistics.median(t / r for t, r in zip(samples[name], samples[reference], strict=True))

@@ -22,6 +22,7 @@ from __future__ import annotations
 import math
 import os
 import platform
+import resource
 import statistics
 import subprocess
 import time
@@ -125,10 +126,13 @@ def _timer(device: torch.device) -> Callable[[Callable, int], float]:
 
 
 def time_interleaved(fns: dict[str, Callable], *, rounds: int, inner: int | None, warmup: int,
-                     device: torch.device) -> dict[str, list[float]]:
+                     device: torch.device, faults: dict[str, list[float]] | None = None) -> dict[str, list[float]]:
     """ms per call of each candidate, one sample per round; candidates interleaved, order alternating.
 
     ``inner`` calls make one sample; None picks it so that the slowest candidate's sample takes ~20 ms.
+    ``faults``, if given, receives each sample's minor page faults per call (the process's, all threads):
+    fresh memory that the kernel maps in on first touch, which the allocator's history decides (see
+    BENCHMARKS.md) and which can dominate a sample.
     """
     timer = _timer(device)
     names = list(fns)
@@ -139,20 +143,29 @@ def time_interleaved(fns: dict[str, Callable], *, rounds: int, inner: int | None
         slowest = max(timer(fns[name], 1) for name in names)
         inner = max(1, min(1000, round(TARGET_SAMPLE_MS / max(slowest, 1e-3))))
     samples = {name: [] for name in names}
+    if faults is not None:
+        faults.update({name: [] for name in names})
     for r in range(rounds):
         for name in names if r % 2 == 0 else reversed(names):
+            before = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
             samples[name].append(timer(fns[name], inner))
+            if faults is not None:
+                faults[name].append((resource.getrusage(resource.RUSAGE_SELF).ru_minflt - before) / inner)
     return samples
 
 
-def summarize(samples: dict[str, list[float]], reference: str = REFERENCE) -> dict[str, dict]:
-    """Median ms, quartiles, and the median paired ratio to ``reference`` (None when it is absent)."""
+def summarize(samples: dict[str, list[float]], reference: str = REFERENCE,
+              faults: dict[str, list[float]] | None = None) -> dict[str, dict]:
+    """Median ms, quartiles, the median paired ratio to ``reference`` (None when it is absent) and, with
+    ``faults``, the median page faults per call."""
     ref = samples.get(reference)
     out = {}
     for name, ts in samples.items():
         q = statistics.quantiles(ts, n=4) if len(ts) > 1 else [ts[0]] * 3
         ratio = statistics.median(t / r for t, r in zip(ts, ref, strict=True)) if ref else None
         out[name] = {"median_ms": statistics.median(ts), "q1_ms": q[0], "q3_ms": q[2], "ratio_to_bn": ratio}
+        if faults is not None:
+            out[name]["page_faults_per_call"] = statistics.median(faults[name])
     return out
 
 
@@ -215,10 +228,12 @@ def bench_layers(shapes: dict[str, tuple[int, ...]], dtypes: list[str], *, norms
                     fns = {k: train_step(m, xg) for k, m in modules.items()}
                 else:
                     fns = {k: inference_step(m, x) for k, m in modules.items()}
-                samples = time_interleaved(fns, rounds=rounds, inner=inner, warmup=warmup, device=device)
+                faults = {}
+                samples = time_interleaved(fns, rounds=rounds, inner=inner, warmup=warmup, device=device,
+                                           faults=faults)
                 rec = {"shape_name": shape_name, "shape": list(shape), "dtype": dtype_name,
                        "param_dtype": PARAM_DTYPE, "mode": mode,
-                       "results": summarize(samples)}
+                       "results": summarize(samples, faults=faults)}
                 records.append(rec)
                 log(_one_line(rec))
     return records
@@ -272,10 +287,11 @@ def bench_models(batch: int, image: int, *, norms=MODEL_NORMS, widths=(16, 32, 6
             fns = {k: train_step(m, xg, lambda y: F.cross_entropy(y, target)) for k, m in modules.items()}
         else:
             fns = {k: inference_step(m, x) for k, m in modules.items()}
-        samples = time_interleaved(fns, rounds=rounds, inner=inner, warmup=warmup, device=device)
+        faults = {}
+        samples = time_interleaved(fns, rounds=rounds, inner=inner, warmup=warmup, device=device, faults=faults)
         name = f"resnet{2 + 2 * len(widths) * blocks}-{'-'.join(map(str, widths))}"
         rec = {"model": name, "input": [batch, 3, image, image], "dtype": "float32", "mode": mode,
-               "results": summarize(samples)}
+               "results": summarize(samples, faults=faults)}
         records.append(rec)
         log(_one_line(rec))
     return records
@@ -318,13 +334,17 @@ def _one_line(rec: dict) -> str:
     return f"{what} {rec['dtype']} {rec['mode']}: " + ", ".join(parts)
 
 
+FAULTS_MARK = 64  # page faults per call (256 KB of fresh memory) from which a table cell is marked
+
+
 def markdown_table(records: list[dict]) -> str:
-    """One row per (what, dtype, mode): median ms of each candidate and its ratio to BatchNorm."""
+    """One row per (what, dtype, mode): median ms of each candidate and its ratio to BatchNorm; cells whose
+    calls page-faulted ``FAULTS_MARK`` times or more (median) are marked, with a note under the table."""
     if not records:
         return ""
     names = list(dict.fromkeys(name for rec in records for name in rec["results"]))
     head = "| benchmark | dtype | step | " + " | ".join(names) + " |"
-    rows = [head, "|" + "---|" * (3 + len(names))]
+    rows, marked = [head, "|" + "---|" * (3 + len(names))], False
     for rec in records:
         what = (f"{rec['shape_name']} {tuple(rec['shape'])}" if "shape" in rec
                 else f"{rec['model']} {tuple(rec['input'])}")
@@ -335,6 +355,11 @@ def markdown_table(records: list[dict]) -> str:
                 cells.append("")
                 continue
             ratio = f" ({v['ratio_to_bn']:.2f}x)" if v["ratio_to_bn"] is not None else ""
-            cells.append(f"{v['median_ms']:.3f}{ratio}")
+            faulted = v.get("page_faults_per_call", 0) >= FAULTS_MARK
+            marked = marked or faulted
+            cells.append(f"{v['median_ms']:.3f}{ratio}" + " \\*" * faulted)
         rows.append(f"| {what} | {rec['dtype']} | {rec['mode']} | " + " | ".join(cells) + " |")
+    if marked:
+        rows.append(f"\n\\* {FAULTS_MARK} or more page faults per call (median): the time includes mapping in "
+                    "fresh memory.")
     return "\n".join(rows)
