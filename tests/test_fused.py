@@ -470,10 +470,24 @@ def test_native_evaluation_without_gradients_matches_eager(native_runs, shape, d
     torch.testing.assert_close(y, want, rtol=tol, atol=tol * want.abs().max().item())
 
 
-def test_evaluation_with_gradients_stays_differentiable(native_runs):
-    layer = make_layer((4, 6, 5)).eval()
-    x = torch.randn(4, 6, 5, requires_grad=True)
-    gx, gw, gb = torch.autograd.grad(layer(x).sum(), [x, layer.weight, layer.bias])
-    assert native_runs == []  # a gradient is needed: the eager (autograd) path
-    torch.testing.assert_close(gx, (layer.weight / layer.std).view(1, 6, 1).expand_as(x))
-    torch.testing.assert_close(gb, torch.full((6,), 20.0))
+@pytest.mark.parametrize("std_param", ["log", "inv"])
+def test_evaluation_with_gradients_matches_the_formula(native_runs, std_param):
+    """Frozen-statistics fine-tuning: an eval-mode layer in a graph that needs gradients takes the training
+    node without an NLL; x, weight and bias get the formula's gradients, mean and std none."""
+    torch.manual_seed(0)
+    layer = bl.BatchlessNorm1d(6, std_param=std_param).eval()
+    with torch.no_grad():
+        layer.mean.uniform_(-1, 1), layer.raw_std.uniform_(0.5, 1.5)
+        layer.weight.uniform_(0.5, 1.5), layer.bias.uniform_(-1, 1)
+    x = (torch.randn(4, 6, 5) * 2).requires_grad_()
+    w = torch.linspace(-1, 1, x.numel()).view_as(x)
+    y = layer(x)
+    got = torch.autograd.grad((y * w).sum(), [x, layer.weight, layer.bias, layer.mean, layer.raw_std],
+                              allow_unused=True)
+    assert native_runs == [("train", True)]
+    want_y = naive_forward(x, layer.mean, layer.raw_std, layer.weight, layer.bias, std_param, layer.eps)[0]
+    want = torch.autograd.grad((want_y * w).sum(), [x, layer.weight, layer.bias])
+    torch.testing.assert_close(y, want_y)
+    for a, b in zip(got[:3], want, strict=True):
+        torch.testing.assert_close(a, b)
+    assert got[3] is None and got[4] is None

@@ -333,10 +333,15 @@ def eval_forward_param(x: Tensor, mean: Tensor, raw_std: Tensor, std_param: str,
                        bias: Tensor | None) -> Tensor:
     """:func:`eval_forward` with sigma given by its parameter: ``std_from_param(raw_std, std_param, eps)``
     (``std_param`` ``"std"``: ``raw_std`` is sigma itself). The native CPU kernels take the parameter
-    directly (one C++ call where no gradient is needed)."""
-    if _fused.path(x) == "native" and not (
-            torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in (x, weight, bias))):
-        y = _fused.native_eval(x, mean, raw_std, _STD_KINDS[std_param], eps, weight, bias)
+    directly: one C++ call where no gradient is needed, else the training node without an NLL (mean and
+    std constants, as here; frozen-statistics fine-tuning)."""
+    if _fused.path(x) == "native":
+        kind = _STD_KINDS[std_param]
+        if torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in (x, weight, bias)):
+            out = _fused.native_train(x, mean.detach(), raw_std.detach(), kind, eps, weight, bias, None)
+            y = out[0] if out else None
+        else:
+            y = _fused.native_eval(x, mean, raw_std, kind, eps, weight, bias)
         if y is not None:
             return y
     with _autocast_off(x):

@@ -9,7 +9,8 @@ compute exactly what the eager path of :mod:`batchless.functional` does:
 
 * ``"native"``: C++ kernels for CPU (float32 and bfloat16), compiled once per machine by
   :func:`build_cpu_kernels` (``make install`` does it) and loaded from a cache afterwards; they also run
-  evaluation forwards that need no gradient (one affine pass);
+  evaluation forwards (one affine pass where no gradient is needed, the training node without an NLL where
+  one is);
 * ``"compiled"``: kernels that ``torch.compile`` generates (Triton on CUDA, C++ on CPU), each compiled once
   per canonical view, dtype and device type with dynamic sizes, so a model's many layer shapes do not
   trigger a compilation each.
@@ -98,7 +99,7 @@ def build_cpu_kernels(verbose: bool = False) -> bool:
 
 def path(x: Tensor) -> str:
     """Which kernels the training step of ``x`` takes: ``"native"``, ``"compiled"`` or ``"eager"`` (the native
-    kernels also serve evaluation forwards that need no gradient)."""
+    kernels also serve evaluation forwards)."""
     if _mode == "never" or x.numel() == 0 or x.dtype not in _FUSED_DTYPES:
         return "eager"
     if _mode == "auto" and x.is_cpu:  # plain tensors only: not fake, traced, vmapped or subclassed
