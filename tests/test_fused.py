@@ -409,9 +409,10 @@ def test_native_node_takes_weight_or_bias_alone(native_runs, given):
 
 @pytest.mark.parametrize("threads", [1, 2])
 @pytest.mark.parametrize("shape, fmt", [
-    ((64, 8, 256), torch.contiguous_format), ((64, 16, 8, 8), torch.contiguous_format),
-    ((4096, 16), torch.contiguous_format), ((32, 8, 16, 16), torch.channels_last)],
-    ids=["long-rows", "short-rows", "rows", "channels-last"])
+    ((63, 5, 256), torch.contiguous_format), ((64, 16, 8, 8), torch.contiguous_format),
+    ((128, 64, 4, 4), torch.contiguous_format), ((4096, 16), torch.contiguous_format),
+    ((32, 8, 16, 16), torch.channels_last)],
+    ids=["long-rows-split-mid-batch", "rows-of-64", "short-rows", "rows", "channels-last"])
 def test_native_kernels_split_across_threads_alike(native_runs, threads, shape, fmt):
     # large enough (32k elements per task at least) that the kernels give each of 2 threads a task
     layer = make_layer(shape)

@@ -76,41 +76,69 @@ inline void flush(float* s1, float* s2, int64_t n, double& d1, double& d2) {
   std::fill(s2, s2 + n, 0.f);
 }
 
-constexpr int64_t kLongRow = 256;   // rows this long sum in registers; shorter ones elementwise in arrays
+// out = the sum over tasks of the (tasks, C) partial sums p.
+void add_tasks(const std::vector<double>& p1, const std::vector<double>& p2, int64_t tasks, int64_t C,
+               double* out1, double* out2) {
+  std::fill(out1, out1 + C, 0.0);
+  std::fill(out2, out2 + C, 0.0);
+  for (int64_t t = 0; t < tasks; ++t)
+    for (int64_t c = 0; c < C; ++c) out1[c] += p1[t * C + c], out2[c] += p2[t * C + c];
+}
 
-// Two channel sums over a (N, C, L) layout, a task per range of channels. at_channel(c) gives the element
-// function of channel c, term(i, t1, t2), which handles element i and adds its two terms to t1, t2. Long
-// rows are summed in registers, kBlock elements at a time; short ones (L = 64) elementwise into arrays of
-// L accumulators (each holding at most max(16, kBlock / L) terms before they go to float64), so that they
-// vectorize as well as long ones.
+constexpr int64_t kShortRow = 32;  // rows shorter than this are summed elementwise, longer ones in registers
+
+// Two channel sums over a (N, C, L) layout. at_channel(c) gives the element function of channel c,
+// term(i, t1, t2), which handles element i and adds its two terms to t1, t2.
+// Rows of L >= kShortRow go in memory order, in tasks of consecutive rows (as many as threads, unless that
+// leaves less than kGrain elements to each), each row summed in registers, kBlock elements at a time, into
+// the task's float64 per-channel sums. (A task per range of channels, as short rows take, reads the input in
+// strided rows; in a training step, where the data streams from memory, that cost up to 2x.)
+// Short rows (4x4 maps) would spend more on the horizontal sum than on the row, so they go a channel at a
+// time, summed elementwise into arrays of L accumulators (each holding at most max(16, kBlock / L) terms
+// before they go to float64).
 template <typename AtChannel>
 void channel_sums_ncl(const Layout& v, double* out1, double* out2, const AtChannel& at_channel) {
-  const int64_t L = v.inner, rows_per_flush = std::max<int64_t>(16, kBlock / L);
-  at::parallel_for(0, v.C, std::max<int64_t>(1, kGrain / (v.outer * L)), [&](int64_t c0, int64_t c1) {
-    std::vector<float> s1(L < kLongRow ? L : 0), s2(s1.size());
-    for (int64_t c = c0; c < c1; ++c) {
-      const auto term = at_channel(c);
-      double d1 = 0, d2 = 0;
-      for (int64_t n = 0; n < v.outer; ++n) {
-        const int64_t o = (n * v.C + c) * L;
-        if (L >= kLongRow) {
-          for (int64_t l0 = 0; l0 < L; l0 += kBlock) {
-            float t1 = 0, t2 = 0;
-#pragma omp simd reduction(+ : t1, t2)
-            for (int64_t l = l0; l < std::min(L, l0 + kBlock); ++l) term(o + l, t1, t2);
-            d1 += t1, d2 += t2;
-          }
-        } else {
-          float* a1 = s1.data();
-          float* a2 = s2.data();
+  const int64_t C = v.C, L = v.inner, rows = v.outer * C;
+  if (L < kShortRow) {
+    const int64_t rows_per_flush = std::max<int64_t>(16, kBlock / L);
+    at::parallel_for(0, C, std::max<int64_t>(1, kGrain / (v.outer * L)), [&](int64_t c0, int64_t c1) {
+      std::vector<float> s1(L), s2(L);
+      float* a1 = s1.data();
+      float* a2 = s2.data();
+      for (int64_t c = c0; c < c1; ++c) {
+        const auto term = at_channel(c);
+        double d1 = 0, d2 = 0;
+        for (int64_t n = 0; n < v.outer; ++n) {
+          const int64_t o = (n * C + c) * L;
 #pragma omp simd
           for (int64_t l = 0; l < L; ++l) term(o + l, a1[l], a2[l]);
           if ((n + 1) % rows_per_flush == 0 || n + 1 == v.outer) flush(a1, a2, L, d1, d2);
         }
+        out1[c] = d1, out2[c] = d2;
       }
-      out1[c] = d1, out2[c] = d2;
+    });
+    return;
+  }
+  const int64_t tasks = std::max<int64_t>(1, std::min<int64_t>(at::get_num_threads(), rows * L / kGrain));
+  const int64_t rows_per_task = (rows + tasks - 1) / tasks;
+  std::vector<double> p1(tasks * C), p2(tasks * C);
+  at::parallel_for(0, tasks, 1, [&](int64_t t0, int64_t t1) {
+    for (int64_t t = t0; t < t1; ++t) {
+      double* d1 = p1.data() + t * C;
+      double* d2 = p2.data() + t * C;
+      for (int64_t q = t * rows_per_task; q < std::min(rows, (t + 1) * rows_per_task); ++q) {
+        const int64_t c = q % C;  // row q of the (N * C, L) view
+        const auto term = at_channel(c);
+        for (int64_t l0 = 0; l0 < L; l0 += kBlock) {
+          float t1 = 0, t2 = 0;
+#pragma omp simd reduction(+ : t1, t2)
+          for (int64_t l = l0; l < std::min(L, l0 + kBlock); ++l) term(q * L + l, t1, t2);
+          d1[c] += t1, d2[c] += t2;
+        }
+      }
     }
   });
+  add_tasks(p1, p2, tasks, C, out1, out2);
 }
 
 // The same over a (M, C) layout, in tasks of consecutive rows (as many as threads, unless that leaves
@@ -141,10 +169,7 @@ void channel_sums_rows(const Layout& v, double* out1, double* out2, const Term& 
       }
     }
   });
-  std::fill(out1, out1 + C, 0.0);
-  std::fill(out2, out2 + C, 0.0);
-  for (int64_t t = 0; t < tasks; ++t)
-    for (int64_t c = 0; c < C; ++c) out1[c] += p1[t * C + c], out2[c] += p2[t * C + c];
+  add_tasks(p1, p2, tasks, C, out1, out2);
 }
 
 // Forward: y = x * scale + shift; sums of x_hat and x_hat^2, x_hat = (x - mean) * inv.
