@@ -15,6 +15,7 @@
 
 #include <algorithm>
 #include <cstring>
+#include <type_traits>
 #include <vector>
 
 namespace {
@@ -85,21 +86,24 @@ void add_tasks(const std::vector<double>& p1, const std::vector<double>& p2, int
     for (int64_t c = 0; c < C; ++c) out1[c] += p1[t * C + c], out2[c] += p2[t * C + c];
 }
 
-constexpr int64_t kShortRow = 32;  // rows shorter than this are summed elementwise, longer ones in registers
+// Rows shorter than this are summed elementwise, longer ones in registers: bfloat16 rows need more
+// elements to pay for the conversions and the horizontal sum ((32, 256, 8, 8) took 2.3x longer in registers).
+template <typename T>
+constexpr int64_t kShortRow = std::is_same<T, float>::value ? 32 : 256;
 
 // Two channel sums over a (N, C, L) layout. at_channel(c) gives the element function of channel c,
 // term(i, t1, t2), which handles element i and adds its two terms to t1, t2.
-// Rows of L >= kShortRow go in memory order, in tasks of consecutive rows (as many as threads, unless that
+// Rows of L >= short_row go in memory order, in tasks of consecutive rows (as many as threads, unless that
 // leaves less than kGrain elements to each), each row summed in registers, kBlock elements at a time, into
 // the task's float64 per-channel sums. (A task per range of channels, as short rows take, reads the input in
 // strided rows; in a training step, where the data streams from memory, that cost up to 2x.)
-// Short rows (4x4 maps) would spend more on the horizontal sum than on the row, so they go a channel at a
+// Short rows (4x4 maps in float32) would spend more on the horizontal sum than on the row, so they go a channel at a
 // time, summed elementwise into arrays of L accumulators (each holding at most max(16, kBlock / L) terms
 // before they go to float64).
 template <typename AtChannel>
-void channel_sums_ncl(const Layout& v, double* out1, double* out2, const AtChannel& at_channel) {
+void channel_sums_ncl(const Layout& v, int64_t short_row, double* out1, double* out2, const AtChannel& at_channel) {
   const int64_t C = v.C, L = v.inner, rows = v.outer * C;
-  if (L < kShortRow) {
+  if (L < short_row) {
     const int64_t rows_per_flush = std::max<int64_t>(16, kBlock / L);
     at::parallel_for(0, C, std::max<int64_t>(1, kGrain / (v.outer * L)), [&](int64_t c0, int64_t c1) {
       std::vector<float> s1(L), s2(L);
@@ -186,7 +190,7 @@ void forward_kernel(const Layout& v, const T* x, T* y, const float* mean, const 
       term(i, mean[c], inv[c], scale[c], shift[c], t1, t2);
     });
   } else {
-    channel_sums_ncl(v, sum1, sum2, [&](int64_t c) {
+    channel_sums_ncl(v, kShortRow<T>, sum1, sum2, [&](int64_t c) {
       return [term, m = mean[c], iv = inv[c], sc = scale[c], sh = shift[c]](int64_t i, float& t1, float& t2) {
         term(i, m, iv, sc, sh, t1, t2);
       };
@@ -208,7 +212,7 @@ void backward_kernel(const Layout& v, const T* gy, const T* x, T* gx, const floa
       term(i, mean[c], inv[c], scale[c], t1, t2);
     });
   } else {
-    channel_sums_ncl(v, gweight, gbias, [&](int64_t c) {
+    channel_sums_ncl(v, kShortRow<T>, gweight, gbias, [&](int64_t c) {
       return [term, m = mean[c], iv = inv[c], sc = scale[c]](int64_t i, float& t1, float& t2) {
         term(i, m, iv, sc, t1, t2);
       };
