@@ -95,11 +95,11 @@ constexpr int64_t kShortRow = std::is_same<T, float>::value ? 32 : 256;
 // term(i, t1, t2), which handles element i and adds its two terms to t1, t2.
 // Rows of L >= short_row go in memory order, in tasks of consecutive rows (as many as threads, unless that
 // leaves less than kGrain elements to each), each row summed in registers, kBlock elements at a time, into
-// the task's float64 per-channel sums. (A task per range of channels, as short rows take, reads the input in
-// strided rows; in a training step, where the data streams from memory, that cost up to 2x.)
-// Short rows (4x4 maps in float32) would spend more on the horizontal sum than on the row, so they go a channel at a
-// time, summed elementwise into arrays of L accumulators (each holding at most max(16, kBlock / L) terms
-// before they go to float64).
+// the task's float64 per-channel sums. (A task per range of channels, as short rows take, reads the input
+// in strided rows; in a training step, where the data streams from memory, that cost up to 2.5x.)
+// Short rows (4x4 maps in float32) would spend more on the horizontal sum than on the row, so they go a
+// channel at a time, summed elementwise into arrays of L accumulators (each holding at most
+// max(16, kBlock / L) terms before they go to float64).
 template <typename AtChannel>
 void channel_sums_ncl(const Layout& v, int64_t short_row, double* out1, double* out2, const AtChannel& at_channel) {
   const int64_t C = v.C, L = v.inner, rows = v.outer * C;
@@ -134,10 +134,10 @@ void channel_sums_ncl(const Layout& v, int64_t short_row, double* out1, double* 
         const int64_t c = q % C;  // row q of the (N * C, L) view
         const auto term = at_channel(c);
         for (int64_t l0 = 0; l0 < L; l0 += kBlock) {
-          float t1 = 0, t2 = 0;
-#pragma omp simd reduction(+ : t1, t2)
-          for (int64_t l = l0; l < std::min(L, l0 + kBlock); ++l) term(q * L + l, t1, t2);
-          d1[c] += t1, d2[c] += t2;
+          float s1 = 0, s2 = 0;
+#pragma omp simd reduction(+ : s1, s2)
+          for (int64_t l = l0; l < std::min(L, l0 + kBlock); ++l) term(q * L + l, s1, s2);
+          d1[c] += s1, d2[c] += s2;
         }
       }
     }
