@@ -22,7 +22,6 @@ from __future__ import annotations
 import math
 import os
 import platform
-import resource
 import statistics
 import subprocess
 import time
@@ -34,6 +33,11 @@ from torch import nn
 
 import batchless as bl
 from batchless import fused
+
+try:
+    import resource  # POSIX only: page-fault counts
+except ImportError:  # pragma: no cover - Windows
+    resource = None
 
 LAYER_SHAPES = {
     "1d": (256, 512),
@@ -143,6 +147,8 @@ def time_interleaved(fns: dict[str, Callable], *, rounds: int, inner: int | None
         slowest = max(timer(fns[name], 1) for name in names)
         inner = max(1, min(1000, round(TARGET_SAMPLE_MS / max(slowest, 1e-3))))
     samples = {name: [] for name in names}
+    if resource is None:
+        faults = None
     if faults is not None:
         faults.update({name: [] for name in names})
     for r in range(rounds):
@@ -164,7 +170,7 @@ def summarize(samples: dict[str, list[float]], reference: str = REFERENCE,
         q = statistics.quantiles(ts, n=4) if len(ts) > 1 else [ts[0]] * 3
         ratio = statistics.median(t / r for t, r in zip(ts, ref, strict=True)) if ref else None
         out[name] = {"median_ms": statistics.median(ts), "q1_ms": q[0], "q3_ms": q[2], "ratio_to_bn": ratio}
-        if faults is not None:
+        if faults:  # (empty where time_interleaved could not count them)
             out[name]["page_faults_per_call"] = statistics.median(faults[name])
     return out
 
