@@ -192,7 +192,10 @@ def _train_grads(gy, x, mean_c, inv, scale, weight, a, b, needs, nll_weight, sha
     out = _fused.backward(gy, x, mean_c, inv, scale, kernels) if use_fused else None
     if out is not None:
         gx, gw, gb = out
-    elif gy is not None and torch.is_grad_enabled():  # recording a graph: differentiable ops only
+    elif gy is not None and (torch.is_grad_enabled() or x.numel() == 0 or (
+            not torch.compiler.is_compiling() and torch._C._functorch.is_functorch_wrapped_tensor(gy))):
+        # plain differentiable ops: for a backward that records a graph, an empty batch (the native CPU
+        # kernel below divides by N: SIGFPE) and vmap (no batching rule for that kernel)
         view, dims = (1, -1) + (1,) * (x.dim() - 2), [0, *range(2, x.dim())]
         g = gy.to(inv.dtype)
         if needs[0]:
@@ -206,15 +209,9 @@ def _train_grads(gy, x, mean_c, inv, scale, weight, a, b, needs, nll_weight, sha
         if needs[0]:  # one multiply (native eval-mode backward is 1.5-3x slower on CPU); in bfloat16/float16
             # the per-channel factor is rounded to x's dtype first: <= 2**-8 relative error, not 2**-9
             gx = gy * _cast(scale, gy.dtype).reshape(view)
-        if needs[3] or needs[4]:
-            if x.numel() == 0 or (not torch.compiler.is_compiling()
-                                  and torch._C._functorch.is_functorch_wrapped_tensor(gy)):
-                # The native CPU kernel divides by N (SIGFPE on an empty batch) and has no vmap rule
-                dims = [0, *range(2, x.dim())]
-                gw, gb = (gy * (x - mean_c.reshape(view))).sum(dims) * inv, gy.sum(dims)
-            else:  # the sums of batch norm's training backward, centred on mean_c and scaled by 1/std_c
-                _, gw, gb = torch.ops.aten.native_batch_norm_backward(
-                    gy, x, w, None, None, mean_c, inv, True, 0.0, [False, needs[3], needs[4]])
+        if needs[3] or needs[4]:  # the sums of batch norm's training backward, centred on mean_c, scaled by 1/std_c
+            _, gw, gb = torch.ops.aten.native_batch_norm_backward(
+                gy, x, w, None, None, mean_c, inv, True, 0.0, [False, needs[3], needs[4]])
     if weight is not None and weight.dtype != inv.dtype:
         gw, gb = (None if g is None else g.to(weight.dtype) for g in (gw, gb))
     gmean = gstd = None
