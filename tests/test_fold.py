@@ -86,7 +86,8 @@ class Untraceable(nn.Module):
 def test_untraceable_model_folds_its_traceable_children():
     torch.manual_seed(0)
     model = randomize(Untraceable())
-    folded = bl.fold(model)
+    with pytest.warns(UserWarning, match=r"cannot trace <root> \(Untraceable: .*reaches into a child only by"):
+        folded = bl.fold(model)
     assert isinstance(folded.block[1], nn.Identity) and isinstance(folded.norm, ChannelAffine)
     assert_same_eval_output(model, folded, torch.randn(4, 2, 9))
 
@@ -101,6 +102,41 @@ def test_not_folded_when_producer_is_shared_or_channels_differ():
     folded = bl.fold(model)
     assert kinds(folded).count(ChannelAffine) == 3
     assert_same_eval_output(model, folded, torch.randn(4, 3, 5))
+
+
+class Tied(nn.Module):
+    """conv1 -> layer looks foldable, but conv2 shares conv1's weight (weight tying)."""
+
+    def __init__(self):
+        super().__init__()
+        self.conv1, self.norm, self.conv2 = nn.Conv2d(3, 3, 1), bl.BatchlessNorm2d(3), nn.Conv2d(3, 3, 1)
+        self.conv2.weight = self.conv1.weight
+
+    def forward(self, x):
+        return self.norm(self.conv1(x)) + self.conv2(x)
+
+
+def test_not_folded_into_a_producer_with_tied_weights():
+    torch.manual_seed(0)
+    model = randomize(Tied())
+    folded = bl.fold(model)
+    assert isinstance(folded.norm, ChannelAffine) and folded.conv2.weight is folded.conv1.weight
+    assert_same_eval_output(model, folded, torch.randn(2, 3, 4, 4))
+
+
+def test_layer_hooks_survive_fold():
+    torch.manual_seed(0)
+    model = randomize(nn.Sequential(nn.Conv2d(3, 3, 1), bl.BatchlessNorm2d(3)))
+    seen = []
+    model[1].register_forward_pre_hook(lambda module, args: seen.append(args[0]))
+    doubling = model[1].register_forward_hook(lambda module, args, out: out * 2)
+    folded = bl.fold(model)
+    assert isinstance(folded[1], ChannelAffine)  # not folded: the hooks see the layer's input and output
+    assert_same_eval_output(model, folded, torch.randn(2, 3, 4, 4))
+    torch.testing.assert_close(seen[1], seen[0])  # the pre-hook got the conv's output both times
+    folded = bl.fold(model, inplace=True)
+    doubling.remove()  # the handle of a hook on the layer reaches its replacement
+    assert folded[1]._forward_pre_hooks and not folded[1]._forward_hooks
 
 
 def test_inplace_and_root_layer():
@@ -129,7 +165,7 @@ def test_bench_fold_reports_ratio():
 
 
 @settings(max_examples=15, deadline=None)
-@given(dims=st.integers(1, 3), n=st.integers(0, 3), bias=st.booleans(), shared=st.booleans(), seed=st.integers(0, 99))
+@given(dims=st.integers(1, 3), n=st.integers(1, 3), bias=st.booleans(), shared=st.booleans(), seed=st.integers(0, 99))
 def test_fold_conv_any_rank_and_batch_size(dims, n, bias, shared, seed):
     torch.manual_seed(seed)
     conv = (nn.Conv1d, nn.Conv2d, nn.Conv3d)[dims - 1](2, 3, 2, bias=bias)

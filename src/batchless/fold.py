@@ -11,6 +11,7 @@ tensor-level functions; :func:`fold` is the module-level wrapper.
 from __future__ import annotations
 
 import copy
+import warnings
 from collections import Counter
 
 import torch
@@ -78,13 +79,15 @@ def fold(model: nn.Module, *, inplace: bool = False) -> nn.Module:
     A batchless layer is folded into the ``nn.Conv1d/2d/3d`` or ``nn.Linear`` feeding it when, in the
     ``torch.fx`` graph of the model: every call of the layer takes the direct output of such a producer,
     that output is used nowhere else, the producer is called once, the producer and the layer are each
-    registered under one name only, the producer has no hooks or parametrizations and has as many output
-    channels as the layer (for ``nn.Linear``: the layer
-    normalizes its ``(N, C)`` output; a Linear applied to ``(N, L, features)`` followed by a layer over ``L``
-    with ``L == features`` is the one case this cannot tell apart). The layer becomes ``nn.Identity``. Every
-    other batchless layer becomes a :class:`ChannelAffine`. Where the whole model cannot be traced (data-
-    dependent control flow), each child module is traced on its own, recursively; what cannot be traced at
-    all is not folded, only replaced by :class:`ChannelAffine`.
+    registered under one name only, the producer's parameters belong to it alone (no tied weights), neither
+    has forward hooks, the producer has no parametrizations and as many output channels as the layer (for
+    ``nn.Linear``: the layer normalizes its ``(N, C)`` output; a Linear applied to ``(N, L, features)``
+    followed by a layer over ``L`` with ``L == out_features`` is the one case this cannot tell apart). The
+    layer becomes ``nn.Identity``. Every other batchless layer becomes a :class:`ChannelAffine`, which keeps
+    the layer's forward hooks. Where the whole model cannot be traced (data-dependent control flow), each
+    child module is traced on its own, recursively, with a warning (folding a child assumes the untraceable
+    forward reaches into it only by calling it); what cannot be traced at all is not folded, only replaced
+    by :class:`ChannelAffine`.
 
     The result keeps the model's class and methods; its eval output equals the original's up to float
     rounding, and its inference cost equals the same model without normalization layers (up to the
@@ -116,8 +119,17 @@ def fold(model: nn.Module, *, inplace: bool = False) -> nn.Module:
     if not inplace:
         model = copy.deepcopy(model)
     names = Counter(id(m) for _, m in model.named_modules(remove_duplicate=False))
-    pairs = [(producer, layer) for producer, layer in _fold_pairs(model) if names[id(layer)] == 1]
-    shared_producer = {id(layer) for producer, layer in pairs if names[id(producer)] != 1}
+    uses = Counter(id(p) for _, p in model.named_parameters(remove_duplicate=False))
+    untraceable: list[str] = []
+    pairs = [(producer, layer) for producer, layer in _fold_pairs(model, "", untraceable)
+             if names[id(layer)] == 1 and not _hooks(layer)]
+    if untraceable:
+        warnings.warn("fold: torch.fx cannot trace " + "; ".join(untraceable) + ". Their children were folded on "
+                      "their own, which assumes such a forward reaches into a child only by calling it (not into "
+                      "a grandchild or a child's parameters): compare the folded model's output with the "
+                      "original's", stacklevel=2)
+    shared_producer = {id(layer) for producer, layer in pairs  # (tied weights: folding would change the others)
+                       if names[id(producer)] != 1 or any(uses[id(p)] != 1 for p in producer.parameters())}
     pairs = [(producer, layer) for producer, layer in pairs if id(layer) not in shared_producer]
     for producer, layer in pairs:
         weight, bias = fold_into(producer.weight, producer.bias, *affine_of(layer))
@@ -132,9 +144,23 @@ def fold(model: nn.Module, *, inplace: bool = False) -> nn.Module:
     def replace(_name: str, module: nn.Module) -> nn.Module | None:
         if not isinstance(module, _BatchlessNorm):
             return None
-        return nn.Identity() if id(module) in folded_layers else ChannelAffine(*affine_of(module))
+        if id(module) in folded_layers:
+            return nn.Identity()
+        new = ChannelAffine(*affine_of(module))
+        for hooks in _HOOK_DICTS:  # the same dicts: the users' hook handles still remove them
+            setattr(new, hooks, getattr(module, hooks))
+        return new
 
     return replace_modules(model, replace, inplace=True)
+
+
+# Where a module keeps its forward hooks (and their flags).
+_HOOK_DICTS = ("_forward_pre_hooks", "_forward_pre_hooks_with_kwargs", "_forward_hooks", "_forward_hooks_with_kwargs",
+               "_forward_hooks_always_called")
+
+
+def _hooks(module: nn.Module) -> bool:
+    return bool(module._forward_hooks or module._forward_pre_hooks)
 
 
 class _Tracer(fx.Tracer):
@@ -144,14 +170,18 @@ class _Tracer(fx.Tracer):
         return isinstance(m, _BatchlessNorm) or super().is_leaf_module(m, qualname)
 
 
-def _fold_pairs(root: nn.Module) -> list[tuple[nn.Module, _BatchlessNorm]]:
-    """``(producer, layer)`` for every batchless layer of ``root`` all of whose calls can fold into producers."""
+def _fold_pairs(root: nn.Module, name: str, untraceable: list[str]) -> list[tuple[nn.Module, _BatchlessNorm]]:
+    """``(producer, layer)`` for every batchless layer of ``root`` (named ``name``) all of whose calls can fold
+    into producers; the modules that torch.fx could not trace are added to ``untraceable``."""
     if not any(isinstance(m, _BatchlessNorm) for m in root.modules()) or isinstance(root, _BatchlessNorm):
         return []
     try:
         graph = _Tracer().trace(root)
-    except Exception:  # untraceable (control flow on values, ...): try each child on its own
-        return [pair for child in root.children() for pair in _fold_pairs(child)]
+    except Exception as error:  # untraceable (control flow on values, ...): try each child on its own
+        first_line = (str(error).strip().splitlines() or [""])[0]
+        untraceable.append(f"{name or '<root>'} ({type(root).__name__}: {type(error).__name__}: {first_line})")
+        return [pair for child_name, child in root.named_children()
+                for pair in _fold_pairs(child, f"{name}.{child_name}" if name else child_name, untraceable)]
     calls = Counter(node.target for node in graph.nodes if node.op == "call_module")
     attrs = [node.target for node in graph.nodes if node.op == "get_attr"]
     sites: dict[str, list[fx.Node]] = {}
@@ -168,7 +198,7 @@ def _fold_pairs(root: nn.Module) -> list[tuple[nn.Module, _BatchlessNorm]]:
             type(module) in _FOLDABLE
             and _channels(module) == layer.num_features
             and (isinstance(layer, BatchlessNorm1d) or not isinstance(module, nn.Linear))
-            and not (module._forward_hooks or module._forward_pre_hooks or hasattr(module, "parametrizations"))
+            and not (_hooks(module) or hasattr(module, "parametrizations"))
             and not any(a == src.target or a.startswith(src.target + ".") for a in attrs)
         )
         return module if ok else None
