@@ -4,6 +4,7 @@ import copy
 import doctest
 import functools
 import importlib
+import math
 
 import pytest
 import torch
@@ -151,11 +152,13 @@ def test_to_batchnorm_keeps_eval_output(shared):
     with torch.no_grad():
         for _, layer in bl.loss.batchless_layers(model):
             layer.mean.uniform_(-3, 3)
-            layer.set_std(torch.rand_like(layer.mean) * 3 + 1e-3)  # some std**2 below eps
+            layer.set_std(torch.rand_like(layer.mean) * 3 + 0.1)
             if layer.affine:
                 layer.weight.uniform_(-2, 2)
                 layer.bias.uniform_(-1, 1)
+        model[2].raw_std[0] = math.log(1e-3)  # std**2 = 1e-6 < eps: this BatchNorm needs eps 0
     bn_model = bl.to_batchnorm(model)
+    assert bn_model[2].eps == 0.0 and bn_model[5].eps == 1e-5
     assert [type(bn_model[i]) for i in (0, 2, 5)] == [nn.BatchNorm2d, nn.BatchNorm2d, nn.BatchNorm1d]
     assert not any(isinstance(m, _BatchlessNorm) for m in bn_model.modules())
     x = torch.randn(3, 3, 6, 6)
@@ -164,6 +167,28 @@ def test_to_batchnorm_keeps_eval_output(shared):
     again = bl.convert_batchnorm(bn_model)
     with torch.no_grad():
         assert max_rel_diff(again(x), model(x)) <= 1e-5
+
+
+@pytest.mark.parametrize(("std_param", "running_var", "message"), [
+    ("abs", [1e-4, 1.0], r"goes down to 0\.01, below eps=0\.1, the smallest std that std_param='abs' represents"),
+    ("inv", [1.0, 400.0], r"goes up to 20, above 1/eps=10, the largest std that std_param='inv' represents"),
+])
+def test_convert_refuses_std_the_parametrization_cannot_hold(std_param, running_var, message):
+    bn = nn.BatchNorm1d(2, eps=0.0).eval()
+    bn.running_var.copy_(torch.tensor(running_var))
+    with pytest.raises(bl.BatchlessError, match=r"<root>: its std sqrt\(running_var \+ eps\) " + message):
+        bl.convert_batchnorm(bn, std_param=std_param, eps=0.1)
+    layer = bl.convert_batchnorm(bn, std_param=std_param, eps=1e-3).eval()  # representable: the same function
+    x = torch.randn(4, 2)
+    with torch.no_grad():
+        assert max_rel_diff(layer(x), bn(x)) <= 1e-5
+
+
+def test_to_batchnorm_on_meta_device():
+    with torch.device("meta"):
+        model = nn.Sequential(nn.Conv2d(3, 4, 3), bl.BatchlessNorm2d(4)).eval()
+    bn_model = bl.to_batchnorm(model)
+    assert isinstance(bn_model[1], nn.BatchNorm2d) and bn_model[1].running_var.is_meta
 
 
 def test_to_batchnorm_onnx_export_matches_onnxruntime(tmp_path):

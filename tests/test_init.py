@@ -125,6 +125,8 @@ def test_max_batches_and_errors():
     assert_standardized(model, tensors[:2], tol=1e-4)
     with pytest.raises(bl.BatchlessError, match="re-iterable.*generator"):
         bl.init_from_data(model, (t for t in tensors))
+    with pytest.raises(bl.BatchlessError, match=r"got one tensor of shape \(4, 2\): pass \[x\]"):
+        bl.init_from_data(model, tensors[0])
     with pytest.raises(bl.BatchlessError, match="no batches"):
         bl.init_from_data(model, [])
     with pytest.raises(bl.BatchlessError, match="max_batches"):

@@ -88,8 +88,8 @@ def _batchnorm_base(module: _BatchNorm) -> type:
     return next(cls for cls in type(module).__mro__ if cls in _TO_BATCHLESS)
 
 
-def _conversion_problem(module: _BatchNorm) -> str | None:
-    """Why ``module`` cannot be converted faithfully, or None."""
+def _conversion_problem(module: _BatchNorm, layer_kwargs: dict) -> str | None:
+    """Why ``module`` cannot be converted faithfully (with the new layers' ``layer_kwargs``), or None."""
     base = _batchnorm_base(module)
     if type(module).forward is not base.forward or any(True for _ in module.children()):
         return (f"{type(module).__name__} subclasses {base.__name__} and adds behaviour (its own forward or "
@@ -99,6 +99,22 @@ def _conversion_problem(module: _BatchNorm) -> str | None:
     if module.running_mean is None or module.running_var is None:
         return ("it has no running statistics (track_running_stats=False): convert it by hand to a "
                 "BatchlessNorm layer and call batchless.init_from_data(model, batches) to set its mean/std")
+    return _unrepresentable_std(module, layer_kwargs.get("std_param", "log"), layer_kwargs.get("eps", module.eps))
+
+
+def _unrepresentable_std(bn: _BatchNorm, std_param: str, eps: float) -> str | None:
+    """Why the ``std_param``/``eps`` parametrization cannot hold ``bn``'s std ``sqrt(running_var + eps)``, or
+    None: ``"abs"`` keeps std >= eps, ``"inv"`` std <= 1 / eps."""
+    if bn.running_var.is_meta or std_param not in ("abs", "inv") or not eps > 0:
+        return None
+    std = (bn.running_var.double() + bn.eps).sqrt()
+    low, high = std.min().item(), std.max().item()
+    if std_param == "abs" and low < eps:
+        return (f"its std sqrt(running_var + eps) goes down to {low:.4g}, below eps={eps:g}, the smallest std "
+                "that std_param='abs' represents: pass a smaller eps or std_param='log'")
+    if std_param == "inv" and high > 1 / eps:
+        return (f"its std sqrt(running_var + eps) goes up to {high:.4g}, above 1/eps={1 / eps:g}, the largest "
+                "std that std_param='inv' represents: pass a smaller eps or std_param='log'")
     return None
 
 
@@ -113,7 +129,8 @@ def convert_batchnorm(model: nn.Module, *, inplace: bool = False, **layer_kwargs
 
     Subclasses of a BatchNorm class that keep its ``forward`` and have no child modules are converted like
     their base. Subclasses that add behaviour (timm's ``BatchNormAct2d`` fuses an activation) are refused,
-    as are BatchNorms without running statistics: one :class:`~batchless.BatchlessError` lists every
+    as are BatchNorms without running statistics and those whose std the chosen ``std_param``/``eps`` cannot
+    hold (``"abs"``: std >= eps, ``"inv"``: std <= 1/eps): one :class:`~batchless.BatchlessError` lists every
     such layer by dotted name, before anything is changed.
 
     Args:
@@ -139,7 +156,7 @@ def convert_batchnorm(model: nn.Module, *, inplace: bool = False, **layer_kwargs
             "(channel count, affine, device and dtype are taken from each BatchNorm)"
         )
     problems = [f"  {name or '<root>'}: {problem}" for name, module in model.named_modules()
-                if isinstance(module, _BatchNorm) and (problem := _conversion_problem(module)) is not None]
+                if isinstance(module, _BatchNorm) and (problem := _conversion_problem(module, layer_kwargs))]
     if problems:
         raise BatchlessError("convert_batchnorm cannot convert these layers faithfully:\n" + "\n".join(problems)
                              + "\nreplace these layers by hand (e.g. by nn.Sequential(BatchlessNorm2d(C), "
@@ -190,7 +207,7 @@ def to_batchnorm(model: nn.Module, *, inplace: bool = False) -> nn.Module:
 @torch.no_grad()
 def _to_batchnorm_layer(layer: _BatchlessNorm) -> nn.Module:
     var = layer.std.double().square().expand(layer.num_features)
-    eps = layer.eps if bool((var > layer.eps).all()) else 0.0
+    eps = layer.eps if var.is_meta or bool((var > layer.eps).all()) else 0.0
     cls = next(_TO_BATCHNORM[c] for c in type(layer).__mro__ if c in _TO_BATCHNORM)
     bn = cls(layer.num_features, eps=eps, affine=layer.affine, device=layer.mean.device, dtype=layer.mean.dtype)
     bn.running_mean.copy_(layer.mean.expand(layer.num_features))

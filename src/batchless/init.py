@@ -101,6 +101,9 @@ def init_from_data(model: nn.Module, batches: Iterable, *, max_batches: int | No
         torch.Size([3])
     """
     check_module(model, "init_from_data")
+    if isinstance(batches, torch.Tensor):  # iterable too, by rows: each "batch" would lack its batch dim
+        raise BatchlessError(f"init_from_data expects an iterable of batches (a list or a DataLoader); got one "
+                             f"tensor of shape {tuple(batches.shape)}: pass [x] for a single batch")
     if iter(batches) is batches:
         raise BatchlessError(
             f"init_from_data iterates over the batches once per stratum of layers, so it needs a re-iterable "
