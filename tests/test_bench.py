@@ -21,7 +21,7 @@ def _finite(v) -> bool:
 
 
 def test_speed_quick_writes_json(tmp_path, capsys):
-    out = tmp_path / "speed.json"
+    out = tmp_path / "created" / "speed.json"  # the folder is created before the benchmark runs
     threads = torch.get_num_threads()
     assert cli.main(["bench", "speed", "--quick", "--silent", "--out", str(out)]) == 0
     assert torch.get_num_threads() == threads  # the benchmark's thread setting does not leak
@@ -36,9 +36,8 @@ def test_speed_quick_writes_json(tmp_path, capsys):
             assert _finite(v["median_ms"]) and _finite(v["ratio_to_bn"]) and v["q1_ms"] <= v["q3_ms"]
         assert rec["results"]["bn"]["ratio_to_bn"] == 1.0
     assert {r["mode"] for r in result["models"]} == {"train", "infer"}
-    fold = result["fold"]  # None only while batchless_experiments.bench_fold is not installed
-    assert fold is None or (_finite(fold["ratio"]) and _finite(fold["ratio_biased"])
-                            and fold["batchless_layers_left"] == 0)
+    fold = result["fold"]
+    assert _finite(fold["ratio"]) and _finite(fold["ratio_biased"]) and fold["batchless_layers_left"] == 0
     table = capsys.readouterr().out
     assert table.startswith("| benchmark |") and "resnet" in table
 
@@ -80,11 +79,28 @@ def test_memory_quick_writes_json_and_plot(tmp_path, capsys):
     assert "Model state floor" in capsys.readouterr().out
 
 
+DEVICE_COMMANDS = [["bench", "speed", "--quick"], ["bench", "memory", "--quick"],
+                   ["sweep", "--dataset", "synthetic", "--norms", "none", "--batch-sizes", "4", "--results", "r.db"]]
+
+
 @pytest.mark.skipif(torch.cuda.is_available(), reason="checks the message given where CUDA is absent")
-@pytest.mark.parametrize("bench", ["speed", "memory"])
-def test_cuda_path_is_refused_cleanly_without_cuda(bench, capsys):
-    assert cli.main(["bench", bench, "--quick", "--device", "cuda"]) == 2
-    assert "CUDA is not available" in capsys.readouterr().err
+@pytest.mark.parametrize("command", DEVICE_COMMANDS)
+def test_cuda_device_is_refused_cleanly_without_cuda(command, capsys, tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    with pytest.raises(SystemExit) as exit:
+        cli.main([*command, "--device", "cuda"])
+    assert exit.value.code == 2
+    assert "argument --device: 'cuda' requested but CUDA is not available here" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("command", DEVICE_COMMANDS)
+def test_unknown_device_is_refused_cleanly(command, capsys, tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    with pytest.raises(SystemExit) as exit:
+        cli.main([*command, "--device", "gpu"])
+    assert exit.value.code == 2
+    assert "argument --device: expected a torch device such as cpu, cuda or cuda:0; received 'gpu'" in (
+        capsys.readouterr().err)
 
 
 def test_time_interleaved_alternates_order():

@@ -3,9 +3,14 @@
 from __future__ import annotations
 
 import contextlib
+import dataclasses
+import io
+import math
 import os
 import pickle
+import re
 import sqlite3
+import sys
 
 import numpy as np
 import pytest
@@ -188,6 +193,28 @@ def test_ema_statistics_is_an_exponential_moving_average():
 # ---------------------------------------------------------------- store and report
 
 
+def test_store_keeps_a_diverged_run(tmp_path, tiny_splits):
+    path = str(tmp_path / "r.sqlite")
+    cell = _cell(norm="none", bs=32)
+    result = dataclasses.replace(train_cell(cell, tiny_splits), test_acc=math.nan, test_loss=math.inf)
+    with ResultStore(path) as store:
+        assert store.add(cell, result) and not store.add(cell, result)
+        assert store.has(cell) and store.count() == 1
+    row = report.load_rows(path)[0]
+    assert math.isnan(row["test_acc"]) and row["test_loss"] == math.inf
+    assert "| none | nan ± 0.0 | 1 |" in report.table([row])
+
+
+def test_plan_drops_repeated_norms_and_batch_sizes():
+    assert len(plan(TrainConfig(), ["none", "none", "gn"], [4, 4, 8], range(2))) == 2 * 2 * 2
+
+
+def test_too_few_samples_are_refused():
+    x, y = np.zeros((2, 3), np.float32), np.zeros(2, np.int64)
+    with pytest.raises(ValueError, match="2 training and 2 test samples are too few"):
+        data.hold_out(x, y, x, y, 2)
+
+
 def test_store_writes_once_and_reports(tmp_path, tiny_splits):
     path = str(tmp_path / "r.sqlite")
     cell = _cell(norm="none", bs=32)
@@ -203,8 +230,21 @@ def test_store_writes_once_and_reports(tmp_path, tiny_splits):
         assert db.execute("PRAGMA integrity_check").fetchone()[0] == "ok"
 
 
-def test_progress_bars_are_off_when_stderr_is_not_a_terminal():
-    from batchless_experiments.train import progress_bar
+class _Terminal(io.StringIO):
+    def isatty(self):
+        return True
 
-    bar = progress_bar(range(3), 3, "x", leave=False)  # pytest captures stderr: not a TTY
-    assert bar.disable and list(bar) == [0, 1, 2]
+
+def test_progress_bars_only_on_a_terminal_and_log_lines_keep_them_intact(monkeypatch):
+    from batchless_experiments.train import log_line, progress_bar
+
+    monkeypatch.setattr(sys, "stderr", io.StringIO())
+    assert progress_bar(range(3), 3, "x", leave=False).disable
+    terminal = _Terminal()
+    monkeypatch.setattr(sys, "stderr", terminal)
+    bar = progress_bar(range(3), 3, "cells", leave=True)
+    assert not bar.disable
+    for i in bar:
+        log_line(f"cell {i} done")
+    lines = re.split(r"[\r\n]", terminal.getvalue())
+    assert {"cell 0 done", "cell 1 done", "cell 2 done"} <= set(lines)  # each on a line of its own

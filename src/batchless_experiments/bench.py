@@ -19,11 +19,11 @@ import sys
 import torch
 
 from . import bench_ddp, bench_memory, bench_speed
-from .options import int_list, positive_int
+from .options import device_name, int_list, output_file, positive_int
 
 
 def run_speed(args: argparse.Namespace) -> int:
-    device = _device(args.device)
+    device = torch.device(args.device)
     threads = torch.get_num_threads()
     torch.set_num_threads(args.threads)
     try:
@@ -73,7 +73,7 @@ def _fold(batch, image, *, rounds, warmup, device, quick, log):
 
 
 def run_memory(args: argparse.Namespace) -> int:
-    device = _device(args.device)
+    device = torch.device(args.device)
     cfg = bench_memory.MemoryConfig.quick() if args.quick else bench_memory.MemoryConfig(
         effective_batches=args.effective_batches, image=args.image, width=args.width)
     result = bench_memory.run(cfg, device=device, log=_log(args))
@@ -84,13 +84,6 @@ def run_memory(args: argparse.Namespace) -> int:
         print(f"plot: {args.plot}", file=sys.stderr)
     _write(args.out, result)
     return 0
-
-
-def _device(name: str) -> torch.device:
-    device = torch.device(name)
-    if device.type == "cuda" and not torch.cuda.is_available():
-        raise ValueError(f"--device {name} requested but CUDA is not available here; use --device cpu")
-    return device
 
 
 def _log(args):
@@ -164,7 +157,7 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
     m.add_argument("--effective-batches", type=int_list, default=[128, 256], help="default 128,256")
     m.add_argument("--image", type=positive_int, default=64, help="image side (default 64)")
     m.add_argument("--width", type=positive_int, default=64, help="conv net width (default 64)")
-    m.add_argument("--plot", default=None, help="write a PNG plot here")
+    m.add_argument("--plot", type=output_file, default=None, help="write a PNG plot here")
     _common(m)
     m.set_defaults(func=run_memory)
 
@@ -174,6 +167,6 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
 
 def _common(p: argparse.ArgumentParser) -> None:
     p.add_argument("--quick", action="store_true", help="tiny smoke-test mode (numbers meaningless)")
-    p.add_argument("--device", default="cpu", help="torch device (default cpu)")
-    p.add_argument("--out", default=None, help="write the results as JSON here")
+    p.add_argument("--device", type=device_name, default="cpu", help="torch device (default cpu)")
+    p.add_argument("--out", type=output_file, default=None, help="write the results as JSON here")
     p.add_argument("--silent", action="store_true", help="no progress lines on stderr")

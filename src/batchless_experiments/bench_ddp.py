@@ -39,7 +39,7 @@ from torch.nn.modules.batchnorm import _BatchNorm
 from torch.nn.parallel import DistributedDataParallel as DDP
 
 from .bench_speed import machine_info, resnet, time_interleaved
-from .options import positive_int
+from .options import output_file, positive_int
 
 NORMS = ("batchless", "syncbn", "bn")
 REFERENCE = "syncbn"
@@ -267,7 +267,7 @@ def _arguments(p: argparse.ArgumentParser) -> argparse.ArgumentParser:
     p.add_argument("--warmup", type=positive_int, default=3, help="warm-up rounds (default 3)")
     p.add_argument("--timeout", type=float, default=600.0, help="kill the workers after this many s (default 600)")
     p.add_argument("--quick", action="store_true", help="tiny smoke-test mode (numbers meaningless)")
-    p.add_argument("--out", default=None, help="write the results as JSON here")
+    p.add_argument("--out", type=output_file, default=None, help="write the results as JSON here")
     p.add_argument("--silent", action="store_true", help="no progress line on stderr")
     p.set_defaults(func=main_args)
     return p

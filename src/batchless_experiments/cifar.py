@@ -122,7 +122,10 @@ def _get(d: dict, key: str) -> Any:
 def load_batch(path: str) -> tuple[np.ndarray, np.ndarray]:
     """One batch file as ``(images uint8 (N, 3, 32, 32), labels int64 (N,))``."""
     with open(path, "rb") as f:
-        obj = restricted_loads(f.read())
+        try:
+            obj = restricted_loads(f.read())
+        except UnsafePickleError as e:
+            raise UnsafePickleError(f"{path}: {e}") from None
     if not isinstance(obj, dict):
         raise UnsafePickleError(f"{path}: expected a dict; received {type(obj).__name__}")
     try:

@@ -10,12 +10,14 @@ from __future__ import annotations
 
 import argparse
 import importlib
+import sqlite3
 import sys
 import warnings
 from collections.abc import Sequence
 
 COMMANDS = ("demo", "sweep", "report")
 OPTIONAL_COMMANDS = ("bench",)
+RESUMABLE = ("demo", "sweep")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -43,9 +45,13 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = parser.parse_args(argv)
     try:
         return int(args.func(args) or 0)
-    except (ValueError, FileNotFoundError) as e:
+    except (ValueError, OSError, sqlite3.Error) as e:  # bad input, a missing, unwritable or damaged file
         print(f"batchless {args.command}: error: {e}", file=sys.stderr)
         return 2
+    except KeyboardInterrupt:
+        kept = " (finished cells are kept: rerun the same command to resume)" if args.command in RESUMABLE else ""
+        print(f"\nbatchless {args.command}: interrupted{kept}", file=sys.stderr)
+        return 130
 
 
 if __name__ == "__main__":

@@ -37,6 +37,10 @@ def hold_out(x: np.ndarray, y: np.ndarray, x_test: np.ndarray, y_test: np.ndarra
     order = np.random.default_rng(seed).permutation(len(y))
     n_val = int(round(len(y) * val_fraction))
     val, train = order[:n_val], order[n_val:]
+    if len(train) < 2 or n_val < 1 or len(y_test) < 1:
+        raise ValueError(f"{len(y)} training and {len(y_test)} test samples are too few: a run needs >= 2 to train "
+                         f"on, >= 1 to validate on ({val_fraction:g} of the training samples) and >= 1 test sample; "
+                         "pass a larger --num-samples")
 
     def t(a: np.ndarray, dtype: torch.dtype) -> torch.Tensor:
         return torch.from_numpy(np.ascontiguousarray(a)).to(dtype)

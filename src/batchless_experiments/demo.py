@@ -30,6 +30,8 @@ DEMO_TUNED = 0.1
 def run(args: argparse.Namespace) -> int:
     apply_threads(args)
     start = time.perf_counter()
+    if os.path.exists(args.out) and not os.path.isdir(args.out):
+        raise ValueError(f"--out expects a folder (created if missing); {args.out} is a file")
     os.makedirs(args.out, exist_ok=True)
     results = os.path.join(args.out, "results.sqlite")
     png = os.path.join(args.out, "demo.png")
@@ -46,10 +48,9 @@ def run(args: argparse.Namespace) -> int:
           f"results in {results}", file=sys.stderr)
     splits = data.load("mnist1d", num_samples=args.num_samples)
     with ResultStore(results) as store:
-        run_cells(cells, store, splits, device=args.device,
-                  log=lambda m: print(m, file=sys.stderr, flush=True))
+        run_cells(cells, store, splits, device=args.device)
         keys = {c.key for c in cells}
-        rows = [r for r in report.load_rows(results) if _key(r) in keys]
+        rows = report.relabel([r for r in report.load_rows(results) if _key(r) in keys])  # this run's base
     print(report.table(rows, "test_acc"))
     print(report.table(rows, "val_acc_best"))
     print("— = not run: BatchNorm cannot train at batch size 1; the demo runs batchless alone there, and the\n"

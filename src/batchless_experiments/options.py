@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import os
 
 import torch
 
@@ -52,6 +53,34 @@ def positive_float(text: str) -> float:
     return _positive(text, float, "a number > 0")
 
 
+def device_name(text: str) -> str:
+    """A torch device of this machine, e.g. ``cpu``, ``cuda``, ``cuda:1``."""
+    try:
+        device = torch.device(text)
+    except (RuntimeError, ValueError):
+        raise argparse.ArgumentTypeError(f"expected a torch device such as cpu, cuda or cuda:0; received {text!r}") \
+            from None
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise argparse.ArgumentTypeError(f"{text!r} requested but CUDA is not available here; use cpu")
+    if device.type == "cuda" and (device.index or 0) >= torch.cuda.device_count():
+        raise argparse.ArgumentTypeError(f"{text!r} requested but this machine has {torch.cuda.device_count()} "
+                                         "CUDA device(s)")
+    if device.type not in ("cpu", "cuda"):
+        raise argparse.ArgumentTypeError(f"expected cpu or a cuda device; received {text!r}")
+    return text
+
+
+def output_file(text: str) -> str:
+    """A file to write, its folder created if missing (checked before any work, so no result is lost)."""
+    if os.path.isdir(text):
+        raise argparse.ArgumentTypeError(f"expected a file path; {text!r} is a folder")
+    try:
+        os.makedirs(os.path.dirname(text) or ".", exist_ok=True)
+    except OSError as e:
+        raise argparse.ArgumentTypeError(f"cannot create the folder of {text!r}: {e.strerror}") from None
+    return text
+
+
 def add_training_options(p: argparse.ArgumentParser, *, epochs: int, num_samples: int | None,
                          threads: int | None = None) -> None:
     d = TrainConfig()
@@ -60,7 +89,7 @@ def add_training_options(p: argparse.ArgumentParser, *, epochs: int, num_samples
     p.add_argument("--num-samples", type=positive_int, default=num_samples,
                    help="size of the generated dataset (mnist1d default 5000, synthetic 6000); caps cifar10")
     p.add_argument("--width", type=positive_int, default=d.width, help="channels of the MNIST-1D CNN")
-    p.add_argument("--device", default="cpu", help="torch device (default cpu)")
+    p.add_argument("--device", type=device_name, default="cpu", help="torch device (default cpu)")
     p.add_argument("--threads", type=positive_int, default=threads,
                    help=f"torch.set_num_threads for the run (default: {threads or 'torch chooses'})")
     g = p.add_argument_group("batchless options (ablations; the defaults are the paper's method)")
@@ -101,5 +130,5 @@ def apply_threads(args: argparse.Namespace) -> None:
         torch.set_num_threads(args.threads)
 
 
-__all__ = ["DATASETS", "add_training_options", "apply_threads", "config_for_norm", "config_from_args",
-           "int_list", "norm_list"]
+__all__ = ["DATASETS", "add_training_options", "apply_threads", "config_for_norm", "config_from_args", "device_name",
+           "int_list", "norm_list", "output_file"]

@@ -14,7 +14,7 @@ import statistics
 from collections import Counter, defaultdict
 
 from .models import NORMS, is_batchless
-from .options import BATCHLESS_ONLY, int_list, norm_list
+from .options import BATCHLESS_ONLY, int_list, norm_list, output_file
 from .store import ResultStore
 from .train import TrainConfig
 
@@ -57,14 +57,21 @@ def load_rows(path: str, dataset: str | None = None, norms: list[str] | None = N
     base config (labels are computed before filtering by norm or batch size)."""
     if not os.path.exists(path):
         raise FileNotFoundError(f"no results file at {path}; run `batchless sweep --results {path} ...` first")
-    with ResultStore(path) as store:
-        rows = [r for r in store.rows() if dataset in (None, r["dataset"])]
-    bases = base_configs(rows)
+    with ResultStore(path, readonly=True) as store:
+        rows = relabel([r for r in store.rows() if dataset in (None, r["dataset"])])
     for r in rows:
-        r["label"] = label(r, bases[r["dataset"]])
         r["nll_last"] = r["history"][-1]["nll"]  # the gauged NLL of the last epoch (None without batchless)
     return [r for r in rows if (not base_only or r["label"] == r["norm"]) and (not norms or r["norm"] in norms)
             and (not batch_sizes or r["batch_size"] in batch_sizes)]
+
+
+def relabel(rows: list[dict]) -> list[dict]:
+    """``rows`` with ``base`` (their dataset's base config among these rows) and ``label`` set."""
+    bases = base_configs(rows)
+    for r in rows:
+        r["base"] = bases[r["dataset"]]
+        r["label"] = label(r, r["base"])
+    return rows
 
 
 def group(rows: list[dict], metric: str) -> dict[tuple[str, str], dict[int, list[float]]]:
@@ -88,14 +95,15 @@ def _fmt(values: list[float], metric: str) -> str:
 
 
 def table(rows: list[dict], metric: str = "test_acc") -> str:
-    """Markdown table(s), one per dataset: rows = norm label, columns = batch sizes, entries mean ± std."""
+    """Markdown table(s), one per dataset: rows = norm label, columns = batch sizes, entries mean ± std
+    (``rows`` as :func:`load_rows` or :func:`relabel` gives them)."""
     groups = group(rows, metric)
     out = []
     for dataset in dict.fromkeys(d for d, _ in groups):
         keys = [k for k in groups if k[0] == dataset]
         sizes = sorted({b for k in keys for b in groups[k]})
         unit = " (%)" if metric in PERCENT else ""
-        base = base_configs([r for r in rows if r["dataset"] == dataset])[dataset]
+        base = next(r["base"] for r in rows if r["dataset"] == dataset)  # the one the labels are relative to
         out.append(f"**{dataset}**, {metric}{unit}, mean ± std over seeds (n = seeds per cell); "
                    f"base config: {describe(base)}\n")
         out.append("| norm | " + " | ".join(f"bs {b}" for b in sizes) + " | n |")
@@ -177,7 +185,7 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
                               description="Mean ± std over seeds per norm x batch size, and the paper-style plot.")
     p.add_argument("--results", required=True, help="SQLite results file written by sweep or demo")
     p.add_argument("--json", action="store_true", help="print one JSON object per finished cell instead")
-    p.add_argument("--plot", default=None, help="write accuracy vs batch size to this PNG file")
+    p.add_argument("--plot", type=output_file, default=None, help="write accuracy vs batch size to this PNG file")
     p.add_argument("--dataset", default=None, help="only this dataset")
     p.add_argument("--norms", type=norm_list, default=None, help="only these norms (comma-separated)")
     p.add_argument("--batch-sizes", type=int_list, default=None, help="only these batch sizes (comma-separated)")

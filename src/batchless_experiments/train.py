@@ -242,6 +242,13 @@ def progress_bar(iterable, total: int, desc: str, leave: bool, enabled: bool = T
                 dynamic_ncols=True)
 
 
+def log_line(message: str) -> None:
+    """A line on stderr that does not break the progress bars there."""
+    from tqdm.auto import tqdm
+
+    tqdm.write(message, file=sys.stderr)
+
+
 def train_cell(cell: Cell, splits: Splits, *, device: str = "cpu", progress: bool = True) -> CellResult:
     """Train and evaluate one cell; deterministic for a given cell on a given machine and thread count."""
     if not cell.runnable:
