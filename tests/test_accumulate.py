@@ -54,6 +54,22 @@ def test_micro_batch_gradients_equal_full_batch(nll, m):
     assert_grads_equal({k: p.grad for k, p in model.named_parameters()}, want)
 
 
+@pytest.mark.parametrize("nll", ["implicit", "explicit"])
+def test_a_layer_frozen_with_eval_adds_no_nll(nll):
+    """After training steps, a layer switched to eval mode contributes nothing (no stale NLL of an
+    earlier forward, whose graph is gone): accumulate and the plain explicit loop both run."""
+    x, y = DATA
+    model = make_model(nll)
+    bl.accumulate(model, F.cross_entropy, x, y, micro_batch_size=4)
+    model[2].eval()
+    model.zero_grad()
+    bl.accumulate(model, F.cross_entropy, x, y, micro_batch_size=4)
+    assert model[2].mean.grad is None and model[0].mean.grad.abs().max() > 0
+    model.zero_grad()
+    (F.cross_entropy(model(x), y) + bl.nll_loss(model)).backward()
+    assert model[2].mean.grad is None and model[0].mean.grad.abs().max() > 0
+
+
 def test_naive_accumulation_gets_the_statistics_wrong():
     """Without the NLL weight, k micro-batches count the implicit NLL k times: the property is not trivial."""
     x, y = DATA

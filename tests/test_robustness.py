@@ -9,6 +9,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 import batchless as bl
+import batchless.functional as BF
 from reference import naive_forward
 
 
@@ -181,6 +182,43 @@ def test_vmap_model_ensemble_matches_separate_models(monkeypatch):
     assert not any(torch._C._functorch.is_functorch_wrapped_tensor(t) for t in BF._ONES.values())
 
 
+@pytest.mark.parametrize("training", [True, False])
+def test_torch_func_with_the_layer_first(training):
+    """A plain input and transformed parameters (functional_call under grad; an ensemble sharing the input):
+    only the parameters are functorch tensors, so the layer must notice the transform from them."""
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(bl.BatchlessNorm1d(4), torch.nn.Linear(4, 1)).train(training)
+    x = torch.randn(8, 4) * 3 + 1
+    params = {k: v.detach() for k, v in model.named_parameters()}
+    grads = torch.func.grad(lambda p: torch.func.functional_call(model, p, (x,)).square().sum())(params)
+    model(x).square().sum().backward()
+    for name, p in model.named_parameters():
+        torch.testing.assert_close(grads[name], torch.zeros_like(p) if p.grad is None else p.grad, msg=name)
+    stacked = {k: torch.stack([v, v * 2]) for k, v in params.items()}
+    out = torch.func.vmap(lambda p: torch.func.functional_call(model, p, (x,)))(stacked)
+    torch.testing.assert_close(out[0], model(x))
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_inference_mode_then_training_with_gradients(dtype):
+    layer = bl.BatchlessNorm2d(3, dtype=dtype).eval()
+    with torch.inference_mode():
+        layer(torch.randn(2, 3, 4, 4, dtype=dtype))
+    x = torch.randn(2, 3, 4, 4, dtype=dtype, requires_grad=True)
+    layer(x).sum().backward()  # nothing made under inference mode was kept for this backward
+    assert x.grad is not None
+
+
+@pytest.mark.parametrize("bad_mean", [torch.zeros(2), torch.zeros(4, device="meta")])
+def test_functional_api_refuses_statistics_of_the_wrong_size_or_device(bad_mean):
+    """The native kernels read the (C,) vectors directly: any other size or device must not get there."""
+    x = torch.randn(3, 4)
+    with pytest.raises(RuntimeError, match="size|device"):
+        BF.train_forward(x, bad_mean, torch.ones(bad_mean.shape, device=bad_mean.device), None, None, 1.0)
+    with pytest.raises(RuntimeError, match="size|device"), torch.no_grad():
+        BF.eval_forward(x, bad_mean, torch.ones(bad_mean.shape, device=bad_mean.device), None, None)
+
+
 @pytest.mark.parametrize("nll", ["implicit", "explicit"])
 @pytest.mark.parametrize("bad", [float("nan"), float("inf")])
 def test_non_finite_batch_keeps_statistics(nll, bad, monkeypatch):
@@ -240,9 +278,12 @@ def test_state_dict_is_versioned():
 @pytest.mark.parametrize("make, match", [
     (lambda: bl.BatchlessNorm2d(0), "num_features must be a positive int"),
     (lambda: bl.BatchlessNorm2d(3.0), "num_features must be a positive int"),
-    (lambda: bl.BatchlessNorm2d(3, eps=-1), "eps must be >= 0"),
+    (lambda: bl.BatchlessNorm2d(3, eps=-1), "eps must be a number >= 0, got -1"),
+    (lambda: bl.BatchlessNorm2d(3, eps=None), "eps must be a number >= 0, got None"),
     (lambda: bl.BatchlessNorm2d(3, std_param="sqrt"), "std_param must be one of"),
-    (lambda: bl.BatchlessNorm2d(3, init_std=0), "init_std must be > 0"),
+    (lambda: bl.BatchlessNorm2d(3, init_std=0), "init_std must be a number > 0"),
+    (lambda: bl.BatchlessNorm2d(3, init_std=None), "init_std must be a number > 0"),
+    (lambda: bl.BatchlessNorm2d(3, init_mean="0"), "init_mean must be a number, got '0'"),
     (lambda: bl.BatchlessNorm2d(3, nll="auto"), "nll must be one of"),
     (lambda: bl.BatchlessNorm2d(3)(torch.randn(2, 3, 4)), "expects a 4D input.*got a 3D input"),
     (lambda: bl.BatchlessNorm1d(3)(torch.randn(2, 3, 4, 4)), "expects a 2D or 3D input.*got a 4D"),
@@ -259,6 +300,8 @@ def test_state_dict_is_versioned():
     (lambda: bl.init_from_data("m", []), "init_from_data expects a torch.nn.Module"),
     (lambda: bl.accumulate(torch.nn.Linear(2, 2), None, torch.randn(2, 2), torch.randn(2), micro_batch_size=1),
      "callable loss_fn"),
+    (lambda: bl.accumulate(torch.nn.Linear(2, 2), torch.nn.functional.mse_loss, [torch.randn(2)], torch.randn(1, 2),
+                           micro_batch_size=1), "inputs and targets as tensors .*got list and Tensor"),
 ])
 def test_bad_input_says_expected_and_received(make, match):
     with pytest.raises(bl.BatchlessError, match=match):

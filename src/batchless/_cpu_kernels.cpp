@@ -246,6 +246,18 @@ bool supported(const at::Tensor& x) {
   return x.device().is_cpu() && (x.scalar_type() == at::kFloat || x.scalar_type() == at::kBFloat16);
 }
 
+// Whether the per-channel tensors suit the kernels, which read them directly: floating point on the CPU,
+// 1-D with C elements (mean and std also 1: shared). Anything else takes the eager path, whose errors say
+// what is wrong (a model on the GPU fed a CPU input, a (2,) mean for 4 channels).
+bool params_ok(const at::Tensor& mean, const at::Tensor& std_, const c10::optional<at::Tensor>& weight,
+               const c10::optional<at::Tensor>& bias, int64_t C) {
+  const auto ok = [C](const at::Tensor& t, bool shared) {
+    return t.device().is_cpu() && c10::isFloatingType(t.scalar_type()) && t.dim() == 1 &&
+           (t.numel() == C || (shared && t.numel() == 1));
+  };
+  return ok(mean, true) && ok(std_, true) && (!weight || ok(*weight, false)) && (!bias || ok(*bias, false));
+}
+
 template <typename F>
 void dispatch(const at::Tensor& x, const F& f) {  // f(T{}) for the supported element types
   if (x.scalar_type() == at::kFloat)
@@ -293,7 +305,7 @@ at::Tensor factors_of(const at::Tensor& mean, const at::Tensor& std_, int64_t ki
 at::Tensor batchless_eval(const at::Tensor& x, const at::Tensor& mean, const at::Tensor& std_, int64_t kind,
                           double eps, const c10::optional<at::Tensor>& weight, const c10::optional<at::Tensor>& bias) {
   const Layout v = layout_of(x);
-  if (!v.ok || !supported(x)) return {};
+  if (!v.ok || !supported(x) || !params_ok(mean, std_, weight, bias, v.C)) return {};
   const auto f = factors_of(mean, std_, kind, eps, weight, bias, v.C);
   const float* fp = f.data_ptr<float>();
   auto y = at::empty_like(x);
@@ -338,7 +350,7 @@ std::vector<at::Tensor> batchless_forward(const at::Tensor& x, const at::Tensor&
                                           const c10::optional<at::Tensor>& weight,
                                           const c10::optional<at::Tensor>& bias) {
   const Layout v = layout_of(x);
-  if (!v.ok || !supported(x)) return {};
+  if (!v.ok || !supported(x) || !params_ok(mean, std_, weight, bias, v.C)) return {};
   const auto f = factors_of(mean, std_, kStd, 0.0, weight, bias, v.C);
   auto out = forward_with(x, v, f);
   return {out[0], out[1], out[2], out[3], f[0], f[1], f[2]};
@@ -450,7 +462,8 @@ struct Train : public torch::autograd::Function<Train> {
 std::vector<at::Tensor> train(const at::Tensor& x, const at::Tensor& mean, const at::Tensor& std_, int64_t kind,
                               double eps, const c10::optional<at::Tensor>& weight,
                               const c10::optional<at::Tensor>& bias, c10::optional<double> nll_weight) {
-  if (!layout_of(x).ok || !supported(x)) return {};
+  const Layout v = layout_of(x);
+  if (!v.ok || !supported(x) || !params_ok(mean, std_, weight, bias, v.C)) return {};
   std::vector<at::Tensor> side;
   auto y = Train::apply(x, mean, std_, kind, eps, weight, bias, nll_weight, &side);
   return {y, side[0], side[1], side[2]};

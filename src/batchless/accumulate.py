@@ -64,6 +64,9 @@ def accumulate(model: nn.Module, loss_fn: Callable[[object, Tensor], Tensor], in
         raise BatchlessError(f"accumulate expects a callable loss_fn(output, target), got {type(loss_fn).__name__}")
     if isinstance(micro_batch_size, bool) or not isinstance(micro_batch_size, int) or micro_batch_size < 1:
         raise BatchlessError(f"micro_batch_size must be a positive int, got {micro_batch_size!r}")
+    if not isinstance(inputs, torch.Tensor) or not isinstance(targets, torch.Tensor):
+        raise BatchlessError(f"accumulate expects inputs and targets as tensors (split along dim 0); got "
+                             f"{type(inputs).__name__} and {type(targets).__name__}")
     n = inputs.shape[0] if inputs.dim() > 0 else 0
     if n == 0 or targets.dim() == 0 or targets.shape[0] != n:
         raise BatchlessError(

@@ -95,8 +95,8 @@ _ONES: dict = {}
 def _ones_as(t: Tensor) -> Tensor:
     """A plain (C,) tensor of ones in t's dtype and device (never batched under vmap), kept per C, dtype and
     device so that the hot path does not allocate it (``t``: a (C,) parameter-sized vector)."""
-    if torch.compiler.is_compiling():
-        return torch.ones_like(t)
+    if torch.compiler.is_compiling() or torch.is_inference_mode_enabled():  # (an inference tensor in the
+        return torch.ones_like(t)                                            # cache would break autograd later)
     key = (t.shape[0], t.dtype, t.device)
     ones = _ONES.get(key)
     if ones is None:
@@ -193,7 +193,7 @@ def _train_grads(gy, x, mean_c, inv, scale, weight, a, b, needs, nll_weight, sha
     if out is not None:
         gx, gw, gb = out
     elif gy is not None and (torch.is_grad_enabled() or x.numel() == 0 or (
-            not torch.compiler.is_compiling() and torch._C._functorch.is_functorch_wrapped_tensor(gy))):
+            not torch.compiler.is_compiling() and _transformed(gy))):
         # plain differentiable ops: for a backward that records a graph, an empty batch (the native CPU
         # kernel below divides by N: SIGFPE) and vmap (no batching rule for that kernel)
         view, dims = (1, -1) + (1,) * (x.dim() - 2), [0, *range(2, x.dim())]
@@ -222,6 +222,12 @@ def _train_grads(gy, x, mean_c, inv, scale, weight, a, b, needs, nll_weight, sha
         if shared:
             gmean, gstd = gmean.sum(0, keepdim=True), gstd.sum(0, keepdim=True)
     return gx, gmean, gstd, gw, gb
+
+
+def _transformed(t: Tensor) -> bool:
+    """Whether a torch.func transform is running (``t`` wrapped, or only the parameters, as with
+    ``functional_call`` on a layer fed a plain input): such calls need the plain-ops formulation."""
+    return torch._C._are_functorch_transforms_active() or torch._C._functorch.is_functorch_wrapped_tensor(t)
 
 
 def _autocast_off(x: Tensor):
@@ -365,7 +371,7 @@ def train_forward_param(x: Tensor, mean: Tensor, raw_std: Tensor, std_param: str
     CPU path the parametrization's gradient is part of the layer's one autograd node."""
     if nll_weight is None:
         mean, raw_std = mean.detach(), raw_std.detach()
-    eager = not torch.compiler.is_compiling() and not torch._C._functorch.is_functorch_wrapped_tensor(x)
+    eager = not torch.compiler.is_compiling() and not _transformed(x)
     kernels = _fused.path(x) if eager else "eager"
     if kernels == "native":  # one C++ autograd node for numeric NLL weights
         weight_nll = _number(nll_weight)

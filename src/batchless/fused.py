@@ -104,7 +104,7 @@ def path(x: Tensor) -> str:
         return "eager"
     if _mode == "auto" and x.is_cpu:  # plain tensors only: not fake, traced, vmapped or subclassed
         native = (x.dtype != torch.float16 and type(x) is Tensor and not torch.compiler.is_compiling()
-                  and not torch._C._functorch.is_functorch_wrapped_tensor(x) and _cpu_kernels.load() is not None)
+                  and not torch._C._are_functorch_transforms_active() and _cpu_kernels.load() is not None)
         return "native" if native else "eager"  # (is_cpu, is_cuda: x.device builds an object, 5x slower)
     return "eager" if _failed or (_mode == "auto" and not x.is_cuda) else "compiled"
 

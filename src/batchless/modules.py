@@ -7,6 +7,7 @@ third-party code matches that class with ``isinstance`` and would rewrite or ref
 
 from __future__ import annotations
 
+import numbers
 import warnings
 
 import torch
@@ -40,6 +41,13 @@ class _BatchlessNorm(nn.Module):
     no NLL is recorded and nothing is trained. Double backward (gradient penalties such as WGAN-GP or R1)
     differentiates the output's gradients exactly, with mean/std constants as in the output; the implicit
     NLL gradient is a constant there (explicit mode differentiates the NLL twice).
+
+    Implicit mode delivers the NLL gradient with each backward pass through the output: two backward passes
+    over one forward (``retain_graph=True``, one per loss) deliver it twice, as ``(loss1 + loss2)`` would not;
+    sum the losses, or use ``nll="explicit"``. Explicit mode needs the forward to record a graph: under
+    ``torch.utils.checkpoint(..., use_reentrant=True)``, whose first forward runs without gradients, the
+    statistics get no gradient (use ``use_reentrant=False`` or implicit mode). NaN/Inf inputs are counted
+    and warned about (``nonfinite_batches``) in eager mode only, not inside ``torch.compile``.
 
     Args:
         num_features: number of channels ``C``.
@@ -80,7 +88,7 @@ class _BatchlessNorm(nn.Module):
         device=None,
         dtype=None,
     ) -> None:
-        _check_arguments(num_features, eps, std_param, init_std, nll)
+        _check_arguments(num_features, eps, std_param, init_mean, init_std, nll)
         super().__init__()
         factory = {"device": device, "dtype": dtype}
         self.num_features = num_features
@@ -141,6 +149,8 @@ class _BatchlessNorm(nn.Module):
     def forward(self, x: Tensor) -> Tensor:
         self._check_input(x)
         if not self.training:
+            if self.nll == "explicit":  # no NLL from this forward: nll_loss must not return an older one
+                self._last.nll, self._last.used = None, True
             return BF.eval_forward_param(x, self.mean, self.raw_std, self.std_param, self.eps, self.weight, self.bias)
         implicit = self.nll == "implicit"
         eager = not torch.compiler.is_compiling()
@@ -237,15 +247,21 @@ class BatchlessNorm3d(_BatchlessNorm):
     _input_dims = (5,)
 
 
-def _check_arguments(num_features, eps, std_param, init_std, nll) -> None:
+def _real(value) -> bool:
+    return isinstance(value, numbers.Real) and not isinstance(value, bool)
+
+
+def _check_arguments(num_features, eps, std_param, init_mean, init_std, nll) -> None:
     if isinstance(num_features, bool) or not isinstance(num_features, int) or num_features <= 0:
         raise BatchlessError(f"num_features must be a positive int (the channel count C), got {num_features!r}")
-    if not eps >= 0:
-        raise BatchlessError(f"eps must be >= 0, got {eps!r}")
+    if not _real(eps) or not eps >= 0:
+        raise BatchlessError(f"eps must be a number >= 0, got {eps!r}")
     if std_param not in BF.STD_PARAMS:
         raise BatchlessError(f"std_param must be one of {BF.STD_PARAMS}, got {std_param!r}")
-    if not init_std > 0:
-        raise BatchlessError(f"init_std must be > 0 (a standard deviation), got {init_std!r}")
+    if not _real(init_std) or not init_std > 0:
+        raise BatchlessError(f"init_std must be a number > 0 (a standard deviation), got {init_std!r}")
+    if not _real(init_mean):
+        raise BatchlessError(f"init_mean must be a number, got {init_mean!r}")
     if nll not in NLL_MODES:
         raise BatchlessError(f"nll must be one of {NLL_MODES}, got {nll!r}")
 
