@@ -359,7 +359,8 @@ def train_forward(x: Tensor, mean: Tensor, std: Tensor, weight: Tensor | None, b
     (:func:`channel_moments`), from which the gauged layer NLL follows (:func:`gauged_nll`, or
     :func:`nll_from_moments` for a value differentiable in mean/std); ``finite`` (C,) is False for channels
     whose input held NaN/Inf, which add nothing to the NLL, or None when every channel is known to be
-    finite. With ``nll_weight`` None (explicit mode) mean/std get no gradient through ``y``; otherwise
+    finite. With ``nll_weight`` None (explicit mode) mean/std get no gradient through ``y`` (they stay inputs of
+    its autograd node, so DDP's ``find_unused_parameters`` counts them as used, by this forward); otherwise
     (implicit mode) the backward of ``y`` gives them ``nll_weight * dNLL``.
     """
     return train_forward_param(x, mean, std, "std", 0.0, weight, bias, nll_weight)
@@ -369,8 +370,6 @@ def train_forward_param(x: Tensor, mean: Tensor, raw_std: Tensor, std_param: str
                         bias: Tensor | None, nll_weight):
     """:func:`train_forward` with sigma given by its parameter, as in :func:`eval_forward_param`: on the native
     CPU path the parametrization's gradient is part of the layer's one autograd node."""
-    if nll_weight is None:
-        mean, raw_std = mean.detach(), raw_std.detach()
     eager = not torch.compiler.is_compiling() and not _transformed(x)
     kernels = _fused.path(x) if eager else "eager"
     if kernels == "native":  # one C++ autograd node for numeric NLL weights

@@ -76,7 +76,9 @@ def init_from_data(model: nn.Module, batches: Iterable, *, max_batches: int | No
     it has been set, so that afterwards, on the same data, every layer's normalized output has per-channel
     mean 0 and standard deviation 1. Runs in eval mode (no dropout) under ``no_grad`` (apart from one
     probe forward that reads the dependencies) and restores every module's training flag; ``weight`` and
-    ``bias`` are left as they are. A channel that is constant on the data keeps ``std = 1``.
+    ``bias`` are left as they are. A channel that is constant on the data keeps ``std = 1``. Under
+    ``torch.distributed`` it measures the local ``batches`` only: call it before wrapping the model in DDP
+    (which broadcasts rank 0's parameters) or with the same batches on every rank.
 
     Cost: one forward of the first batch, then one pass over ``batches`` per stratum of mutually
     independent layers (a chain of L layers takes L passes), each forward stopping after the last layer
