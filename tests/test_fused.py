@@ -492,3 +492,71 @@ def test_evaluation_with_gradients_matches_the_formula(native_runs, std_param):
     for a, b in zip(got[:3], want, strict=True):
         torch.testing.assert_close(a, b)
     assert got[3] is None and got[4] is None
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Where the native kernels must step aside: what they would read or record wrongly.
+
+
+@pytest.mark.parametrize("training", [False, True])
+def test_jit_trace_records_the_real_ops(cpu_kernels, training):
+    """A trace sees only what goes through the dispatcher: the kernels' own loops would leave it an
+    empty_like (outputs of uninitialised memory)."""
+    layer = make_layer((2, 3, 4, 4)).train(training)
+    x = torch.randn(2, 3, 4, 4)
+    with torch.no_grad():
+        traced = torch.jit.trace(layer, x, check_trace=False)
+        torch.testing.assert_close(traced(x + 100), layer(x + 100))
+
+
+@pytest.mark.parametrize("training", [False, True])
+def test_batched_gradients(cpu_kernels, training):
+    """is_grads_batched (vmap over the backward): the gradient arrives batched, without storage."""
+    layer = make_layer((4, 3, 5)).train(training)
+    x = torch.randn(4, 3, 5, requires_grad=True)
+    y = layer(x)
+    gys = torch.randn(2, 4, 3, 5)
+    (batched,) = torch.autograd.grad(y, x, gys, is_grads_batched=True, retain_graph=True)
+    for gy, got in zip(gys, batched, strict=True):
+        torch.testing.assert_close(got, torch.autograd.grad(y, x, gy, retain_graph=True)[0])
+
+
+@pytest.mark.parametrize("frozen", [True, False])
+def test_forward_mode_ad_in_evaluation(cpu_kernels, frozen):
+    import torch.autograd.forward_ad as fwAD
+
+    layer = make_layer((4, 3, 5)).eval().requires_grad_(not frozen)
+    x, tangent = torch.randn(4, 3, 5), torch.randn(4, 3, 5)
+    with fwAD.dual_level():
+        got = fwAD.unpack_dual(layer(fwAD.make_dual(x, tangent))).tangent
+    want = tangent * (layer.weight / layer.std).detach().view(1, -1, 1)
+    torch.testing.assert_close(got, want)
+
+
+@pytest.mark.parametrize("shape", [(4, 3), (2, 3, 4, 4)])
+def test_saved_input_given_back_in_another_layout(cpu_kernels, shape):
+    """A saved-tensor hook may return x in a layout the kernels do not read (here: transposed): the
+    backward must still be right (it divided by zero: SIGFPE)."""
+    def transposed(t):
+        return t.transpose(0, -1).contiguous().transpose(0, -1) if t.shape == shape else t
+
+    layer = make_layer(shape)
+    x = torch.randn(shape, requires_grad=True)
+    with torch.autograd.graph.saved_tensors_hooks(transposed, lambda t: t):
+        y = layer(x)
+    g = torch.randn(shape)
+    got = torch.autograd.grad(y, [x, layer.weight, layer.mean], g)
+    want = torch.autograd.grad(layer(x), [x, layer.weight, layer.mean], g)
+    for a, b in zip(got, want, strict=True):
+        torch.testing.assert_close(a, b)
+
+
+def test_negative_views_are_read_as_values(cpu_kernels):
+    layer = make_layer((4, 3))
+    x0 = torch.randn(4, 3)
+    x = torch._neg_view(x0).requires_grad_()
+    y = layer(x)
+    torch.testing.assert_close(y, layer(-x0))
+    g0 = torch.randn(4, 3)
+    (gx,) = torch.autograd.grad(y, x, torch._neg_view(g0))
+    torch.testing.assert_close(gx, -g0 * (layer.weight / layer.std).detach())

@@ -242,8 +242,11 @@ void affine_kernel(const Layout& v, const T* x, T* y, const float* scale, const 
   }
 }
 
+// Plain CPU memory the kernels can read (not a batched or otherwise storage-less tensor under torch.func or
+// is_grads_batched, not a lazily negated view) of a supported element type.
 bool supported(const at::Tensor& x) {
-  return x.device().is_cpu() && (x.scalar_type() == at::kFloat || x.scalar_type() == at::kBFloat16);
+  return x.device().is_cpu() && (x.scalar_type() == at::kFloat || x.scalar_type() == at::kBFloat16) &&
+         x.has_storage() && !x.is_neg() && !x.is_conj();
 }
 
 // Whether the per-channel tensors suit the kernels, which read them directly: floating point on the CPU,
@@ -377,7 +380,7 @@ std::vector<at::Tensor> batchless_backward(const at::Tensor& gy, const at::Tenso
                                            const at::Tensor& inv, const at::Tensor& scale) {
   const Layout v = layout_of(x), g = layout_of(gy);
   if (!v.ok || !g.ok || v.rows != g.rows || gy.sizes() != x.sizes() || gy.scalar_type() != x.scalar_type() ||
-      !supported(x))
+      !supported(x) || !supported(gy))
     return {};
   return backward_with(gy, x, v, mean.data_ptr<float>(), inv.data_ptr<float>(), scale.data_ptr<float>());
 }
@@ -420,7 +423,9 @@ struct Train : public torch::autograd::Function<Train> {
     const float* fp = f.data_ptr<float>();
     at::Tensor gx, gmean, gstd, gweight, gbias;
     if (gy.defined()) {
-      if (at::GradMode::is_enabled()) {
+      const Layout v = layout_of(x);  // (x as a saved-tensor hook gave it back: maybe in another layout)
+      if (at::GradMode::is_enabled() || !v.ok || !supported(x) || !gy.has_storage()) {  // ATen ops: double
+        // backward, batched gradients (is_grads_batched, torch.func), an x the kernels cannot read
         std::vector<int64_t> view(x.dim(), 1), dims{0};
         view[1] = C;
         for (int64_t d = 2; d < x.dim(); ++d) dims.push_back(d);
@@ -429,8 +434,8 @@ struct Train : public torch::autograd::Function<Train> {
         gweight = (g * ((x.to(at::kFloat) - f[0].view(view)) * inv)).sum(dims);
         gbias = g.sum(dims);
       } else {
-        const Layout v = layout_of(x), g = layout_of(gy);
-        const bool same = g.ok && g.rows == v.rows && gy.scalar_type() == x.scalar_type();
+        const Layout g = layout_of(gy);
+        const bool same = g.ok && g.rows == v.rows && gy.scalar_type() == x.scalar_type() && supported(gy);
         auto out = backward_with(same ? gy : at::empty_like(x).copy_(gy), x, v, fp, fp + C, fp + 2 * C);
         gx = out[0], gweight = out[1], gbias = out[2];
       }

@@ -25,7 +25,9 @@ Python), batchless warns once and continues on the eager path.
 
 Both take inputs in one of two canonical views, ``(N, C, L)`` for contiguous tensors and ``(M, C)`` for
 channels-last ones (and for (N, C) inputs). Other layouts, float64 (and, on the native path, float16) and
-empty inputs take the eager path, as does a backward that records a graph (double backward).
+empty inputs take the eager path, as do ``torch.jit.trace`` (which records only the dispatcher's ops) and
+forward-mode AD; so do backwards that record a graph (double backward) or get batched gradients
+(``is_grads_batched``), and those whose saved input a saved-tensor hook gives back in another layout.
 """
 
 from __future__ import annotations
@@ -37,6 +39,7 @@ import warnings
 
 import torch
 from torch import Tensor
+from torch.autograd import forward_ad
 
 from . import _cpu_kernels
 from .errors import BatchlessError
@@ -100,7 +103,8 @@ def build_cpu_kernels(verbose: bool = False) -> bool:
 def path(x: Tensor) -> str:
     """Which kernels the training step of ``x`` takes: ``"native"``, ``"compiled"`` or ``"eager"`` (the native
     kernels also serve evaluation forwards)."""
-    if _mode == "never" or x.numel() == 0 or x.dtype not in _FUSED_DTYPES:
+    if (_mode == "never" or x.numel() == 0 or x.dtype not in _FUSED_DTYPES or torch.jit.is_tracing()
+            or forward_ad._current_level >= 0):  # (a trace must record the ops; dual tensors need their rules)
         return "eager"
     if _mode == "auto" and x.is_cpu:  # plain tensors only: not fake, traced, vmapped or subclassed
         native = (x.dtype != torch.float16 and type(x) is Tensor and not torch.compiler.is_compiling()
@@ -204,8 +208,8 @@ def backward(gy: Tensor, x: Tensor, mean: Tensor, inv: Tensor, scale: Tensor, ke
     """``(gx, gweight, gbias)`` in one fused pass by the ``kernels`` of :func:`path` (gweight/gbias in
     float32), or None where the eager path must do it (gy in another layout than x, or a backward that
     records a graph)."""
-    if torch.is_grad_enabled() or gy.dtype != x.dtype:
-        return None
+    if torch.is_grad_enabled() or gy.dtype != x.dtype or torch._C._functorch.is_functorch_wrapped_tensor(gy):
+        return None  # (a batched gradient: is_grads_batched, torch.func)
     if kernels == "native":
         return _cpu_kernels.load().backward(gy, x, mean, inv, scale) or None
     gv, xv = _canonical(gy), _canonical(x)
