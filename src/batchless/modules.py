@@ -51,8 +51,8 @@ class _BatchlessNorm(nn.Module):
 
     Args:
         num_features: number of channels ``C``.
-        eps: guards ``std`` away from zero in the ``"abs"`` and ``"inv"`` parametrizations. Default: 1e-5.
-            Unlike in BatchNorm it is not added to a variance.
+        eps: bounds ``std`` in the ``"abs"`` (std >= eps) and ``"inv"`` (std <= 1/eps) parametrizations.
+            Default: 1e-5. Unlike in BatchNorm it is not added to a variance.
         affine: learn ``weight`` and ``bias`` (gamma, beta). Default: True.
         std_param: parametrization of ``std`` by the raw parameter ``raw_std``: ``"log"`` (exp(s), default),
             ``"abs"`` (abs(s) + eps) or ``"inv"`` (s stores 1/std).

@@ -87,7 +87,8 @@ def add_training_options(p: argparse.ArgumentParser, *, epochs: int, num_samples
     p.add_argument("--epochs", type=positive_int, default=epochs, help=f"epochs per cell (default {epochs})")
     p.add_argument("--lr", type=positive_float, default=d.lr, help=f"Adam learning rate (default {d.lr})")
     p.add_argument("--num-samples", type=positive_int, default=num_samples,
-                   help="size of the generated dataset (mnist1d default 5000, synthetic 6000); caps cifar10")
+                   help=f"size of the generated dataset (default {num_samples})" if num_samples else
+                   "size of the generated dataset (default: mnist1d 5000, synthetic 6000); caps cifar10")
     p.add_argument("--width", type=positive_int, default=d.width, help="channels of the MNIST-1D CNN")
     p.add_argument("--device", type=device_name, default="cpu", help="torch device (default cpu)")
     p.add_argument("--threads", type=positive_int, default=threads,
