@@ -162,6 +162,55 @@ def test_compiler_failure_warns_once_and_falls_back(monkeypatch):
     torch.testing.assert_close(y, layer(x))
 
 
+def test_a_failing_backward_compilation_warns_once(monkeypatch):
+    """Graphs recorded before the failure must not try (and warn) again."""
+    import warnings
+
+    monkeypatch.setattr(fused, "_mode", "compiled")
+    monkeypatch.setattr(fused, "_failed", False)
+    monkeypatch.setattr(fused, "_compiled", {})
+
+    def broken(*args, **kwargs):
+        raise RuntimeError("backward does not compile")
+
+    monkeypatch.setattr(torch, "compile", lambda fn, **kwargs: fn if fn.__name__ == "_forward_maths" else broken)
+    layers = [make_layer((4, 6, 5, 7)), make_layer((4, 6, 5, 7))]
+    x, g = torch.randn(4, 6, 5, 7, requires_grad=True), torch.randn(4, 6, 5, 7)  # (g: both backwards try)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        got = torch.autograd.grad(layers[1](layers[0](x)), [x, layers[0].weight], g)
+    assert [str(w.message).count("backward does not compile") for w in caught] == [1]
+    monkeypatch.setattr(fused, "_mode", "never")
+    want = torch.autograd.grad(layers[1](layers[0](x)), [x, layers[0].weight], g)
+    for a, b in zip(got, want, strict=True):
+        torch.testing.assert_close(a, b)
+
+
+def test_one_graph_for_every_channel_count(compiled_runs):
+    """dynamic=True must cover C too: a Parameter argument would pin it (a graph per width, then, past
+    dynamo's recompile limit, no compilation at all)."""
+    import torch._dynamo.utils as dynamo_utils
+
+    def graphs():
+        return dynamo_utils.counters["stats"]["unique_graphs"]
+
+    layer = make_layer((8, 2, 10))
+    layer(torch.randn(8, 2, 10, requires_grad=True)).sum().backward()  # C = 2, 3: dynamo specializes 0/1 only
+    layer = make_layer((8, 3, 10))
+    layer(torch.randn(8, 3, 10, requires_grad=True)).sum().backward()
+    before = graphs()
+    for c in (4, 5, 7, 9, 12):
+        layer = make_layer((8, c, 10))
+        layer(torch.randn(8, c, 10, requires_grad=True)).sum().backward()
+    assert graphs() == before
+
+
+def test_compiled_kernels_read_negative_views_as_values(compiled_runs):
+    layer = make_layer((4, 3))
+    x0 = torch.randn(4, 3)
+    torch.testing.assert_close(layer(torch._neg_view(x0)), layer(-x0))
+
+
 def test_set_fused_checks_and_returns_previous(monkeypatch):
     monkeypatch.setattr(fused, "_mode", "auto")
     assert fused.set_fused("never") == "auto"

@@ -115,6 +115,7 @@ def _affine(x: Tensor, mean: Tensor, scale: Tensor, bias: Tensor | None) -> Tens
 
 
 _ROWS_MIN_NUMEL = 16384  # below this the statistics kernel's ~1.7 ns/element beats the row path's ~28 us of ops
+_SHIFT_MIN_N = 65536  # elements per channel from which the CPU statistics kernel's float32 sums need centring
 
 
 def channel_moments(x: Tensor, mean: Tensor, inv: Tensor) -> tuple[Tensor, Tensor]:
@@ -124,7 +125,9 @@ def channel_moments(x: Tensor, mean: Tensor, inv: Tensor) -> tuple[Tensor, Tenso
     buffer costs more than the arithmetic). PyTorch's batch-norm statistics kernel (one Welford pass)
     gives the channel mean and (centred, stable) variance on accelerators and, on CPU, for (N, C),
     channels-last and bfloat16 inputs (for bfloat16 accumulated in float32, returned rounded to bfloat16,
-    like the input itself); under torch.compile, ``var_mean``, which the compiler fuses. For other
+    like the input itself); from 2^16 elements per channel, on CPU, of ``x - mean`` (one more pass and a
+    temporary: that kernel's float32 sums lose a badly centred channel's mean, 1000 +- 0.1 by ~40 standard
+    deviations at 2^19). Under torch.compile: ``var_mean``, which the compiler fuses. For other
     contiguous (N, C, *) CPU inputs of 16k elements or more, where that kernel is up to 10x slower (~1.7
     ns/element on this project's CPUs), float32 row sums and row 2-norms of the (N, C, rest) view are
     combined in float64; the raw second moment then loses ~1e-7 * (mean_x / std_x)**2 in relative
@@ -143,6 +146,13 @@ def channel_moments(x: Tensor, mean: Tensor, inv: Tensor) -> tuple[Tensor, Tenso
         m = rows.sum(-1, dtype=cd).sum(0, dtype=torch.float64) / n
         var = torch.linalg.vector_norm(rows, dim=-1, dtype=cd).double().square().sum(0) / n - m * m
         m, var = m.to(cd), var.to(cd).clamp_min(0.0)
+    elif x.device.type == "cpu" and n >= _SHIFT_MIN_N and x.dtype != torch.float64:
+        # the CPU kernel's float32 sums lose a badly centred channel's mean past ~2^17 elements (1000 +- 0.1:
+        # off by 40 standard deviations): centre by the learned mean first (one extra pass), so they stay small
+        centred = x - _cast(mean, cd).reshape((1, -1) + (1,) * (x.dim() - 2))  # (bfloat16 x: in float32)
+        mc, var = torch.ops.aten.batch_norm_update_stats(centred, None, None, 0.0)
+        a = _cast(mc, cd) * inv
+        return a, torch.addcmul(a * a, _cast(var, cd), inv * inv)
     else:
         m, var = torch.ops.aten.batch_norm_update_stats(x, None, None, 0.0)
         m, var = _cast(m, cd), _cast(var, cd)

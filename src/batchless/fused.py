@@ -114,7 +114,10 @@ def path(x: Tensor) -> str:
 
 
 def _canonical(t: Tensor) -> Tensor | None:
-    """``t`` (N, C, *) as a contiguous (N, C, L) view, a contiguous (M, C) view (channel fastest), or None."""
+    """``t`` (N, C, *) as a contiguous (N, C, L) view, a contiguous (M, C) view (channel fastest), or None
+    (also for lazily negated views, whose sign the compiled kernels would not see)."""
+    if t.is_neg() or t.is_conj():
+        return None
     if t.dim() > 2 and t.is_contiguous() and math.prod(t.shape[2:]) > 1:
         return t.view(t.shape[0], t.shape[1], -1)
     rows = t.movedim(1, -1)
@@ -150,6 +153,10 @@ def _run(fn, x: Tensor, *args):
     Each key gets its own copy of ``fn``'s code object: torch.compile caches (and limits recompilations)
     per code object, so one copy per key keeps every key to a single dynamic-shape graph."""
     global _failed
+    if _failed:  # (a graph recorded before the failure still comes here)
+        return None
+    # plain tensors only: dynamo keeps a Parameter's shape static, and C with it (a graph per channel count)
+    args = [a.detach() if isinstance(a, torch.nn.Parameter) else a for a in args]
     key = (fn.__name__, x.dim(), x.dtype, x.device.type)
     compiled = _compiled.get(key)
     if compiled is None:
