@@ -211,6 +211,20 @@ def test_compiled_kernels_read_negative_views_as_values(compiled_runs):
     torch.testing.assert_close(layer(torch._neg_view(x0)), layer(-x0))
 
 
+def test_a_device_error_is_not_taken_for_a_compiler_failure(monkeypatch):
+    monkeypatch.setattr(fused, "_mode", "compiled")
+    monkeypatch.setattr(fused, "_failed", False)
+    monkeypatch.setattr(fused, "_compiled", {})
+
+    def device_error(*args, **kwargs):
+        raise RuntimeError("CUDA error: an illegal memory access was encountered")
+
+    monkeypatch.setattr(torch, "compile", lambda fn, **kwargs: device_error)
+    with pytest.raises(RuntimeError, match="illegal memory access"):
+        make_layer((4, 6, 5, 7))(torch.randn(4, 6, 5, 7, requires_grad=True))
+    assert not fused._failed
+
+
 def test_set_fused_checks_and_returns_previous(monkeypatch):
     monkeypatch.setattr(fused, "_mode", "auto")
     assert fused.set_fused("never") == "auto"

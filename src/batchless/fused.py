@@ -167,6 +167,8 @@ def _run(fn, x: Tensor, *args):
     except torch.cuda.OutOfMemoryError:  # (torch.OutOfMemoryError since 2.5; the same class)
         raise
     except Exception as error:  # noqa: BLE001 - any compiler failure means: use the eager path
+        if "CUDA error" in str(error):  # a broken device (illegal address, ...), not a compiler failure:
+            raise                        # the eager path would run on a corrupted context
         _failed = True
         first_line = (str(error).strip().splitlines() or [""])[0]
         warnings.warn(
