@@ -83,24 +83,18 @@ DEVICE_COMMANDS = [["bench", "speed", "--quick"], ["bench", "memory", "--quick"]
                    ["sweep", "--dataset", "synthetic", "--norms", "none", "--batch-sizes", "4", "--results", "r.db"]]
 
 
-@pytest.mark.skipif(torch.cuda.is_available(), reason="checks the message given where CUDA is absent")
 @pytest.mark.parametrize("command", DEVICE_COMMANDS)
-def test_cuda_device_is_refused_cleanly_without_cuda(command, capsys, tmp_path, monkeypatch):
+@pytest.mark.parametrize(("device", "message"), [
+    pytest.param("cuda", "'cuda' requested but CUDA is not available here",
+                 marks=pytest.mark.skipif(torch.cuda.is_available(), reason="the message given where CUDA is absent")),
+    ("gpu", "expected a torch device such as cpu, cuda or cuda:0; received 'gpu'"),
+])
+def test_unavailable_or_unknown_device_is_refused_cleanly(command, device, message, capsys, tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)
     with pytest.raises(SystemExit) as exit:
-        cli.main([*command, "--device", "cuda"])
+        cli.main([*command, "--device", device])
     assert exit.value.code == 2
-    assert "argument --device: 'cuda' requested but CUDA is not available here" in capsys.readouterr().err
-
-
-@pytest.mark.parametrize("command", DEVICE_COMMANDS)
-def test_unknown_device_is_refused_cleanly(command, capsys, tmp_path, monkeypatch):
-    monkeypatch.chdir(tmp_path)
-    with pytest.raises(SystemExit) as exit:
-        cli.main([*command, "--device", "gpu"])
-    assert exit.value.code == 2
-    assert "argument --device: expected a torch device such as cpu, cuda or cuda:0; received 'gpu'" in (
-        capsys.readouterr().err)
+    assert f"argument --device: {message}" in capsys.readouterr().err
 
 
 def test_time_interleaved_alternates_order():

@@ -144,10 +144,17 @@ def test_fused_backward_takes_another_gradient_layout(kernel_runs):
         torch.testing.assert_close(a, b)
 
 
-def test_compiler_failure_warns_once_and_falls_back(monkeypatch):
+@pytest.fixture
+def fresh_compiled(monkeypatch):
+    """The compiled path from scratch (no failure, no compiled kernels yet); returns monkeypatch."""
     monkeypatch.setattr(fused, "_mode", "compiled")
     monkeypatch.setattr(fused, "_failed", False)
     monkeypatch.setattr(fused, "_compiled", {})
+    return monkeypatch
+
+
+def test_compiler_failure_warns_once_and_falls_back(fresh_compiled):
+    monkeypatch = fresh_compiled
 
     def broken(*args, **kwargs):
         raise RuntimeError("no C++ compiler found\nmore detail")
@@ -162,13 +169,11 @@ def test_compiler_failure_warns_once_and_falls_back(monkeypatch):
     torch.testing.assert_close(y, layer(x))
 
 
-def test_a_failing_backward_compilation_warns_once(monkeypatch):
+def test_a_failing_backward_compilation_warns_once(fresh_compiled):
     """Graphs recorded before the failure must not try (and warn) again."""
     import warnings
 
-    monkeypatch.setattr(fused, "_mode", "compiled")
-    monkeypatch.setattr(fused, "_failed", False)
-    monkeypatch.setattr(fused, "_compiled", {})
+    monkeypatch = fresh_compiled
 
     def broken(*args, **kwargs):
         raise RuntimeError("backward does not compile")
@@ -211,10 +216,8 @@ def test_compiled_kernels_read_negative_views_as_values(compiled_runs):
     torch.testing.assert_close(layer(torch._neg_view(x0)), layer(-x0))
 
 
-def test_a_device_error_is_not_taken_for_a_compiler_failure(monkeypatch):
-    monkeypatch.setattr(fused, "_mode", "compiled")
-    monkeypatch.setattr(fused, "_failed", False)
-    monkeypatch.setattr(fused, "_compiled", {})
+def test_a_device_error_is_not_taken_for_a_compiler_failure(fresh_compiled):
+    monkeypatch = fresh_compiled
 
     def device_error(*args, **kwargs):
         raise RuntimeError("CUDA error: an illegal memory access was encountered")

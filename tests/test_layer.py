@@ -345,21 +345,26 @@ def test_any_shape_matches_naive(n, c, spatial, std_param, nll, affine, shared):
         torch.testing.assert_close(torch.zeros_like(want) if got.grad is None else got.grad, want)
 
 
+def float32_and_float64(cls, x, mean, std):
+    """The layer in float32 and in float64 at ``mean``/``std``, after one explicit NLL backward on ``x``."""
+    layers = []
+    for dtype in (torch.float32, torch.float64):
+        layer = cls(x.shape[1], nll="explicit", dtype=dtype)
+        with torch.no_grad():
+            layer.mean.fill_(mean)
+            layer.set_std(torch.full((x.shape[1],), std, dtype=dtype))
+        layer(x.to(dtype))
+        bl.nll_loss(layer).backward()
+        layers.append(layer)
+    return layers
+
+
 def test_nll_precise_for_a_large_badly_centred_channels_last_input():
     """2^19 elements per channel at 1000 +- 0.1: float32 sums of the raw input lose the mean by ~40 standard
     deviations (the CPU statistics kernel did, on the eager path)."""
     torch.manual_seed(0)
     x = (torch.randn(32, 2, 128, 128) * 0.1 + 1000).contiguous(memory_format=torch.channels_last)
-    layers = []
-    for dtype in (torch.float32, torch.float64):
-        layer = bl.BatchlessNorm2d(2, nll="explicit", dtype=dtype)
-        with torch.no_grad():
-            layer.mean.fill_(1000.02)
-            layer.set_std(torch.full((2,), 0.1, dtype=dtype))
-        layer(x.to(dtype))
-        bl.nll_loss(layer).backward()
-        layers.append(layer)
-    f32, f64 = layers
+    f32, f64 = float32_and_float64(bl.BatchlessNorm2d, x, 1000.02, 0.1)
     torch.testing.assert_close(f32.mean.grad.double(), f64.mean.grad, rtol=1e-3, atol=1e-6)
     torch.testing.assert_close(f32.raw_std.grad.double(), f64.raw_std.grad, rtol=1e-3, atol=1e-4)
 
@@ -368,16 +373,7 @@ def test_nll_precise_for_a_large_badly_centred_channels_last_input():
 def test_nll_precise_for_badly_scaled_float32_input(shape):
     torch.manual_seed(0)
     x = torch.randn(shape) * 100 + 1000
-    layers = []
-    for dtype in (torch.float32, torch.float64):
-        layer = LAYERS[max(len(shape) - 2, 1)](4, nll="explicit", dtype=dtype)
-        with torch.no_grad():
-            layer.mean.fill_(990.0)
-            layer.set_std(torch.full((4,), 90.0, dtype=dtype))
-        layer(x.to(dtype))
-        bl.nll_loss(layer).backward()
-        layers.append(layer)
-    f32, f64 = layers
+    f32, f64 = float32_and_float64(LAYERS[max(len(shape) - 2, 1)], x, 990.0, 90.0)
     torch.testing.assert_close(bl.nll_loss(f32).double(), bl.nll_loss(f64), rtol=1e-4, atol=1e-5)
     torch.testing.assert_close(f32.mean.grad.double(), f64.mean.grad, rtol=1e-4, atol=1e-7)
     torch.testing.assert_close(f32.raw_std.grad.double(), f64.raw_std.grad, rtol=1e-4, atol=1e-5)
