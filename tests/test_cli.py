@@ -170,6 +170,24 @@ def test_results_folder_is_created_and_a_non_store_is_refused_unchanged(tmp_path
         assert "is not a usable results store (SQLite: file is not a database)" in capsys.readouterr().err
 
 
+def test_argument_errors_leave_no_folders_behind(tmp_path, capsys):
+    with pytest.raises(SystemExit):
+        main(["sweep", "--dataset", "synthetic", "--norms", "none", "--batch-sizes", "4", "--results",
+              str(tmp_path / "new" / "r.sqlite"), "--epochs", "0"])
+    assert not (tmp_path / "new").exists()
+    (tmp_path / "notes.txt").write_text("")
+    with pytest.raises(SystemExit):
+        main(["sweep", "--dataset", "synthetic", "--norms", "none", "--batch-sizes", "4", "--results",
+              str(tmp_path / "notes.txt" / "r.sqlite")])  # (a file where a folder would have to be)
+    assert "is not a writable folder" in capsys.readouterr().err
+
+
+def test_devices_other_than_cuda_pass_through():
+    from batchless_experiments.options import device_name
+
+    assert [device_name(d) for d in ("cpu", "cpu:0", "mps", "xpu")] == ["cpu", "cpu:0", "mps", "xpu"]
+
+
 def test_interrupt_says_what_is_kept(monkeypatch, capsys):
     from batchless_experiments import sweep
 

@@ -5,6 +5,7 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import io
+import json
 import math
 import os
 import pickle
@@ -202,7 +203,13 @@ def test_store_keeps_a_diverged_run(tmp_path, tiny_splits):
         assert store.has(cell) and store.count() == 1
     row = report.load_rows(path)[0]
     assert math.isnan(row["test_acc"]) and row["test_loss"] == math.inf
-    assert "| none | nan ± 0.0 | 1 |" in report.table([row])
+    assert "| none | nan ± nan | 1 |" in report.table([row])
+    other = _cell(norm="none", bs=32, seed=1)  # a second seed that converged: the cell's mean is unknown
+    with ResultStore(path) as store:
+        store.add(other, train_cell(other, tiny_splits))
+    assert "| none | nan ± nan | 2 |" in report.table(report.load_rows(path))
+    records = json.loads(json.dumps(report.json_records(report.load_rows(path)), allow_nan=False))
+    assert records[0]["test_acc"] is None and records[0]["test_loss"] is None and records[1]["test_acc"] > 0
 
 
 def test_plan_drops_repeated_norms_and_batch_sizes():

@@ -19,10 +19,11 @@ import sys
 import torch
 
 from . import bench_ddp, bench_memory, bench_speed
-from .options import device_name, int_list, output_file, positive_int
+from .options import device_name, int_list, make_parent, output_file, positive_int
 
 
 def run_speed(args: argparse.Namespace) -> int:
+    make_parent(args.out)
     device = torch.device(args.device)
     threads = torch.get_num_threads()
     torch.set_num_threads(args.threads)
@@ -73,6 +74,7 @@ def _fold(batch, image, *, rounds, warmup, device, quick, log):
 
 
 def run_memory(args: argparse.Namespace) -> int:
+    make_parent(args.out), make_parent(args.plot)
     device = torch.device(args.device)
     cfg = bench_memory.MemoryConfig.quick() if args.quick else bench_memory.MemoryConfig(
         effective_batches=args.effective_batches, image=args.image, width=args.width)

@@ -39,7 +39,7 @@ from torch.nn.modules.batchnorm import _BatchNorm
 from torch.nn.parallel import DistributedDataParallel as DDP
 
 from .bench_speed import machine_info, resnet, time_interleaved
-from .options import output_file, positive_int
+from .options import make_parent, output_file, positive_int
 
 NORMS = ("batchless", "syncbn", "bn")
 REFERENCE = "syncbn"
@@ -239,6 +239,7 @@ def markdown_table(result: dict) -> str:
 
 
 def main_args(args: argparse.Namespace) -> int:
+    make_parent(args.out)
     if args.quick:
         cfg = {"batch": 2, "image": 8, "widths": [4, 8, 8], "rounds": 3, "inner": 1, "warmup": 1}
     else:

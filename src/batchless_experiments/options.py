@@ -65,20 +65,26 @@ def device_name(text: str) -> str:
     if device.type == "cuda" and (device.index or 0) >= torch.cuda.device_count():
         raise argparse.ArgumentTypeError(f"{text!r} requested but this machine has {torch.cuda.device_count()} "
                                          "CUDA device(s)")
-    if device.type not in ("cpu", "cuda"):
-        raise argparse.ArgumentTypeError(f"expected cpu or a cuda device; received {text!r}")
     return text
 
 
 def output_file(text: str) -> str:
-    """A file to write, its folder created if missing (checked before any work, so no result is lost)."""
+    """A file to write: not a folder, and its folder, if missing, creatable (checked before any work, so that
+    no result is lost; commands create the folder with :func:`make_parent` when they start)."""
     if os.path.isdir(text):
         raise argparse.ArgumentTypeError(f"expected a file path; {text!r} is a folder")
-    try:
-        os.makedirs(os.path.dirname(text) or ".", exist_ok=True)
-    except OSError as e:
-        raise argparse.ArgumentTypeError(f"cannot create the folder of {text!r}: {e.strerror}") from None
+    existing = os.path.dirname(os.path.abspath(text))
+    while not os.path.exists(existing):
+        existing = os.path.dirname(existing)
+    if not os.path.isdir(existing) or not os.access(existing, os.W_OK):
+        raise argparse.ArgumentTypeError(f"cannot create {text!r}: {existing} is not a writable folder")
     return text
+
+
+def make_parent(path: str | None) -> None:
+    """Create the folder of an :func:`output_file` path (None: nothing to do)."""
+    if path:
+        os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
 
 
 def add_training_options(p: argparse.ArgumentParser, *, epochs: int, num_samples: int | None,
@@ -132,4 +138,4 @@ def apply_threads(args: argparse.Namespace) -> None:
 
 
 __all__ = ["DATASETS", "add_training_options", "apply_threads", "config_for_norm", "config_from_args", "device_name",
-           "int_list", "norm_list", "output_file"]
+           "int_list", "make_parent", "norm_list", "output_file"]

@@ -9,12 +9,13 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import os
 import statistics
 from collections import Counter, defaultdict
 
 from .models import NORMS, is_batchless
-from .options import BATCHLESS_ONLY, int_list, norm_list, output_file
+from .options import BATCHLESS_ONLY, int_list, make_parent, norm_list, output_file
 from .store import ResultStore
 from .train import TrainConfig
 
@@ -84,6 +85,9 @@ def group(rows: list[dict], metric: str) -> dict[tuple[str, str], dict[int, list
 
 
 def mean_std(values: list[float]) -> tuple[float, float]:
+    """Mean and sample standard deviation (0 for one value); NaN for both if a seed diverged (NaN)."""
+    if any(math.isnan(v) for v in values):
+        return math.nan, math.nan
     return statistics.fmean(values), (statistics.stdev(values) if len(values) > 1 else 0.0)
 
 
@@ -122,7 +126,18 @@ def json_records(rows: list[dict]) -> list[dict]:
     keep = ("dataset", "norm", "label", "batch_size", "seed", "test_acc", "test_loss", "val_acc_best",
             "val_acc_best_epoch", "val_loss_best", "test_acc_at_best_val", "wall_s", "act_mem_mb", "max_rss_mb",
             "config", "history")
-    return [{k: r[k] for k in keep} for r in rows]
+    return [{k: _json_number(r[k]) for k in keep} for r in rows]
+
+
+def _json_number(value):
+    """``value`` with non-finite floats (a diverged cell) as None: strict JSON has no NaN or Infinity."""
+    if isinstance(value, float):
+        return value if math.isfinite(value) else None
+    if isinstance(value, list):
+        return [_json_number(v) for v in value]
+    if isinstance(value, dict):
+        return {k: _json_number(v) for k, v in value.items()}
+    return value
 
 
 def plot(rows: list[dict], path: str, metric: str = "test_acc", title: str | None = None) -> None:
@@ -154,6 +169,7 @@ def plot(rows: list[dict], path: str, metric: str = "test_acc", title: str | Non
         ax.grid(alpha=0.3)
         ax.legend(fontsize=7, loc="center left", bbox_to_anchor=(1.01, 0.5))
     fig.tight_layout()
+    make_parent(path)
     fig.savefig(path, dpi=120)
     plt.close(fig)
 
@@ -161,7 +177,7 @@ def plot(rows: list[dict], path: str, metric: str = "test_acc", title: str | Non
 def run(args: argparse.Namespace) -> int:
     rows = load_rows(args.results, args.dataset, args.norms, args.base_only, args.batch_sizes)
     if args.json:
-        print(json.dumps(json_records(rows), indent=1))
+        print(json.dumps(json_records(rows), indent=1, allow_nan=False))
     else:
         if not rows:
             print(f"no finished cells in {args.results}")
