@@ -70,6 +70,39 @@ def test_a_layer_frozen_with_eval_adds_no_nll(nll):
     assert model[2].mean.grad is None and model[0].mean.grad.abs().max() > 0
 
 
+@pytest.mark.parametrize("reentrant", [False, True])
+@pytest.mark.parametrize("weight", [0.25, torch.tensor(0.25)])
+def test_activation_checkpointing_keeps_the_forward_nll_weight(reentrant, weight):
+    """The checkpointed forward runs again during backward, outside the nll_weight block: it must use the
+    weight of the original forward (it raised a CheckpointError for tensor weights, or took weight 1)."""
+    from torch.utils.checkpoint import checkpoint
+
+    x, y = DATA
+    x = x.clone().requires_grad_(reentrant)  # (reentrant checkpointing needs an input that requires grad)
+    grads = []
+    for checkpointed in (False, True):
+        model = make_model("implicit")
+        with bl.nll_weight(weight):
+            out = checkpoint(model, x, use_reentrant=reentrant) if checkpointed else model(x)
+            loss = F.cross_entropy(out, y)
+        loss.backward()
+        grads.append({k: p.grad for k, p in model.named_parameters()})
+    assert_grads_equal(grads[1], grads[0])
+
+
+def test_an_nll_weight_block_removes_its_own_weight():
+    """Blocks that do not nest (two threads, or context managers closed out of order) leave the right weight."""
+    from batchless.weighting import current_nll_weight
+
+    outer, inner = bl.nll_weight(0.5), bl.nll_weight(0.25)
+    outer.__enter__(), inner.__enter__()
+    assert current_nll_weight() == (0.5, 0.25)
+    outer.__exit__(None, None, None)
+    assert current_nll_weight() == (0.25,)
+    inner.__exit__(None, None, None)
+    assert current_nll_weight() == 1.0
+
+
 def test_naive_accumulation_gets_the_statistics_wrong():
     """Without the NLL weight, k micro-batches count the implicit NLL k times: the property is not trivial."""
     x, y = DATA

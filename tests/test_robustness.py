@@ -212,21 +212,65 @@ def test_torch_func_with_the_layer_first(training):
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
 def test_inference_mode_then_training_with_gradients(dtype):
-    layer = bl.BatchlessNorm2d(3, dtype=dtype).eval()
+    layer = bl.BatchlessNorm2d(3, init_std=2.0, dtype=dtype).eval()
     with torch.inference_mode():
         layer(torch.randn(2, 3, 4, 4, dtype=dtype))
     x = torch.randn(2, 3, 4, 4, dtype=dtype, requires_grad=True)
     layer(x).sum().backward()  # nothing made under inference mode was kept for this backward
-    assert x.grad is not None
+    torch.testing.assert_close(x.grad, torch.full_like(x, 0.5))  # weight / std
 
 
-@pytest.mark.parametrize("bad_mean", [torch.zeros(2), torch.zeros(4, device="meta")])
-def test_functional_api_refuses_statistics_of_the_wrong_size_or_device(bad_mean):
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("shape", [(256, 4), (16, 4, 8, 8)])
+def test_half_precision_statistics_are_not_rounded(dtype, shape):
+    """At 100 +- 1, a mean rounded to bfloat16 is off by up to 0.4 standard deviations: the NLL gradient of the
+    learned mean must not inherit that (the eager path subtracted the mean after the rounding)."""
+    torch.manual_seed(0)
+    x = (torch.randn(shape) + 100).to(dtype)
+    grads = []
+    for layer_dtype, x_in in ((torch.float32, x), (torch.float64, x.double())):
+        layer = (bl.BatchlessNorm1d if len(shape) == 2 else bl.BatchlessNorm2d)(4, dtype=layer_dtype)
+        with torch.no_grad():
+            layer.mean.fill_(100.0)
+        layer(x_in).sum().backward()
+        grads.append(layer.mean.grad.double())
+    torch.testing.assert_close(grads[0], grads[1], rtol=0, atol=1e-5)
+
+
+def test_functional_api_takes_shared_statistics_as_0_dim_tensors():
+    x = torch.randn(3, 4, 5)
+    with torch.no_grad():
+        torch.testing.assert_close(BF.eval_forward(x, torch.tensor(0.5), torch.tensor(2.0), None, None), (x - 0.5) / 2)
+    mean, std = torch.tensor(0.5, requires_grad=True), torch.tensor(2.0, requires_grad=True)
+    y, *_ = BF.train_forward(x, mean, std, None, None, 1.0)
+    torch.testing.assert_close(y, (x - 0.5) / 2)
+    y.sum().backward()  # the implicit NLL gradient, in the statistics' own (0-dim) shape
+    assert mean.grad.shape == std.grad.shape == ()
+
+
+def test_explicit_mode_records_no_graph_when_only_the_statistics_train():
+    """Frozen weight and bias, an input without gradient: the output has no gradient to give (the NLL goes
+    through nll_loss), so nothing after the layer records a graph."""
+    layer = bl.BatchlessNorm2d(3, nll="explicit")
+    layer.weight.requires_grad_(False), layer.bias.requires_grad_(False)
+    assert not layer(torch.randn(2, 3, 4, 4)).requires_grad
+    bl.nll_loss(layer).backward()
+    assert layer.mean.grad is not None
+
+
+def test_scalar_tensor_initial_statistics():
+    layer = bl.BatchlessNorm1d(3, init_mean=torch.tensor(1.0), init_std=torch.tensor(2.0))
+    torch.testing.assert_close(layer.std.detach(), torch.full((3,), 2.0))
+
+
+@pytest.mark.parametrize(("bad_mean", "message"), [(torch.zeros(2), "must match the existing size"),
+                                                    (torch.zeros(4, device="meta"), "device")])
+def test_functional_api_refuses_statistics_of_the_wrong_size_or_device(bad_mean, message):
     """The native kernels read the (C,) vectors directly: any other size or device must not get there."""
     x = torch.randn(3, 4)
-    with pytest.raises(RuntimeError, match="size|device"):
+    with pytest.raises(RuntimeError, match=message):
         BF.train_forward(x, bad_mean, torch.ones(bad_mean.shape, device=bad_mean.device), None, None, 1.0)
-    with pytest.raises(RuntimeError, match="size|device"), torch.no_grad():
+    with pytest.raises(RuntimeError, match=message), torch.no_grad():
         BF.eval_forward(x, bad_mean, torch.ones(bad_mean.shape, device=bad_mean.device), None, None)
 
 
@@ -271,7 +315,6 @@ def test_properties(n, spatial, std_param, affine, init_mean, init_std, scale, d
     y.sum().backward()
     assert torch.isfinite(y).all() and torch.isfinite(x.grad).all()
     assert torch.isfinite(layer.mean.grad).all() and torch.isfinite(layer.raw_std.grad).all()
-    assert (layer.std > 0).all()
     layer.eval()
     torch.testing.assert_close(layer(x), y, rtol=1e-5, atol=1e-5)  # train and eval: one formula
     clone = cls(2, std_param=std_param, affine=affine, dtype=dtype)
@@ -315,6 +358,6 @@ def test_state_dict_is_versioned():
                            micro_batch_size=1), "inputs and targets as tensors .*got list and Tensor"),
 ])
 def test_bad_input_says_expected_and_received(make, match):
-    with pytest.raises(bl.BatchlessError, match=match):
+    with pytest.raises(ValueError, match=match) as error:  # (BatchlessError is a ValueError)
         make()
-    assert issubclass(bl.BatchlessError, ValueError)
+    assert error.type is bl.BatchlessError

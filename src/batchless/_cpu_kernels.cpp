@@ -250,13 +250,13 @@ bool supported(const at::Tensor& x) {
 }
 
 // Whether the per-channel tensors suit the kernels, which read them directly: floating point on the CPU,
-// 1-D with C elements (mean and std also 1: shared). Anything else takes the eager path, whose errors say
+// 1-D with C elements (mean and std also one element, 0-dim or (1,): shared). Anything else takes the eager path, whose errors say
 // what is wrong (a model on the GPU fed a CPU input, a (2,) mean for 4 channels).
 bool params_ok(const at::Tensor& mean, const at::Tensor& std_, const c10::optional<at::Tensor>& weight,
                const c10::optional<at::Tensor>& bias, int64_t C) {
   const auto ok = [C](const at::Tensor& t, bool shared) {
-    return t.device().is_cpu() && c10::isFloatingType(t.scalar_type()) && t.dim() == 1 &&
-           (t.numel() == C || (shared && t.numel() == 1));
+    return t.device().is_cpu() && c10::isFloatingType(t.scalar_type()) &&
+           ((t.dim() == 1 && t.numel() == C) || (shared && t.dim() <= 1 && t.numel() == 1));
   };
   return ok(mean, true) && ok(std_, true) && (!weight || ok(*weight, false)) && (!bias || ok(*bias, false));
 }

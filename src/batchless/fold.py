@@ -124,10 +124,10 @@ def fold(model: nn.Module, *, inplace: bool = False) -> nn.Module:
     pairs = [(producer, layer) for producer, layer in _fold_pairs(model, "", untraceable)
              if names[id(layer)] == 1 and not _hooks(layer)]
     if untraceable:
-        warnings.warn("fold: torch.fx cannot trace " + "; ".join(untraceable) + ". Their children were folded on "
-                      "their own, which assumes such a forward reaches into a child only by calling it (not into "
-                      "a grandchild or a child's parameters): compare the folded model's output with the "
-                      "original's", stacklevel=2)
+        warnings.warn("fold: torch.fx cannot trace " + "; ".join(untraceable) + ". Their children were traced "
+                      "(and folded where possible) on their own, which assumes such a forward reaches into a child "
+                      "only by calling it (not into a grandchild or a child's parameters): compare the folded "
+                      "model's output with the original's", stacklevel=2)
     shared_producer = {id(layer) for producer, layer in pairs  # (tied weights: folding would change the others)
                        if names[id(producer)] != 1 or any(uses[id(p)] != 1 for p in producer.parameters())}
     pairs = [(producer, layer) for producer, layer in pairs if id(layer) not in shared_producer]

@@ -78,8 +78,8 @@ def _dense_stats(mean: Tensor, std: Tensor, x: Tensor) -> tuple[Tensor, Tensor]:
     """(C,) float32/64 mean and std; a shared (1,) Gaussian is expanded *and copied*: with an expanded
     (stride 0) running_mean, CPU batch_norm_backward reads garbage for (N, C) inputs."""
     cd, c = _compute_dtype(x), x.shape[1]
-    mean, std = _cast(mean.detach(), cd), _cast(std.detach(), cd)
-    if mean.shape[0] != c:
+    mean, std = _cast(mean.detach(), cd).reshape(-1), _cast(std.detach(), cd).reshape(-1)  # (0-dim: shared)
+    if mean.numel() != c:
         mean, std = mean.expand(c).contiguous(), std.expand(c).contiguous()
     return mean, std
 
@@ -123,11 +123,11 @@ def channel_moments(x: Tensor, mean: Tensor, inv: Tensor) -> tuple[Tensor, Tenso
 
     One read of ``x`` and no activation-sized temporary (on this project's CPUs a fresh activation-sized
     buffer costs more than the arithmetic). PyTorch's batch-norm statistics kernel (one Welford pass)
-    gives the channel mean and (centred, stable) variance on accelerators and, on CPU, for (N, C),
-    channels-last and bfloat16 inputs (for bfloat16 accumulated in float32, returned rounded to bfloat16,
-    like the input itself); from 2^16 elements per channel, on CPU, of ``x - mean`` (one more pass and a
-    temporary: that kernel's float32 sums lose a badly centred channel's mean, 1000 +- 0.1 by ~40 standard
-    deviations at 2^19). Under torch.compile: ``var_mean``, which the compiler fuses. For other
+    gives the channel mean and (centred, stable) variance on accelerators and, on CPU, for (N, C) and
+    channels-last inputs; for half-precision inputs, and on CPU from 2^16 elements per channel, of ``x -
+    mean`` in float32 (one more pass and a temporary: the kernel rounds a half-precision input's statistics
+    to its dtype, and its float32 sums on CPU lose a badly centred channel's mean, 1000 +- 0.1 by ~40
+    standard deviations at 2^19). Under torch.compile: ``var_mean``, which the compiler fuses. For other
     contiguous (N, C, *) CPU inputs of 16k elements or more, where that kernel is up to 10x slower (~1.7
     ns/element on this project's CPUs), float32 row sums and row 2-norms of the (N, C, rest) view are
     combined in float64; the raw second moment then loses ~1e-7 * (mean_x / std_x)**2 in relative
@@ -146,9 +146,12 @@ def channel_moments(x: Tensor, mean: Tensor, inv: Tensor) -> tuple[Tensor, Tenso
         m = rows.sum(-1, dtype=cd).sum(0, dtype=torch.float64) / n
         var = torch.linalg.vector_norm(rows, dim=-1, dtype=cd).double().square().sum(0) / n - m * m
         m, var = m.to(cd), var.to(cd).clamp_min(0.0)
-    elif x.device.type == "cpu" and n >= _SHIFT_MIN_N and x.dtype != torch.float64:
-        # the CPU kernel's float32 sums lose a badly centred channel's mean past ~2^17 elements (1000 +- 0.1:
-        # off by 40 standard deviations): centre by the learned mean first (one extra pass), so they stay small
+    elif x.dtype in (torch.bfloat16, torch.float16) or (x.device.type == "cpu" and n >= _SHIFT_MIN_N
+                                                         and x.dtype != torch.float64):
+        # centre by the learned mean first (one extra pass and a float32 temporary): the kernel returns a
+        # half-precision input's mean rounded to its dtype (at 100 +- 1, bfloat16: 0.4 standard deviations),
+        # and on CPU its float32 sums lose a badly centred channel's mean past ~2^17 elements (1000 +- 0.1:
+        # off by 40 standard deviations)
         centred = x - _cast(mean, cd).reshape((1, -1) + (1,) * (x.dim() - 2))  # (bfloat16 x: in float32)
         mc, var = torch.ops.aten.batch_norm_update_stats(centred, None, None, 0.0)
         a = _cast(mc, cd) * inv
@@ -275,7 +278,7 @@ class _BatchlessTrain(torch.autograd.Function):
         x, mean, _, weight, _, nll_weight = inputs
         _, a, b, finite, mean_c, inv = output
         ctx.save_for_backward(x, mean_c, inv, weight, a, b)
-        ctx.shared = mean.shape[0] != x.shape[1]
+        ctx.shared = mean.numel() != x.shape[1]
         ctx.nll_weight = nll_weight
         ctx.mark_non_differentiable(a, b, finite, mean_c, inv)
         ctx.set_materialize_grads(False)  # no zero-filled gradients for the five non-differentiable outputs
@@ -302,7 +305,7 @@ class _BatchlessTrainEager(torch.autograd.Function):
         ctx.save_for_backward(x, mean_c, weight)
         ctx.kernels = kernels
         ctx.stats = inv, scale, a, b  # intermediates: no version counter to check
-        ctx.shared = mean.shape[0] != x.shape[1]
+        ctx.shared = mean.numel() != x.shape[1]
         ctx.nll_weight = nll_weight
         ctx.set_materialize_grads(False)
         side += (a, b, finite)
@@ -370,7 +373,7 @@ def train_forward(x: Tensor, mean: Tensor, std: Tensor, weight: Tensor | None, b
     :func:`nll_from_moments` for a value differentiable in mean/std); ``finite`` (C,) is False for channels
     whose input held NaN/Inf, which add nothing to the NLL, or None when every channel is known to be
     finite. With ``nll_weight`` None (explicit mode) mean/std get no gradient through ``y`` (they stay inputs of
-    its autograd node, so DDP's ``find_unused_parameters`` counts them as used, by this forward); otherwise
+    its autograd node when it has one, so DDP's ``find_unused_parameters`` counts them as used); otherwise
     (implicit mode) the backward of ``y`` gives them ``nll_weight * dNLL``.
     """
     return train_forward_param(x, mean, std, "std", 0.0, weight, bias, nll_weight)
@@ -380,6 +383,8 @@ def train_forward_param(x: Tensor, mean: Tensor, raw_std: Tensor, std_param: str
                         bias: Tensor | None, nll_weight):
     """:func:`train_forward` with sigma given by its parameter, as in :func:`eval_forward_param`: on the native
     CPU path the parametrization's gradient is part of the layer's one autograd node."""
+    if nll_weight is None and not any(t is not None and t.requires_grad for t in (x, weight, bias)):
+        mean, raw_std = mean.detach(), raw_std.detach()  # explicit mode, nothing else to differentiate: no graph
     eager = not torch.compiler.is_compiling() and not _transformed(x)
     kernels = _fused.path(x) if eager else "eager"
     if kernels == "native":  # one C++ autograd node for numeric NLL weights

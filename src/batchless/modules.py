@@ -158,8 +158,12 @@ class _BatchlessNorm(nn.Module):
         if eager and not implicit and not last.used:
             _warn_unused_nll()
         mean = self.mean
+        weight_nll = None
+        if implicit:  # activation checkpointing re-runs the forward in the backward: with the original's weight
+            weight_nll = last.weight if eager and _in_backward() != -1 else current_nll_weight()
+            last.weight = weight_nll
         y, a, b, finite = BF.train_forward_param(x, mean, self.raw_std, self.std_param, self.eps, self.weight,
-                                                 self.bias, current_nll_weight() if implicit else None)
+                                                 self.bias, weight_nll)
         # implicit: the NLL is only reported, so it is computed when asked for (see _last_nll)
         last.nll, last.b = (None, b) if implicit else (BF.nll_from_moments(mean, self.std, a, b), None)
         last.used = implicit
@@ -228,6 +232,7 @@ class _LastForward:
         self.nll: Tensor | None = None  # the gauged NLL (explicit mode: differentiable in mean/std)
         self.b: Tensor | None = None  # implicit mode: the moments the NLL is computed from when asked for
         self.used = True  # whether nll_loss collected the NLL since (explicit mode)
+        self.weight = 1.0  # the NLL weight of the last forward outside a backward (implicit mode)
 
 
 class BatchlessNorm1d(_BatchlessNorm):
@@ -248,6 +253,9 @@ class BatchlessNorm3d(_BatchlessNorm):
 
 
 def _real(value) -> bool:
+    """A real number: a Python/numpy real (not a bool) or a 0-dim real tensor."""
+    if isinstance(value, Tensor):
+        return value.dim() == 0 and value.dtype != torch.bool and not value.is_complex()
     return isinstance(value, numbers.Real) and not isinstance(value, bool)
 
 
@@ -266,6 +274,7 @@ def _check_arguments(num_features, eps, std_param, init_mean, init_std, nll) -> 
         raise BatchlessError(f"nll must be one of {NLL_MODES}, got {nll!r}")
 
 
+_in_backward = getattr(torch._C, "_current_graph_task_id", lambda: -1)  # -1: no backward running
 _warned_unused = False
 
 

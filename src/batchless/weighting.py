@@ -30,7 +30,9 @@ def nll_weight(weight):
 
     Args:
         weight: a number >= 0, a 0-dim tensor, or a ``torch.amp.GradScaler`` (its current scale).
-            Weights of nested blocks multiply.
+            Weights of nested blocks multiply. The weight holds process-wide, in every thread (so that
+            ``nn.DataParallel``'s replica threads see it): threads must not run blocks with different weights
+            at the same time.
 
     Example::
 
@@ -50,16 +52,17 @@ def nll_weight(weight):
         raise BatchlessError(
             f"nll_weight expects a number, a 0-dim tensor or a torch.amp.GradScaler, got {type(weight).__name__}"
         )
-    _stack.append(weight)
+    entry = [weight]  # (its own identity: the block removes its own entry, even if threads interleave)
+    _stack.append(entry)
     try:
         yield
     finally:
-        _stack.pop()
+        del _stack[max(i for i, e in enumerate(_stack) if e is entry)]
 
 
 def current_nll_weight():
     """The weight in force: 1.0 outside any block, else the enclosing blocks' weights (resolved lazily)."""
-    return tuple(_stack) if _stack else 1.0
+    return tuple(e[0] for e in _stack) if _stack else 1.0
 
 
 def resolve_weight(weight) -> float | Tensor:
