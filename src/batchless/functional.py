@@ -121,17 +121,18 @@ _SHIFT_MIN_N = 65536  # elements per channel from which the CPU statistics kerne
 def channel_moments(x: Tensor, mean: Tensor, inv: Tensor) -> tuple[Tensor, Tensor]:
     """Per-channel ``a = mean(x_hat)`` and ``b = mean(x_hat ** 2)`` of ``x_hat = (x - mean) * inv``, inv = 1/std.
 
-    One read of ``x`` and no activation-sized temporary (on this project's CPUs a fresh activation-sized
-    buffer costs more than the arithmetic). PyTorch's batch-norm statistics kernel (one Welford pass)
-    gives the channel mean and (centred, stable) variance on accelerators and, on CPU, for (N, C) and
-    channels-last inputs; for half-precision inputs, and on CPU from 2^16 elements per channel, of ``x -
-    mean`` in float32 (one more pass and a temporary: the kernel rounds a half-precision input's statistics
-    to its dtype, and its float32 sums on CPU lose a badly centred channel's mean, 1000 +- 0.1 by ~40
-    standard deviations at 2^19). Under torch.compile: ``var_mean``, which the compiler fuses. For other
-    contiguous (N, C, *) CPU inputs of 16k elements or more, where that kernel is up to 10x slower (~1.7
-    ns/element on this project's CPUs), float32 row sums and row 2-norms of the (N, C, rest) view are
-    combined in float64; the raw second moment then loses ~1e-7 * (mean_x / std_x)**2 in relative
-    precision, negligible for the NLL unless a channel's mean exceeds ~1000 of its standard deviations.
+    Where possible one read of ``x`` and no activation-sized temporary (on this project's CPUs a fresh
+    activation-sized buffer costs more than the arithmetic). PyTorch's batch-norm statistics kernel (one
+    Welford pass) gives the channel mean and (centred, stable) variance on accelerators and, on CPU, for
+    (N, C) and channels-last inputs. For other contiguous (N, C, *) CPU inputs of 16k elements or more, where
+    that kernel is up to 10x slower (~1.7 ns/element on this project's CPUs), float32 row sums and row
+    2-norms of the (N, C, rest) view are combined in float64; the raw second moment then loses ~1e-7 *
+    (mean_x / std_x)**2 in relative precision, negligible for the NLL unless a channel's mean exceeds ~1000
+    of its standard deviations (half-precision inputs too: summed in float32). The statistics kernel's
+    half-precision inputs, and on CPU its inputs from 2^16 elements per channel, are first centred, ``x -
+    mean`` in float32 (one more pass and a temporary): the kernel rounds a half-precision input's statistics
+    to its dtype, and its float32 sums on CPU lose a badly centred channel's mean (1000 +- 0.1 by ~40
+    standard deviations at 2^19). Under torch.compile: ``var_mean``, which the compiler fuses.
     An empty batch has no evidence: a = 0, b = 1, so its NLL and gradients are 0.
     """
     cd = _compute_dtype(x)
@@ -140,26 +141,26 @@ def channel_moments(x: Tensor, mean: Tensor, inv: Tensor) -> tuple[Tensor, Tenso
         return torch.zeros_like(inv), torch.ones_like(inv)
     if torch.compiler.is_compiling():  # the native statistics op has no fake-tensor kernel; compilers fuse this
         var, m = torch.var_mean(x.to(cd), [0, *range(2, x.dim())], correction=0)
-    elif (x.dim() > 2 and x.numel() >= _ROWS_MIN_NUMEL and x.is_contiguous() and x.dtype != torch.bfloat16
-          and x.device.type == "cpu"):
+        a = (m - mean) * inv
+        return a, torch.addcmul(a * a, var, inv * inv)
+    by_rows = x.dim() > 2 and x.numel() >= _ROWS_MIN_NUMEL and x.is_contiguous() and x.device.type == "cpu"
+    centre = not by_rows and (x.dtype in (torch.bfloat16, torch.float16) or (
+        x.device.type == "cpu" and n >= _SHIFT_MIN_N and x.dtype == torch.float32))
+    if centre:
+        # by the learned mean first (one extra pass and a float32 temporary): the statistics kernel returns a
+        # half-precision input's mean rounded to its dtype (at 100 +- 1, bfloat16: 0.4 standard deviations),
+        # and on CPU its float32 sums lose a badly centred channel's mean past ~2^17 elements (1000 +- 0.1:
+        # off by 40 standard deviations)
+        x = x - _cast(mean, cd).reshape((1, -1) + (1,) * (x.dim() - 2))  # (half precision x: in float32)
+    if by_rows:
         rows = x.view(x.shape[0], x.shape[1], -1)
         m = rows.sum(-1, dtype=cd).sum(0, dtype=torch.float64) / n
         var = torch.linalg.vector_norm(rows, dim=-1, dtype=cd).double().square().sum(0) / n - m * m
         m, var = m.to(cd), var.to(cd).clamp_min(0.0)
-    elif x.dtype in (torch.bfloat16, torch.float16) or (x.device.type == "cpu" and n >= _SHIFT_MIN_N
-                                                         and x.dtype != torch.float64):
-        # centre by the learned mean first (one extra pass and a float32 temporary): the kernel returns a
-        # half-precision input's mean rounded to its dtype (at 100 +- 1, bfloat16: 0.4 standard deviations),
-        # and on CPU its float32 sums lose a badly centred channel's mean past ~2^17 elements (1000 +- 0.1:
-        # off by 40 standard deviations)
-        centred = x - _cast(mean, cd).reshape((1, -1) + (1,) * (x.dim() - 2))  # (bfloat16 x: in float32)
-        mc, var = torch.ops.aten.batch_norm_update_stats(centred, None, None, 0.0)
-        a = _cast(mc, cd) * inv
-        return a, torch.addcmul(a * a, _cast(var, cd), inv * inv)
     else:
         m, var = torch.ops.aten.batch_norm_update_stats(x, None, None, 0.0)
         m, var = _cast(m, cd), _cast(var, cd)
-    a = (m - mean) * inv
+    a = m * inv if centre else (m - mean) * inv
     return a, torch.addcmul(a * a, var, inv * inv)  # b = (var + (m - mean)**2) / std**2
 
 
