@@ -74,7 +74,8 @@ def _fold(batch, image, *, rounds, warmup, device, quick, log):
 
 
 def run_memory(args: argparse.Namespace) -> int:
-    make_parent(args.out), make_parent(args.plot)
+    make_parent(args.out)
+    make_parent(args.plot)
     device = torch.device(args.device)
     cfg = bench_memory.MemoryConfig.quick() if args.quick else bench_memory.MemoryConfig(
         effective_batches=args.effective_batches, image=args.image, width=args.width)

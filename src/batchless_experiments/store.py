@@ -18,6 +18,7 @@ import time
 from collections.abc import Iterator
 from urllib.parse import quote
 
+from .options import make_parent
 from .train import Cell, CellResult
 
 SCHEMA = """
@@ -70,7 +71,7 @@ class ResultStore:
                     self.db.close()
                     raise ValueError(f"{path} holds no batchless results (an SQLite file without a 'cells' table)")
             else:
-                os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
+                make_parent(path)
                 self.db = sqlite3.connect(path, timeout=60.0, isolation_level=None)
                 self.db.execute("PRAGMA journal_mode=WAL")
                 self.db.execute("PRAGMA synchronous=FULL")

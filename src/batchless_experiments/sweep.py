@@ -28,16 +28,16 @@ def plan(config: TrainConfig, norms: Iterable[str], batch_sizes: Iterable[int], 
     return [c for c in cells if c.runnable]
 
 
-def run_cells(cells: list[Cell], store: ResultStore, splits: data.Splits, *, device: str = "cpu",
-              log=log_line) -> int:
-    """Train every cell not yet in ``store``, writing each when it finishes; returns how many ran."""
+def run_cells(cells: list[Cell], store: ResultStore, splits: data.Splits, *, device: str = "cpu") -> int:
+    """Train every cell not yet in ``store``, writing each when it finishes (a line on stderr each); returns how
+    many ran."""
     todo = [c for c in cells if not store.has(c)]
     if len(todo) < len(cells):
-        log(f"{len(cells) - len(todo)} of {len(cells)} cells already in {store.path}, skipped")
+        log_line(f"{len(cells) - len(todo)} of {len(cells)} cells already in {store.path}, skipped")
     for cell in progress_bar(todo, len(todo), "cells", leave=True):
         result = train_cell(cell, splits, device=device)
         written = store.add(cell, result)
-        log(f"  {cell.config.dataset} {cell.norm:>14} bs={cell.batch_size:<4} seed={cell.seed} "
+        log_line(f"  {cell.config.dataset} {cell.norm:>14} bs={cell.batch_size:<4} seed={cell.seed} "
             f"test_acc={result.test_acc:.4f} val_acc_best={result.val_acc_best:.4f} ({result.wall_s:.1f}s)"
             + ("" if written else " (another process stored this cell first; its result is kept)"))
     return len(todo)
