@@ -3,7 +3,10 @@ PYTHON ?= python3
 VENV ?= .venv
 BIN := $(VENV)/bin
 
-.PHONY: install demo test test-slow test-all lint clean gpu-check
+.PHONY: install data demo test test-slow test-all lint clean gpu-check
+
+# Real images, offline: Fashion-MNIST from Debian's dataset-fashion-mnist (its four IDX files).
+FASHION_MNIST := /usr/share/datasets/fashion-mnist/train-images-idx3-ubyte.gz
 
 $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
@@ -16,7 +19,17 @@ $(VENV)/.installed: $(BIN)/python pyproject.toml
 	$(BIN)/python -c "import batchless.fused as f; f.build_cpu_kernels()"
 	touch $@
 
-install: $(VENV)/.installed
+install: $(VENV)/.installed data
+
+data:
+	@if [ -f $(FASHION_MNIST) ]; then :; \
+	elif [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null; then \
+		echo "Installing Fashion-MNIST (Debian package dataset-fashion-mnist)"; \
+		apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq dataset-fashion-mnist >/dev/null; \
+	else \
+		echo "Fashion-MNIST is not installed: run 'sudo apt-get install dataset-fashion-mnist', or pass"; \
+		echo "--data-dir DIR (its four IDX files) to batchless; meanwhile the demo falls back to MNIST-1D."; \
+	fi
 
 demo: install
 	$(BIN)/batchless demo

@@ -1,4 +1,5 @@
-"""Datasets of the experiments: MNIST-1D (generated offline), a synthetic task, CIFAR-10 (local copy).
+"""Datasets of the experiments: Fashion-MNIST and MNIST (IDX files), MNIST-1D (generated offline), a synthetic
+task, CIFAR-10 (local copy).
 
 Every loader returns a :class:`Splits` of float32 inputs and int64 labels, with 20% of the training
 data held out for validation by a seeded permutation (the same split for every norm and batch size).
@@ -13,7 +14,8 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
-DATASETS = ("mnist1d", "synthetic", "cifar10")
+DATASETS = ("fashion-mnist", "mnist", "mnist1d", "synthetic", "cifar10")
+IMAGES = ("fashion-mnist", "mnist", "cifar10")  # 2-D inputs (N, C, H, W)
 
 
 @dataclass(frozen=True)
@@ -106,11 +108,9 @@ def load_synthetic(num_samples: int = 6000, val_fraction: float = 0.2) -> Splits
     return hold_out(x, y, xt, yt, 4, val_fraction)
 
 
-def load_cifar10(data_dir: str, val_fraction: float = 0.2, limit: int | None = None) -> Splits:
-    """CIFAR-10 from ``data_dir/cifar-10-batches-py``, scaled to [-1, 1]: inputs ``(N, 3, 32, 32)``."""
-    from .cifar import load_cifar10_arrays
-
-    x, y, xt, yt = load_cifar10_arrays(data_dir)
+def images(x: np.ndarray, y: np.ndarray, xt: np.ndarray, yt: np.ndarray, limit: int | None,
+           val_fraction: float = 0.2) -> Splits:
+    """uint8 images scaled to [-1, 1] (as in the paper), the first ``limit`` of train and of test kept."""
     if limit is not None:
         x, y, xt, yt = x[:limit], y[:limit], xt[:limit], yt[:limit]
 
@@ -120,8 +120,27 @@ def load_cifar10(data_dir: str, val_fraction: float = 0.2, limit: int | None = N
     return hold_out(scale(x), y, scale(xt), yt, 10, val_fraction)
 
 
+def load_cifar10(data_dir: str, val_fraction: float = 0.2, limit: int | None = None) -> Splits:
+    """CIFAR-10 from ``data_dir/cifar-10-batches-py``: inputs ``(N, 3, 32, 32)`` in [-1, 1]."""
+    from .cifar import load_cifar10_arrays
+
+    return images(*load_cifar10_arrays(data_dir), limit, val_fraction)
+
+
+def load_idx_images(dataset: str, data_dir: str | None = None, val_fraction: float = 0.2,
+                    limit: int | None = None) -> Splits:
+    """Fashion-MNIST or MNIST from their IDX files (:mod:`.idx`): inputs ``(N, 1, 28, 28)`` in [-1, 1]."""
+    from .idx import load_arrays
+
+    x, y, xt, yt = load_arrays(dataset, data_dir)
+    return images(x[:, None], y, xt[:, None], yt, limit, val_fraction)
+
+
 def load(dataset: str, *, num_samples: int | None = None, data_dir: str | None = None) -> Splits:
-    """Load ``dataset`` by name; ``num_samples`` sizes the generated datasets (and caps CIFAR-10)."""
+    """Load ``dataset`` by name; ``num_samples`` sizes the generated datasets and caps the image datasets'
+    train and test sets (the first ``num_samples`` of each)."""
+    if dataset in ("fashion-mnist", "mnist"):
+        return load_idx_images(dataset, data_dir, limit=num_samples)
     if dataset == "mnist1d":
         return load_mnist1d(num_samples or 5000)
     if dataset == "synthetic":
