@@ -34,6 +34,8 @@ from torch import nn
 import batchless as bl
 from batchless import fused
 
+from . import models
+
 try:
     import resource  # POSIX only: page-fault counts
 except ImportError:  # pragma: no cover - Windows
@@ -245,35 +247,9 @@ def bench_layers(shapes: dict[str, tuple[int, ...]], dtypes: list[str], *, norms
     return records
 
 
-class BasicBlock(nn.Module):
-    def __init__(self, c_in: int, c_out: int, stride: int, norm: Callable[[int], nn.Module]):
-        super().__init__()
-        self.conv1 = nn.Conv2d(c_in, c_out, 3, stride, 1, bias=False)
-        self.bn1 = norm(c_out)
-        self.conv2 = nn.Conv2d(c_out, c_out, 3, 1, 1, bias=False)
-        self.bn2 = norm(c_out)
-        self.shortcut = nn.Sequential()
-        if stride != 1 or c_in != c_out:
-            self.shortcut = nn.Sequential(nn.Conv2d(c_in, c_out, 1, stride, bias=False), norm(c_out))
-
-    def forward(self, x):
-        out = F.relu(self.bn1(self.conv1(x)))
-        return F.relu(self.bn2(self.conv2(out)) + self.shortcut(x))
-
-
 def resnet(norm: str, widths=(16, 32, 64), blocks: int = 1, num_classes: int = 10) -> nn.Sequential:
-    """A small CIFAR ResNet (ResNet-8 by default: stem, ``blocks`` basic blocks per stage, 3 stages)."""
-    def factory(c):
-        return make_layer(norm, (1, c, 1, 1))
-
-    layers: list[nn.Module] = [nn.Conv2d(3, widths[0], 3, 1, 1, bias=False), factory(widths[0]), nn.ReLU()]
-    c_in = widths[0]
-    for i, w in enumerate(widths):
-        for b in range(blocks):
-            layers.append(BasicBlock(c_in, w, 2 if i > 0 and b == 0 else 1, factory))
-            c_in = w
-    layers += [nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(c_in, num_classes)]
-    return nn.Sequential(*layers)
+    """:func:`models.resnet` (ResNet-8 by default) with the benchmark's layers of ``norm``."""
+    return models.resnet(lambda c: make_layer(norm, (1, c, 1, 1)), widths, blocks, num_classes)
 
 
 def bench_models(batch: int, image: int, *, norms=MODEL_NORMS, widths=(16, 32, 64), blocks: int = 1,
