@@ -17,7 +17,7 @@ import numpy as np
 import pytest
 import torch
 
-from batchless_experiments import cifar, data, report
+from batchless_experiments import cifar, data, report, tuning
 from batchless_experiments.models import NORMS, build_model, statistics_parameters
 from batchless_experiments.options import config_for_norm
 from batchless_experiments.store import ResultStore
@@ -255,3 +255,48 @@ def test_progress_bars_only_on_a_terminal_and_log_lines_keep_them_intact(monkeyp
         log_line(f"cell {i} done")
     lines = re.split(r"[\r\n]", terminal.getvalue())
     assert {"cell 0 done", "cell 1 done", "cell 2 done"} <= set(lines)  # each on a line of its own
+
+
+# ---------------------------------------------------------------- the fair protocol's learning rate
+
+
+def test_lr_grid_follows_the_batch_size_by_the_scaling_rules():
+    assert tuning.grid(1e-3, 64, "adam", [1 / 3, 1, 3]) == [3.33e-4, 1e-3, 3e-3]
+    assert tuning.grid(1e-3, 256, "adamw", [1]) == [2e-3]  # square root for Adam(W)
+    assert tuning.grid(1e-3, 1, "adam", [1]) == [1.25e-4]
+    assert tuning.grid(0.1, 16, "sgd", [1]) == [0.025]  # linear for SGD
+
+
+def test_choose_compares_common_seeds_and_flags_the_grid_ends():
+    c = tuning.choose({1e-3: {0: 0.8, 1: 0.9}, 3e-3: {0: 0.85}, 1e-2: {0: 0.84}})
+    assert c == tuning.Choice(3e-3, False, 3)  # seed 0 only: 0.8 < 0.85 > 0.84
+    assert tuning.choose({1e-3: {0: 0.9}, 3e-3: {0: 0.85}}).edge
+    assert tuning.choose({1e-3: {0: 0.9}, 3e-3: {0: 0.9}}).lr == 1e-3  # ties: the smaller rate
+    assert tuning.choose({1e-3: {0: math.nan}, 3e-3: {0: 0.1}}).lr == 3e-3  # diverged: the worst
+    with pytest.raises(ValueError, match="share no seed"):
+        tuning.choose({1e-3: {0: 0.9}, 3e-3: {1: 0.85}})
+
+
+def test_report_keeps_only_each_cells_chosen_learning_rate():
+    def row(norm, lr, seed, val_acc, test_acc):
+        cfg = dataclasses.asdict(TrainConfig(lr=lr))
+        return {"dataset": "mnist1d", "norm": norm, "batch_size": 8, "seed": seed, "config": cfg,
+                "test_acc": test_acc, "history": [{"val_acc": val_acc}]}
+
+    rows = [row("bn", 1e-3, 0, 0.7, 0.1), row("bn", 3e-3, 0, 0.8, 0.2), row("bn", 3e-3, 1, 0.6, 0.3),
+            row("none", 1e-3, 0, 0.5, 0.4)]
+    kept = report.relabel(rows)
+    assert [(r["norm"], r["lr"], r["seed"]) for r in kept] == [("bn", 3e-3, 0), ("bn", 3e-3, 1), ("none", 1e-3, 0)]
+    assert {r["label"] for r in kept} == {"bn", "none"}  # the learning rate is not part of a label
+    text = report.table(kept, "lr")
+    assert "| bn | 0.003* |" in text and "grid of 2" in text
+    text = report.table(kept, "test_acc")
+    assert "| none | **40.0 ± 0.0** |" in text and "| bn | 25.0 ± 7.1 |" in text  # the column's best in bold
+
+
+def test_cells_record_test_accuracy_at_the_quarters(tiny_splits):
+    cfg = TrainConfig(dataset="synthetic", epochs=5, init_samples=50, schedule="cosine", optimizer="adamw",
+                      weight_decay=0.1)
+    result = train_cell(Cell(cfg, "batchless", 32, 0), tiny_splits, progress=False)
+    assert [h.epoch for h in result.history if h.test_acc is not None] == [2, 3, 4, 5]
+    assert result.history[-1].test_acc == result.test_acc

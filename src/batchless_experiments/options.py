@@ -9,8 +9,8 @@ import os
 import torch
 
 from .data import DATASETS
-from .models import NORMS, is_batchless
-from .train import NLL_MODES, STATS_OPTIMIZERS, TrainConfig
+from .models import MODELS, NORMS, is_batchless
+from .train import BATCHLESS_OPTIONS, NLL_MODES, OPTIMIZERS, SCHEDULES, SGD_MOMENTUM, STATS_OPTIMIZERS, TrainConfig
 
 
 def int_list(text: str) -> list[int]:
@@ -21,6 +21,17 @@ def int_list(text: str) -> list[int]:
         raise argparse.ArgumentTypeError(f"expected comma-separated integers like 1,8,64; received {text!r}") from None
     if not values or min(values) < 1:
         raise argparse.ArgumentTypeError(f"expected integers >= 1 like 1,8,64; received {text!r}")
+    return values
+
+
+def float_list(text: str) -> list[float]:
+    """``"0.333,1,3"`` -> ``[0.333, 1.0, 3.0]``, each > 0."""
+    try:
+        values = [float(v) for v in text.split(",") if v.strip()]
+    except ValueError:
+        values = []
+    if not values or not min(values) > 0:
+        raise argparse.ArgumentTypeError(f"expected comma-separated numbers > 0 like 0.333,1,3; received {text!r}")
     return values
 
 
@@ -87,15 +98,31 @@ def make_parent(path: str | None) -> None:
         os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
 
 
-def add_training_options(p: argparse.ArgumentParser, *, epochs: int, num_samples: int | None,
+def add_training_options(p: argparse.ArgumentParser, *, epochs: int | None, num_samples: int | None,
                          threads: int | None = None) -> None:
     d = TrainConfig()
-    p.add_argument("--epochs", type=positive_int, default=epochs, help=f"epochs per cell (default {epochs})")
-    p.add_argument("--lr", type=positive_float, default=d.lr, help=f"Adam learning rate (default {d.lr})")
+    p.add_argument("--epochs", type=positive_int, default=epochs,
+                   help=f"epochs per cell (default {epochs or 'per dataset'})")
+    p.add_argument("--lr", type=positive_float, default=d.lr, help=f"learning rate (default {d.lr})")
+    p.add_argument("--optimizer", choices=OPTIMIZERS, default=d.optimizer,
+                   help=f"adam (the paper), adamw (with --weight-decay) or sgd (momentum {SGD_MOMENTUM}); "
+                        f"default {d.optimizer}")
+    p.add_argument("--weight-decay", type=float, default=d.weight_decay,
+                   help="AdamW's decoupled weight decay, applied to every parameter as AdamW(model.parameters()) "
+                        "does (default 0)")
+    p.add_argument("--schedule", choices=SCHEDULES, default=d.schedule,
+                   help="learning rate over the run: constant (the paper) or cosine decay to 0 (default "
+                        f"{d.schedule})")
     p.add_argument("--num-samples", type=positive_int, default=num_samples,
                    help=f"size of the generated dataset (default {num_samples})" if num_samples else
-                   "size of the generated dataset (default: mnist1d 5000, synthetic 6000); caps cifar10")
-    p.add_argument("--width", type=positive_int, default=d.width, help="channels of the MNIST-1D CNN")
+                   "size of the generated dataset (default: mnist1d 5000, synthetic 6000); caps the train and the "
+                   "test set of the image datasets")
+    p.add_argument("--model", choices=MODELS, default=None,
+                   help="cnn (the paper's CNN, adapted to the input) or resnet (ResNet-8) for the image datasets; "
+                        "default: cnn (mlp for synthetic)")
+    p.add_argument("--width", type=positive_int, default=None,
+                   help="channels of the CNN or of the ResNet's first stage (default: mnist1d 32, cifar10 64, "
+                        "28x28 images 16, resnet 16)")
     p.add_argument("--device", type=device_name, default="cpu", help="torch device (default cpu)")
     p.add_argument("--threads", type=positive_int, default=threads,
                    help=f"torch.set_num_threads for the run (default: {threads or 'torch chooses'})")
@@ -114,13 +141,9 @@ def add_training_options(p: argparse.ArgumentParser, *, epochs: int, num_samples
 
 
 def config_from_args(args: argparse.Namespace, dataset: str) -> TrainConfig:
-    return TrainConfig(dataset=dataset, epochs=args.epochs, lr=args.lr, num_samples=args.num_samples,
-                       width=args.width, data_init=args.data_init, init_samples=args.init_samples,
-                       stats_lr_scale=args.stats_lr_scale, stats_optimizer=args.stats_optimizer,
-                       nll_mode=args.nll_mode, nll_weight=args.nll_weight)
-
-
-BATCHLESS_ONLY = ("data_init", "init_samples", "stats_lr_scale", "stats_optimizer", "nll_mode", "nll_weight")
+    fields = ("epochs", "lr", "num_samples", "model", "width", "optimizer", "weight_decay", "schedule", "data_init",
+              "init_samples", "stats_lr_scale", "stats_optimizer", "nll_mode", "nll_weight")
+    return TrainConfig(dataset=dataset, **{k: getattr(args, k) for k in fields})
 
 
 def config_for_norm(config: TrainConfig, norm: str) -> TrainConfig:
@@ -129,7 +152,7 @@ def config_for_norm(config: TrainConfig, norm: str) -> TrainConfig:
     if is_batchless(norm):
         return config
     default = TrainConfig()
-    return dataclasses.replace(config, **{k: getattr(default, k) for k in BATCHLESS_ONLY})
+    return dataclasses.replace(config, **{k: getattr(default, k) for k in BATCHLESS_OPTIONS})
 
 
 def apply_threads(args: argparse.Namespace) -> None:
@@ -138,4 +161,4 @@ def apply_threads(args: argparse.Namespace) -> None:
 
 
 __all__ = ["DATASETS", "add_training_options", "apply_threads", "config_for_norm", "config_from_args", "device_name",
-           "int_list", "make_parent", "norm_list", "output_file"]
+           "float_list", "int_list", "make_parent", "norm_list", "output_file"]

@@ -1,8 +1,10 @@
-"""``batchless report``: mean ± std over seeds per norm x batch size, JSON export, paper-style plot.
+"""``batchless report``: mean ± std over seeds per norm x batch size, JSON export, paper-style plots.
 
 Rows are labelled by norm plus the options that differ from the base config of the dataset (the one most
 cells of that dataset use, printed above its table), e.g. ``batchless [stats_lr_scale=0.1]``, so the
-ablations of one store appear as rows of their own.
+ablations of one store appear as rows of their own. The learning rate is not part of a label: where a cell
+(dataset, label, batch size) was trained at several learning rates (``sweep --lr-grid``), only the runs at
+the one :func:`.tuning.choose` picks on validation accuracy are reported, and the ``lr`` metric shows it.
 """
 
 from __future__ import annotations
@@ -12,16 +14,23 @@ import json
 import math
 import os
 import statistics
+import sys
 from collections import Counter, defaultdict
 
+from . import tuning
 from .models import NORMS, is_batchless
-from .options import BATCHLESS_ONLY, int_list, make_parent, norm_list, output_file
+from .options import int_list, make_parent, norm_list, output_file
 from .store import ResultStore
-from .train import TrainConfig
+from .train import BATCHLESS_OPTIONS, TrainConfig
 
 METRICS = ("test_acc", "val_acc_best", "test_acc_at_best_val", "val_acc_best_epoch", "wall_s", "act_mem_mb",
-           "nll_last")
+           "nll_last", "lr")
 ABLATIONS = ("data_init", "stats_lr_scale", "stats_optimizer", "nll_mode", "nll_weight")
+HIGHER_IS_BETTER = ("test_acc", "val_acc_best", "test_acc_at_best_val")
+
+
+def without_lr(config: dict) -> dict:
+    return {k: v for k, v in config.items() if k != "lr"}
 PERCENT = ("test_acc", "val_acc_best", "test_acc_at_best_val")
 
 
@@ -33,14 +42,14 @@ def base_configs(rows: list[dict]) -> dict[str, dict]:
     for r in rows:
         batchless = is_batchless(r["norm"])
         paper = batchless and all(r["config"][k] == getattr(default, k) for k in ABLATIONS)
-        counts[r["dataset"]][json.dumps(r["config"], sort_keys=True)] += 1 + (batchless + paper) * len(rows)
+        counts[r["dataset"]][json.dumps(without_lr(r["config"]), sort_keys=True)] += 1 + (batchless + paper) * len(rows)
     return {d: json.loads(c.most_common(1)[0][0]) for d, c in counts.items()}
 
 
 def label(row: dict, base: dict) -> str:
     """``norm`` plus the config fields that differ from ``base`` (the batchless-only ones for batchless)."""
-    ignored = () if is_batchless(row["norm"]) else BATCHLESS_ONLY
-    changes = {k: v for k, v in row["config"].items() if k not in ignored and base.get(k) != v}
+    ignored = () if is_batchless(row["norm"]) else BATCHLESS_OPTIONS
+    changes = {k: v for k, v in without_lr(row["config"]).items() if k not in ignored and base.get(k) != v}
     if not changes:
         return row["norm"]
     return f"{row['norm']} [{', '.join(f'{k}={v}' for k, v in sorted(changes.items()))}]"
@@ -49,6 +58,7 @@ def label(row: dict, base: dict) -> str:
 def describe(config: dict) -> str:
     """The fields of ``config`` that differ from the defaults, e.g. ``epochs=8, num_samples=4000``."""
     changes = TrainConfig(**config).changes()
+    changes.pop("lr", None)
     return ", ".join(f"{k}={v}" for k, v in sorted(changes.items())) or "defaults"
 
 
@@ -67,12 +77,23 @@ def load_rows(path: str, dataset: str | None = None, norms: list[str] | None = N
 
 
 def relabel(rows: list[dict]) -> list[dict]:
-    """``rows`` with ``base`` (their dataset's base config among these rows) and ``label`` set."""
+    """``rows`` with ``base`` (their dataset's base config among these rows), ``label`` and ``lr`` set, and
+    only the runs at each cell's chosen learning rate kept (``lr_choice``: the :class:`.tuning.Choice`)."""
     bases = base_configs(rows)
+    cells: dict[tuple, list[dict]] = defaultdict(list)
     for r in rows:
         r["base"] = bases[r["dataset"]]
         r["label"] = label(r, r["base"])
-    return rows
+        r["lr"] = r["config"]["lr"]
+        cells[(r["dataset"], r["label"], r["batch_size"])].append(r)
+    for runs in cells.values():
+        val_acc: dict[float, dict[int, float]] = defaultdict(dict)
+        for r in runs:
+            val_acc[r["lr"]][r["seed"]] = r["history"][-1]["val_acc"]
+        choice = tuning.choose(val_acc) if len(val_acc) > 1 else tuning.Choice(runs[0]["lr"], False, 1)
+        for r in runs:
+            r["lr_choice"] = choice
+    return [r for r in rows if r["lr"] == r["lr_choice"].lr]
 
 
 def group(rows: list[dict], metric: str) -> dict[tuple[str, str], dict[int, list[float]]]:
@@ -93,29 +114,52 @@ def mean_std(values: list[float]) -> tuple[float, float]:
 
 def _fmt(values: list[float], metric: str) -> str:
     m, s = mean_std(values)
+    if metric == "lr":
+        return f"{m:.3g}"
     k = 100.0 if metric in PERCENT else 1.0
     digits = 3 if metric == "nll_last" else 1
     return f"{m * k:.{digits}f} ± {s * k:.{digits}f}"
 
 
+def protocol(rows: list[dict]) -> str:
+    """How the learning rates of ``rows`` (one dataset) were set, for a table's header."""
+    tried = max(r["lr_choice"].tried for r in rows)
+    if tried > 1:
+        return f"learning rate chosen per cell on validation accuracy from a grid of {tried}"
+    rates = sorted({r["lr"] for r in rows})
+    return f"one learning rate per cell, lr={', '.join(f'{v:g}' for v in rates)}"
+
+
 def table(rows: list[dict], metric: str = "test_acc") -> str:
-    """Markdown table(s), one per dataset: rows = norm label, columns = batch sizes, entries mean ± std
-    (``rows`` as :func:`load_rows` or :func:`relabel` gives them)."""
+    """Markdown table(s), one per dataset: rows = norm label, columns = batch sizes, entries mean ± std,
+    the best mean per column in bold (``rows`` as :func:`load_rows` or :func:`relabel` gives them). The
+    ``lr`` metric shows each cell's learning rate, with ``*`` where it is an end of the cell's grid."""
     groups = group(rows, metric)
+    edge = {(r["dataset"], r["label"], r["batch_size"]) for r in rows if r["lr_choice"].edge}
     out = []
     for dataset in dict.fromkeys(d for d, _ in groups):
         keys = [k for k in groups if k[0] == dataset]
         sizes = sorted({b for k in keys for b in groups[k]})
         unit = " (%)" if metric in PERCENT else ""
-        base = next(r["base"] for r in rows if r["dataset"] == dataset)  # the one the labels are relative to
+        mine = [r for r in rows if r["dataset"] == dataset]
         out.append(f"**{dataset}**, {metric}{unit}, mean ± std over seeds (n = seeds per cell); "
-                   f"base config: {describe(base)}\n")
+                   f"base config: {describe(mine[0]['base'])}; {protocol(mine)}\n")
         out.append("| norm | " + " | ".join(f"bs {b}" for b in sizes) + " | n |")
         out.append("|---" * (len(sizes) + 2) + "|")
+        best = {}
+        if metric in HIGHER_IS_BETTER:
+            for b in sizes:
+                means = [mean_std(groups[k][b])[0] for k in keys if b in groups[k]]
+                best[b] = max((m for m in means if not math.isnan(m)), default=None)
         for key in keys:
             cells = groups[key]
             ns = sorted({len(v) for v in cells.values()})
-            entries = [_fmt(cells[b], metric) if b in cells else "—" for b in sizes]
+            entries = []
+            for b in sizes:
+                text = _fmt(cells[b], metric) if b in cells else "—"
+                if b in cells and best.get(b) is not None and mean_std(cells[b])[0] == best[b]:
+                    text = f"**{text}**"
+                entries.append(text + ("*" if (dataset, key[1], b) in edge and metric == "lr" else ""))
             n = str(ns[0]) if len(ns) == 1 else f"{ns[0]}–{ns[-1]}"
             out.append(f"| {key[1]} | " + " | ".join(entries) + f" | {n} |")
         out.append("")
@@ -174,6 +218,46 @@ def plot(rows: list[dict], path: str, metric: str = "test_acc", title: str | Non
     plt.close(fig)
 
 
+def curves(rows: list[dict], path: str, title: str | None = None) -> None:
+    """Validation accuracy per epoch (mean over seeds, shaded ± std), one line per norm label and one panel
+    per batch size: whether the runs had flattened by their last epoch."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    sizes = sorted({r["batch_size"] for r in rows})
+    fig, axes = plt.subplots(1, max(len(sizes), 1), figsize=(3.6 * max(len(sizes), 1), 3.6), squeeze=False,
+                             sharey=True)
+    labels = list(group(rows, "test_acc"))
+    for ax, b in zip(axes[0], sizes, strict=False):
+        for key in labels:
+            runs = [r["history"] for r in rows if (r["dataset"], r["label"]) == key and r["batch_size"] == b]
+            if not runs:
+                continue
+            epochs = min(len(h) for h in runs)
+            acc = [[100 * h[e]["val_acc"] for h in runs] for e in range(epochs)]
+            m = [statistics.fmean(a) for a in acc]
+            sd = [statistics.stdev(a) if len(a) > 1 else 0.0 for a in acc]
+            x = range(1, epochs + 1)
+            ax.plot(x, m, label=key[1])
+            ax.fill_between(x, [u - v for u, v in zip(m, sd, strict=True)],
+                            [u + v for u, v in zip(m, sd, strict=True)], alpha=0.2)
+        ax.set_title(f"bs {b}")
+        ax.set_xlabel("epoch")
+        ax.grid(alpha=0.3)
+    axes[0][0].set_ylabel("validation accuracy (%)")
+    lo = min((100 * r["history"][-1]["val_acc"] for r in rows), default=0)
+    axes[0][0].set_ylim(max(lo - 8, 0), None)
+    axes[0][-1].legend(fontsize=7, loc="lower right")
+    if title:
+        fig.suptitle(title)
+    fig.tight_layout()
+    make_parent(path)
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
 def run(args: argparse.Namespace) -> int:
     rows = load_rows(args.results, args.dataset, args.norms, args.base_only, args.batch_sizes)
     if args.json:
@@ -185,6 +269,10 @@ def run(args: argparse.Namespace) -> int:
             print(table(rows, metric))
     if args.plot:
         plot(rows, args.plot, args.metrics[0])
+    if args.curves:
+        curves(rows, args.curves)
+    for path in filter(None, (args.plot, args.curves)):
+        print(f"wrote {path}", file=sys.stderr)
     return 0
 
 
@@ -202,6 +290,8 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
     p.add_argument("--results", required=True, help="SQLite results file written by sweep or demo")
     p.add_argument("--json", action="store_true", help="print one JSON object per finished cell instead")
     p.add_argument("--plot", type=output_file, default=None, help="write accuracy vs batch size to this PNG file")
+    p.add_argument("--curves", type=output_file, default=None,
+                   help="write validation accuracy per epoch (one panel per batch size) to this PNG file")
     p.add_argument("--dataset", default=None, help="only this dataset")
     p.add_argument("--norms", type=norm_list, default=None, help="only these norms (comma-separated)")
     p.add_argument("--batch-sizes", type=int_list, default=None, help="only these batch sizes (comma-separated)")

@@ -108,8 +108,16 @@ class ResultStore:
 
     def rows(self) -> Iterator[dict]:
         """Every finished cell as a dict (``config`` and ``history`` decoded), in insertion order."""
-        cur = self.db.execute(f"SELECT {', '.join(COLUMNS)} FROM cells ORDER BY rowid")
-        for values in cur:
+        yield from self._decode(self.db.execute(f"SELECT {', '.join(COLUMNS)} FROM cells ORDER BY rowid"))
+
+    def get(self, cell: Cell) -> dict | None:
+        """The finished ``cell`` as :meth:`rows` gives it, or None."""
+        return next(self._decode(self.db.execute(f"SELECT {', '.join(COLUMNS)} FROM cells WHERE key = ?",
+                                                 (cell.key,))), None)
+
+    @staticmethod
+    def _decode(cursor) -> Iterator[dict]:
+        for values in cursor:
             row = dict(zip(COLUMNS, values, strict=True))
             row.update({k: float(row[k]) for k in REALS if isinstance(row[k], str)})  # 'nan'
             row["config"] = json.loads(row["config"])

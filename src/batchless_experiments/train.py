@@ -1,10 +1,13 @@
 """Training one cell of the batch-size study: (dataset, norm, batch size, seed, config) -> a result record.
 
-The loop is the paper's: Adam with default settings on the cross-entropy, a fixed number of epochs, 20%
-of the training data held out for validation. Batchless layers are trained in the library's implicit mode
-(an unchanged training loop) and initialized from data unless the config says otherwise. The options
-beyond the paper are the ablations of EXPERIMENTS.md: a separate learning rate or optimizer for the
-statistics, data initialization off, explicit NLL with a weight.
+The default loop is the paper's: Adam with default settings on the cross-entropy, a constant learning
+rate for a fixed number of epochs, 20% of the training data held out for validation. The fair protocol
+(``batchless sweep --lr-grid``) uses the same loop with a cosine learning-rate decay and a learning rate
+chosen per cell (:mod:`.tuning`). Batchless layers are trained in the library's implicit mode (an unchanged
+training loop) and initialized from data unless the config says otherwise. The options beyond the paper are
+the ablations of EXPERIMENTS.md: a separate learning rate or optimizer for the statistics, data
+initialization off, explicit NLL with a weight; and the optimizers users pick (AdamW with weight decay, SGD
+with momentum 0.9).
 """
 
 from __future__ import annotations
@@ -14,6 +17,7 @@ import copy
 import dataclasses
 import hashlib
 import json
+import math
 import resource
 import sys
 import time
@@ -26,12 +30,17 @@ import torch.nn.functional as F
 from torch import nn
 
 from .data import DATASETS, Splits
-from .models import build_model, check_norm, is_batchless, statistics_parameters
+from .models import MODELS, build_model, check_norm, default_model, is_batchless, statistics_parameters
 
 T = TypeVar("T")
 STATS_OPTIMIZERS = ("adam", "sgd", "ema")
+OPTIMIZERS = ("adam", "adamw", "sgd")
+SCHEDULES = ("constant", "cosine")
 NLL_MODES = ("implicit", "explicit")
-RESULT_VERSION = 1  # bump when the training protocol changes, so old cells are not mistaken for new ones
+SGD_MOMENTUM = 0.9
+RESULT_VERSION = 2  # bump when the training protocol changes, so old cells are not mistaken for new ones
+# Options that only change batchless layers: other norms' cells run with their defaults (one shared baseline).
+BATCHLESS_OPTIONS = ("data_init", "init_samples", "stats_lr_scale", "stats_optimizer", "nll_mode", "nll_weight")
 
 
 def _choice(name: str, value: str, allowed: tuple[str, ...]) -> None:
@@ -46,13 +55,20 @@ class TrainConfig:
     ``stats_lr_scale`` multiplies ``lr`` for the batchless statistics (mu, sigma); with
     ``stats_optimizer='ema'`` the product is the rate of the equivalent exponential moving average.
     ``nll_weight`` scales the NLL: ``loss + w * nll_loss`` in explicit mode, ``bl.nll_weight(w)`` in implicit.
+    ``model`` and ``width`` None: the dataset's default model and width. ``optimizer``: ``adam``, ``adamw``
+    (``weight_decay`` on every parameter, as ``AdamW(model.parameters())`` does) or ``sgd`` (momentum 0.9);
+    ``schedule``: ``constant`` (the paper) or ``cosine`` (decay to 0 over the run, per step).
     """
 
     dataset: str = "mnist1d"
     epochs: int = 10
     lr: float = 1e-3
     num_samples: int | None = None
-    width: int = 32
+    model: str | None = None
+    width: int | None = None
+    optimizer: str = "adam"
+    weight_decay: float = 0.0
+    schedule: str = "constant"
     data_init: bool = True
     init_samples: int = 1000
     stats_lr_scale: float = 1.0
@@ -65,14 +81,21 @@ class TrainConfig:
         _choice("dataset", self.dataset, DATASETS)
         _choice("stats_optimizer", self.stats_optimizer, STATS_OPTIMIZERS)
         _choice("nll_mode", self.nll_mode, NLL_MODES)
+        _choice("optimizer", self.optimizer, OPTIMIZERS)
+        _choice("schedule", self.schedule, SCHEDULES)
+        if self.model is not None:
+            _choice("model", self.model, MODELS)
         for name in ("epochs", "width", "init_samples"):
-            if getattr(self, name) < 1:
+            if getattr(self, name) is not None and getattr(self, name) < 1:
                 raise ValueError(f"{name} must be >= 1; received {getattr(self, name)}")
         for name in ("lr", "stats_lr_scale"):
             if not getattr(self, name) > 0:
                 raise ValueError(f"{name} must be > 0; received {getattr(self, name)}")
-        if not self.nll_weight >= 0:
-            raise ValueError(f"nll_weight must be >= 0; received {self.nll_weight}")
+        for name in ("nll_weight", "weight_decay"):
+            if not getattr(self, name) >= 0:
+                raise ValueError(f"{name} must be >= 0; received {getattr(self, name)}")
+        if self.weight_decay and self.optimizer != "adamw":
+            raise ValueError(f"weight_decay needs optimizer 'adamw'; received optimizer {self.optimizer!r}")
 
     def to_json(self) -> str:
         return json.dumps(dataclasses.asdict(self), sort_keys=True)
@@ -98,8 +121,11 @@ class Cell:
 
     @property
     def key(self) -> str:
-        """Stable identity of the cell in the results store."""
-        text = f"{self.config.to_json()}|{self.norm}|{self.batch_size}|{self.seed}"
+        """Stable identity of the cell in the results store: the dataset, the config fields that differ from
+        their defaults (so a field added later, at its default, leaves the keys of stored cells unchanged;
+        a default is never changed: ``RESULT_VERSION`` is bumped instead), norm, batch size and seed."""
+        config = json.dumps({"dataset": self.config.dataset, **self.config.changes()}, sort_keys=True)
+        text = f"{config}|{self.norm}|{self.batch_size}|{self.seed}"
         return hashlib.sha256(text.encode()).hexdigest()[:32]
 
     @property
@@ -116,6 +142,7 @@ class EpochLog:
     val_acc: float
     nll: float | None
     seconds: float
+    test_acc: float | None = None  # measured at 25, 50, 75 and 100 % of the epochs (time to accuracy)
 
 
 @dataclass
@@ -177,13 +204,27 @@ def _optimizers(model: nn.Module, cfg: TrainConfig) -> list:
     ids = {id(p) for p in stats}
     rest = [p for p in model.parameters() if id(p) not in ids]
     stats_lr = cfg.lr * cfg.stats_lr_scale
-    if not stats or cfg.stats_optimizer == "adam":
-        groups = [{"params": rest}] + ([{"params": stats, "lr": stats_lr}] if stats else [])
-        return [torch.optim.Adam(groups, lr=cfg.lr, fused=True)]
-    main = torch.optim.Adam(rest, lr=cfg.lr, fused=True)
+
+    def main(groups) -> torch.optim.Optimizer:
+        if cfg.optimizer == "sgd":
+            return torch.optim.SGD(groups, lr=cfg.lr, momentum=SGD_MOMENTUM)
+        if cfg.optimizer == "adamw":
+            return torch.optim.AdamW(groups, lr=cfg.lr, weight_decay=cfg.weight_decay, fused=True)
+        return torch.optim.Adam(groups, lr=cfg.lr, fused=True)
+
+    if not stats or cfg.stats_optimizer == "adam":  # "adam": the statistics in the main optimizer
+        return [main([{"params": rest}] + ([{"params": stats, "lr": stats_lr}] if stats else []))]
     if cfg.stats_optimizer == "sgd":
-        return [main, torch.optim.SGD(stats, lr=stats_lr)]
-    return [main, EMAStatistics(model, stats_lr)]
+        return [main(rest), torch.optim.SGD(stats, lr=stats_lr)]
+    return [main(rest), EMAStatistics(model, stats_lr)]
+
+
+def _schedulers(opts: list, cfg: TrainConfig, steps: int) -> list:
+    """Per-step cosine decay to 0 over ``steps`` for the torch optimizers (the EMA rate stays constant)."""
+    if cfg.schedule == "constant":
+        return []
+    return [torch.optim.lr_scheduler.LambdaLR(o, lambda t: 0.5 * (1.0 + math.cos(math.pi * min(t / steps, 1.0))))
+            for o in opts if isinstance(o, torch.optim.Optimizer)]
 
 
 @torch.no_grad()
@@ -249,6 +290,24 @@ def log_line(message: str) -> None:
     tqdm.write(message, file=sys.stderr)
 
 
+def describe_cell(cell: Cell) -> str:
+    """The run in one line: dataset, model, norm with its variant (the batchless options that differ from the
+    defaults), optimizer unless Adam, batch size, learning rate, seed; e.g. ``fashion-mnist cnn batchless
+    [stats_lr_scale=0.1] bs=8 lr=0.0003 seed=1``."""
+    cfg = cell.config
+    changes = {k: v for k, v in cfg.changes().items() if k in BATCHLESS_OPTIONS and is_batchless(cell.norm)}
+    variant = f" [{', '.join(f'{k}={v}' for k, v in sorted(changes.items()))}]" if changes else ""
+    optimizer = "" if cfg.optimizer == "adam" else f" {cfg.optimizer}" + (
+        f" wd={cfg.weight_decay:g}" if cfg.weight_decay else "")
+    return (f"{cfg.dataset} {cfg.model or default_model(cfg.dataset)} {cell.norm}{variant}{optimizer} "
+            f"bs={cell.batch_size} lr={cfg.lr:g} seed={cell.seed}")
+
+
+def checkpoints(epochs: int) -> set[int]:
+    """The epochs after which test accuracy is measured: 25, 50, 75 and 100 % of the run (rounded up)."""
+    return {math.ceil(epochs * q / 4) for q in range(1, 5)}
+
+
 def train_cell(cell: Cell, splits: Splits, *, device: str = "cpu", progress: bool = True) -> CellResult:
     """Train and evaluate one cell; deterministic for a given cell on a given machine and thread count."""
     if not cell.runnable:
@@ -256,23 +315,25 @@ def train_cell(cell: Cell, splits: Splits, *, device: str = "cpu", progress: boo
     cfg = cell.config
     start = time.perf_counter()
     torch.manual_seed(cell.seed)
-    model = build_model(cfg.dataset, cell.norm, nll=cfg.nll_mode, width=cfg.width,
+    model = build_model(cfg.dataset, cell.norm, model=cfg.model, nll=cfg.nll_mode, width=cfg.width,
                         num_classes=splits.num_classes)
     x, y = splits.x_train.to(device), splits.y_train.to(device)
     xv, yv = splits.x_val.to(device), splits.y_val.to(device)
+    xt, yt = splits.x_test.to(device), splits.y_test.to(device)
     if is_batchless(cell.norm) and cfg.data_init:
         _data_init(model, splits.x_train, cfg, cell.seed)
     model.to(device)
     opts = _optimizers(model, cfg)
+    gen = torch.Generator().manual_seed(cell.seed)
+    schedulers = _schedulers(opts, cfg, cfg.epochs * len(batches(len(y), cell.batch_size, torch.Generator())))
     nll_of = _nll_reader(model)
     weighting = _implicit_weighting(model, cfg)
-    gen = torch.Generator().manual_seed(cell.seed)
     result = CellResult(0.0, 0.0, -1.0, 0, float("inf"), 0.0, 0.0, 0.0, 0.0)
     best_state = None
     act_bytes = 0
+    test_at = checkpoints(cfg.epochs)
 
-    epochs = progress_bar(range(1, cfg.epochs + 1), cfg.epochs, f"{cell.norm} bs={cell.batch_size}", leave=False,
-                       enabled=progress)
+    epochs = progress_bar(range(1, cfg.epochs + 1), cfg.epochs, describe_cell(cell), leave=False, enabled=progress)
     for epoch in epochs:
         t0 = time.perf_counter()
         model.train()
@@ -297,12 +358,15 @@ def train_cell(cell: Cell, splits: Splits, *, device: str = "cpu", progress: boo
                 loss, nll = step()
             for opt in opts:
                 opt.step()
+            for sched in schedulers:
+                sched.step()
             loss_sum += loss.cpu() * len(idx)
             nll_sum += nll.cpu() * len(idx)
             seen += len(idx)
         val_loss, val_acc = evaluate(model, xv, yv)
         log = EpochLog(epoch, loss_sum.item() / seen, val_loss, val_acc,
-                       nll_sum.item() / seen if is_batchless(cell.norm) else None, time.perf_counter() - t0)
+                       nll_sum.item() / seen if is_batchless(cell.norm) else None, time.perf_counter() - t0,
+                       evaluate(model, xt, yt)[1] if epoch in test_at else None)
         result.history.append(log)
         if val_acc > result.val_acc_best:
             result.val_acc_best, result.val_acc_best_epoch, result.val_loss_best = val_acc, epoch, val_loss
@@ -310,7 +374,6 @@ def train_cell(cell: Cell, splits: Splits, *, device: str = "cpu", progress: boo
         if hasattr(epochs, "set_postfix"):
             epochs.set_postfix(val_acc=f"{val_acc:.3f}")
 
-    xt, yt = splits.x_test.to(device), splits.y_test.to(device)
     result.test_loss, result.test_acc = evaluate(model, xt, yt)
     model.load_state_dict(best_state)
     result.test_acc_at_best_val = evaluate(model, xt, yt)[1]
