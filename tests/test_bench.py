@@ -79,6 +79,16 @@ def test_memory_quick_writes_json_and_plot(tmp_path, capsys):
     assert "Model state floor" in capsys.readouterr().out
 
 
+def test_microbatch_claim_is_the_same_model_for_less_memory(tmp_path, capsys):
+    out = tmp_path / "mb.json"
+    assert cli.main(["bench", "microbatch", "--quick", "--silent", "--out", str(out)]) == 0
+    r = json.loads(out.read_text())
+    same = r["equivalence"]
+    assert same["dtype"] == "float64" and same["max_abs_diff"] < 1e-12 < 1e-4 < same["max_abs_change"]
+    assert r["memory_mb"]["batchless micro-batch 1"] < 0.5 * r["memory_mb"]["batchless"]
+    assert "micro-batch 1 / batch 64: memory" in capsys.readouterr().out
+
+
 DEVICE_COMMANDS = [["bench", "speed", "--quick"], ["bench", "memory", "--quick"],
                    ["sweep", "--dataset", "synthetic", "--norms", "none", "--batch-sizes", "4", "--results", "r.db"]]
 

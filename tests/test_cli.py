@@ -5,6 +5,7 @@ from __future__ import annotations
 import contextlib
 import json
 import os
+import re
 import signal
 import sqlite3
 import subprocess
@@ -13,8 +14,10 @@ import time
 
 import pytest
 
+from batchless_experiments import idx
 from batchless_experiments.cli import build_parser, main
 from test_experiments import write_cifar
+from test_idx import write_idx_dataset
 
 TINY = ["--epochs", "1", "--num-samples", "200", "--init-samples", "50", "--threads", "1"]
 REQUIRED_JSON_KEYS = {"dataset", "norm", "batch_size", "seed", "test_acc", "val_acc_best", "val_acc_best_epoch",
@@ -93,14 +96,26 @@ def test_sigkill_loses_at_most_the_running_cell(tmp_path):
 
 
 def test_demo_smoke(tmp_path, capsys):
+    write_idx_dataset(tmp_path / "data", n_train=200, n_test=50)
     out = tmp_path / "demo"
-    assert main(["demo", "--out", str(out), "--batch-sizes", "64", *TINY]) == 0
-    text = capsys.readouterr().out
-    assert "| gn |" in text and "| batchless |" in text and "bs 1 " in text
-    assert (out / "demo.png").read_bytes()[:4] == b"\x89PNG"
-    # none, bn, gn, batchless at 64; batchless at 1; batchless with stats_lr_scale=0.1 at 1 and 64
-    assert _count(str(out / "results.sqlite")) == 7
-    assert "| batchless [stats_lr_scale=0.1] |" in text
+    assert main(["demo", "--out", str(out), "--data-dir", str(tmp_path / "data"), "--batch-sizes", "64",
+                 "--jobs", "1", *TINY]) == 0
+    captured = capsys.readouterr()
+    assert captured.err.startswith("fashion-mnist (200 samples: 160 to train on), 4 runs")
+    assert "fashion-mnist cnn batchless [init_samples=50] bs=1 lr=0.000125 seed=0" in captured.err  # named completely
+    assert "| gn |" in captured.out and "| batchless |" in captured.out and "bs 1 " in captured.out
+    assert (out / "demo.png").read_bytes()[:4] == b"\x89PNG" and (out / "demo_curves.png").exists()
+    assert _count(str(out / "results.sqlite")) == 4  # bn, gn, batchless at 64; batchless at 1
+
+
+def test_demo_falls_back_to_mnist1d_without_the_files(tmp_path, capsys, monkeypatch):
+    monkeypatch.setitem(idx.DEFAULT_DIR, "fashion-mnist", str(tmp_path / "nothing"))
+    out = tmp_path / "demo"
+    assert main(["demo", "--out", str(out), "--batch-sizes", "64", "--norms", "gn", "--jobs", "1", *TINY]) == 0
+    err = capsys.readouterr().err
+    assert "dataset-fashion-mnist" in err and "-> falling back to MNIST-1D (generated offline)" in err
+    assert "mnist1d cnn gn bs=64" in err
+    assert main(["demo", "--out", str(out), "--data-dir", str(tmp_path / "nothing"), *TINY]) == 2  # asked for
 
 
 def test_cifar10_sweep_on_generated_files(tmp_path, capsys):
@@ -226,3 +241,22 @@ def test_ablation_rows_are_labelled_and_filtered(tmp_path, capsys):
     assert "| batchless |" in out and "| none |" not in out  # the NLL exists for batchless only
     assert main(["report", "--results", results, "--base-only", "--json"]) == 0
     assert {r["label"] for r in json.loads(capsys.readouterr().out)} == {"none", "batchless"}
+
+
+def test_fair_protocol_sweep_in_two_processes_then_report(tmp_path, capsys):
+    write_idx_dataset(tmp_path / "data", n_train=60, n_test=20)
+    results = str(tmp_path / "r.sqlite")
+    argv = ["sweep", "--dataset", "fashion-mnist", "--data-dir", str(tmp_path / "data"), "--norms", "none,batchless",
+            "--batch-sizes", "8", "--seeds", "2", "--lr-grid", "0.5,2", "--schedule", "cosine", "--jobs", "2",
+            "--results", results, "--epochs", "2", "--init-samples", "20"]
+    assert main(argv) == 0
+    err = capsys.readouterr().err
+    assert "stage 1: 4 runs" in err and "stage 2: 2 runs" in err
+    assert "fashion-mnist cnn batchless [init_samples=20] bs=8 lr=0.000177 seed=0" in err  # each run named completely
+    assert _count(results) == 6
+    assert main(argv) == 0
+    assert "4 of 4 cells already in" in capsys.readouterr().err and _count(results) == 6
+    assert main(["report", "--results", results, "--metrics", "lr,test_acc"]) == 0
+    out = capsys.readouterr().out
+    assert "learning rate chosen per cell on validation accuracy from a grid of 2" in out
+    assert re.search(r"\| none \| 0\.000(177|707)\* \| 2 \|", out)  # both runs at the chosen rate, an end

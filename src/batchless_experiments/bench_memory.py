@@ -33,6 +33,7 @@ from torch import nn
 import batchless as bl
 
 from .bench_speed import machine_info, make_layer
+from .models import build_model
 
 MMAP_THRESHOLD = 65536
 ADAM_STATES = 2  # exp_avg, exp_avg_sq
@@ -111,9 +112,13 @@ def measure(cfg: dict) -> dict:
     torch.set_num_threads(1)
     torch.manual_seed(0)
     n, m = cfg["effective_batch"], cfg["micro_batch"]
-    model = conv_net(cfg["norm"], cfg["width"]).to(device).train()
+    if cfg.get("model") == "study-cnn":  # the Fashion-MNIST study's CNN (bench microbatch)
+        model, shape = build_model("fashion-mnist", cfg["norm"]), (1, 28, 28)
+    else:
+        model, shape = conv_net(cfg["norm"], cfg["width"]), (3, cfg["image"], cfg["image"])
+    model = model.to(device).train()
     optimizer = torch.optim.Adam(model.parameters())
-    x = torch.randn(n, 3, cfg["image"], cfg["image"], device=device)
+    x = torch.randn(n, *shape, device=device)
     target = torch.randint(0, 10, (n,), device=device)
     train_step(model, optimizer, x[:m], target[:m], m)  # warm-up: optimizer state, kernels, autograd
     optimizer.zero_grad()
@@ -138,7 +143,7 @@ def measure(cfg: dict) -> dict:
             "step": _accumulate_path()}
 
 
-def _run_child(cfg: dict) -> dict:
+def run_child(cfg: dict) -> dict:
     env = {**os.environ, "MALLOC_MMAP_THRESHOLD_": str(MMAP_THRESHOLD), "OMP_NUM_THREADS": "1"}
     proc = subprocess.run([sys.executable, "-m", __name__, json.dumps(cfg)], env=env, capture_output=True,
                           text=True, check=False)
@@ -150,7 +155,7 @@ def _run_child(cfg: dict) -> dict:
 def run(config: MemoryConfig, *, device: torch.device, log=print) -> dict:
     rows = []
     for cfg in config.configurations():
-        row = _run_child({**cfg, "device": str(device)})
+        row = run_child({**cfg, "device": str(device)})
         log(f"{row['norm']} N={row['effective_batch']} m={row['micro_batch']}: extra {row['extra_mb']:.1f} MB")
         rows.append(row)
     summary = {}
