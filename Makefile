@@ -3,7 +3,7 @@ PYTHON ?= python3
 VENV ?= .venv
 BIN := $(VENV)/bin
 
-.PHONY: install data demo test test-slow test-all lint clean gpu-check
+.PHONY: install data demo test test-slow test-all test-timm lint clean gpu-check
 
 # Real images, offline: Fashion-MNIST from Debian's dataset-fashion-mnist (its four IDX files).
 FASHION_MNIST := /usr/share/datasets/fashion-mnist/train-images-idx3-ubyte.gz
@@ -41,6 +41,23 @@ test: install
 	BATCHLESS_FUSED=never $(BIN)/python -m pytest -q -m "not slow" tests/test_layer.py tests/test_robustness.py \
 		tests/test_accumulate.py
 
+# timm imports torchvision, and PyPI's torchvision for torch 2.13.0 is a CUDA build that cannot load beside the
+# CPU torch of $(VENV) ("operator torchvision::nms does not exist"); so the timm tests get a venv of their own,
+# with a torch/torchvision pair that imports (the library itself does not need timm). x86_64: torch 2.14.1 and
+# torchvision 0.29.1, a CUDA build run on the CPU (5.5 GB; 2 min from the wheels on this project's machines,
+# several GB of downloads elsewhere); aarch64: CPU builds (0.7 GB). Without native kernels: the eager path.
+TIMM_VENV ?= .venv-timm
+TIMM_TORCH ?= $(if $(filter aarch64,$(shell uname -m)),torch==2.9.1 torchvision==0.24.1,torch==2.14.1 torchvision==0.29.1)
+
+$(TIMM_VENV)/.installed:
+	$(PYTHON) -m venv $(TIMM_VENV)
+	$(TIMM_VENV)/bin/pip install $(TIMM_TORCH)
+	$(TIMM_VENV)/bin/pip install "timm>=1.0" "pytest>=7.4"
+	touch $@
+
+test-timm: $(TIMM_VENV)/.installed
+	BATCHLESS_FUSED=never PYTHONPATH=src $(TIMM_VENV)/bin/python -m pytest -q tests/test_timm.py
+
 test-slow: install
 	$(BIN)/python -m pytest -q -m slow
 
@@ -61,4 +78,4 @@ gpu-check:
 		--plot $(GPU_OUT)/bench_memory_cuda.png
 
 clean:
-	rm -rf $(VENV) build dist src/*.egg-info
+	rm -rf $(VENV) $(TIMM_VENV) build dist src/*.egg-info

@@ -103,7 +103,8 @@ def test_sync_batchnorm_conversion_and_round_trip():
 
 
 class BatchNormAct2d(nn.BatchNorm2d):
-    """Like timm's: a BatchNorm with a fused activation, which a conversion must not drop."""
+    """A user's BatchNorm with a fused activation, which a conversion must not drop (timm's real one is tested in
+    test_timm.py)."""
 
     def __init__(self, num_features):
         super().__init__(num_features)
@@ -117,15 +118,89 @@ class RenamedBatchNorm2d(nn.BatchNorm2d):
     """A subclass that adds no behaviour: converted like its base."""
 
 
+class LeakyBatchNormAct2d(BatchNormAct2d):
+    """A subclass of a taught class that changes its forward: not covered by what was taught."""
+
+    def forward(self, x):
+        return nn.functional.leaky_relu(nn.BatchNorm2d.forward(self, x))
+
+
+class QuietBatchNormAct2d(BatchNormAct2d):
+    """A subclass of a taught class that keeps its forward: converted like it."""
+
+
+@pytest.fixture
+def conversions():
+    """Undo what a test registers."""
+    saved = dict(bl.convert._CONVERSIONS)
+    yield
+    bl.convert._CONVERSIONS.clear()
+    bl.convert._CONVERSIONS.update(saved)
+
+
 def test_subclass_with_behaviour_is_refused_with_all_names():
     model = nn.Sequential(nn.Conv2d(3, 4, 1), BatchNormAct2d(4), nn.Sequential(BatchNormAct2d(4)),
                           nn.BatchNorm2d(4))
     with pytest.raises(bl.BatchlessError, match=r"(?s)1: BatchNormAct2d.*2\.0: BatchNormAct2d") as info:
         bl.convert_batchnorm(model, inplace=True)
-    assert "fused activation" in str(info.value)
+    assert "fused activation" in str(info.value) and "register_conversion" in str(info.value)
     assert type(model[3]) is nn.BatchNorm2d  # nothing changed before the error
     plain = bl.convert_batchnorm(nn.Sequential(RenamedBatchNorm2d(4)))
     assert type(plain[0]) is bl.BatchlessNorm2d
+
+
+def randomize_running_stats(model):
+    with torch.no_grad():
+        for m in model.modules():
+            if isinstance(m, nn.modules.batchnorm._BatchNorm):
+                m.running_mean.uniform_(-2, 2)
+                m.running_var.uniform_(0.1, 3)
+                m.weight.uniform_(0.5, 2)
+                m.bias.uniform_(-1, 1)
+    return model.eval()
+
+
+def test_registered_subclass_converts_folds_and_goes_back(conversions):
+    bl.register_conversion(BatchNormAct2d, lambda module, layer: nn.Sequential(layer, module.act))
+    torch.manual_seed(0)
+    model = randomize_running_stats(nn.Sequential(
+        nn.Conv2d(3, 4, 1), BatchNormAct2d(4), nn.Conv2d(4, 4, 1), QuietBatchNormAct2d(4), nn.BatchNorm2d(4)))
+    converted = bl.convert_batchnorm(model)
+    assert [type(converted[i]) for i in (1, 3, 4)] == [nn.Sequential, nn.Sequential, bl.BatchlessNorm2d]
+    assert type(converted[1][0]) is bl.BatchlessNorm2d and type(converted[1][1]) is nn.ReLU
+    assert not converted[1].training and not converted[1][0].training
+    x = torch.randn(2, 3, 5, 5)
+    with torch.no_grad():
+        want = model(x)
+        assert max_rel_diff(converted(x), want) <= 1e-5
+        folded = bl.fold(converted)
+        assert type(folded[1][0]) is nn.Identity and type(folded[1][1]) is nn.ReLU
+        assert max_rel_diff(folded(x), want) <= 1e-5
+        back = bl.to_batchnorm(converted)
+        assert type(back[1][0]) is nn.BatchNorm2d and max_rel_diff(back(x), want) <= 1e-5
+
+
+def test_registered_conversion_covers_only_what_it_was_taught(conversions):
+    bl.register_conversion(BatchNormAct2d, lambda module, layer: nn.Sequential(layer, module.act))
+    with pytest.raises(bl.BatchlessError, match=r"<root>: LeakyBatchNormAct2d subclasses BatchNormAct2d, whose "
+                                                r"conversion is registered, but overrides its forward"):
+        bl.convert_batchnorm(LeakyBatchNormAct2d(3))
+    bl.register_conversion(BatchNormAct2d, None)
+    with pytest.raises(bl.BatchlessError, match="adds behaviour"):
+        bl.convert_batchnorm(BatchNormAct2d(3))
+    bl.register_conversion(BatchNormAct2d, lambda module, layer: "not a module")
+    with pytest.raises(bl.BatchlessError, match=r"registered for BatchNormAct2d .* returned str, not an nn\.Module"):
+        bl.convert_batchnorm(BatchNormAct2d(3))
+
+
+@pytest.mark.parametrize(("cls", "fn", "message"), [
+    (nn.GroupNorm, lambda m, layer: layer, r"a subclass of a torch\.nn BatchNorm class \(cls\), got <class"),
+    (nn.BatchNorm2d, lambda m, layer: layer, "converts the BatchNorm classes themselves"),
+    (BatchNormAct2d, "act", r"fn\(module, layer\) -> nn\.Module or None, got 'act'"),
+])
+def test_register_conversion_refuses_wrong_arguments(conversions, cls, fn, message):
+    with pytest.raises(bl.BatchlessError, match=message):
+        bl.register_conversion(cls, fn)
 
 
 def test_no_running_stats_points_to_init_from_data():

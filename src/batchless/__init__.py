@@ -5,7 +5,7 @@ negative log likelihood of the layer's inputs, so that instances can be processe
 """
 
 from .accumulate import accumulate
-from .convert import convert_batchnorm, to_batchnorm
+from .convert import convert_batchnorm, register_conversion, to_batchnorm
 from .errors import BatchlessError
 from .fold import fold
 from .init import init_from_data
@@ -26,6 +26,7 @@ __all__ = [
     "init_from_data",
     "nll_loss",
     "nll_weight",
+    "register_conversion",
     "statistics_parameters",
     "to_batchnorm",
 ]

@@ -6,12 +6,17 @@ training can go on batch-free. ``to_batchnorm`` goes back, to eval-mode ``nn.Bat
 that only know BatchNorm (ONNX runtimes, quantization, pruning). Both clone the model first unless
 ``inplace=True``, replace layers by dotted name, keep device, dtype and training flags, and keep a layer
 shared between two places shared. :func:`replace_modules` is the walker they (and :func:`batchless.fold`) use.
+
+BatchNorm subclasses that add behaviour (an activation, a dropout) are converted by a function taught with
+:func:`register_conversion`; timm's norm-act layers (``BatchNormAct2d``, ``SyncBatchNormAct``) are taught here,
+by name, so that this module never imports timm.
 """
 
 from __future__ import annotations
 
 import copy
 import logging
+from collections import OrderedDict
 from collections.abc import Callable
 
 import torch
@@ -50,6 +55,90 @@ _TO_BATCHNORM: dict[type, type[nn.Module]] = {
     _BatchlessNormXd: nn.SyncBatchNorm,
 }
 _CONVERT_KWARGS = ("eps", "std_param", "nll")
+
+Conversion = Callable[[nn.Module, _BatchlessNorm], nn.Module]
+# BatchNorm subclass -> its conversion: what users taught with register_conversion ...
+_CONVERSIONS: dict[type, Conversion] = {}
+
+
+def _norm_act(module: nn.Module, layer: _BatchlessNorm) -> nn.Module:
+    """timm's norm-act layers: ``act(drop(batchnorm(x)))``, with ``drop``/``act`` optional on ``SyncBatchNormAct``."""
+    parts = [("norm", layer)] + [(name, getattr(module, name)) for name in ("drop", "act") if hasattr(module, name)]
+    return nn.Sequential(OrderedDict(parts))
+
+
+# ... and the third-party subclasses taught here, by "module.qualname" (timm >= 0.9, and 0.6-0.8's path).
+_BUILTIN_CONVERSIONS: dict[str, Conversion] = {
+    f"{path}.{name}": _norm_act
+    for path in ("timm.layers.norm_act", "timm.models.layers.norm_act")
+    for name in ("BatchNormAct2d", "SyncBatchNormAct")
+}
+
+
+def register_conversion(cls: type, fn: Conversion | None) -> None:
+    """Teach :func:`convert_batchnorm` a BatchNorm subclass that adds behaviour to BatchNorm's.
+
+    ``convert_batchnorm`` converts a plain BatchNorm by itself; a subclass with its own ``forward`` or child
+    modules (a fused activation, a dropout) it refuses, since dropping that behaviour would change the model,
+    unless such a function was registered for its class. For each layer of class ``cls`` (or of a subclass
+    that keeps ``cls.forward``), ``convert_batchnorm`` first builds the batchless layer that carries the
+    layer's BatchNorm part (``mean = running_mean``, ``std = sqrt(running_var + eps)``, ``weight``/``bias``,
+    device, dtype, training flag, and the ``layer_kwargs`` given to ``convert_batchnorm``), with the usual
+    checks, then calls ``fn(module, layer)``: what it returns replaces ``module``, put in ``module``'s training
+    mode (``.train(module.training)``, so that e.g. a new ``nn.Dropout`` is off in evaluation). Build it from
+    ``layer`` and ``module``'s own children (the model was deep-copied unless ``inplace=True``), e.g.
+    ``nn.Sequential(layer, module.act)``: :func:`batchless.fold` and :func:`batchless.to_batchnorm` then handle
+    it like any model. timm's ``BatchNormAct2d`` and ``SyncBatchNormAct`` are taught already (into
+    ``nn.Sequential(norm=layer, drop=module.drop, act=module.act)``); registering one of them replaces that.
+
+    Args:
+        cls: a subclass of ``nn.BatchNorm1d/2d/3d``, ``nn.SyncBatchNorm`` or their base ``_BatchNorm``.
+        fn: ``fn(module, layer) -> nn.Module``; None removes what was registered for ``cls``.
+
+    Example::
+
+        >>> import torch, batchless as bl
+        >>> from torch import nn
+        >>> class BatchNormReLU2d(nn.BatchNorm2d):
+        ...     def forward(self, x):
+        ...         return super().forward(x).relu()
+        >>> bl.register_conversion(BatchNormReLU2d, lambda module, layer: nn.Sequential(layer, nn.ReLU()))
+        >>> bl.convert_batchnorm(nn.Sequential(nn.Conv2d(3, 8, 3), BatchNormReLU2d(8)))
+        Sequential(
+          (0): Conv2d(3, 8, kernel_size=(3, 3), stride=(1, 1))
+          (1): Sequential(
+            (0): BatchlessNorm2d(8, eps=1e-05, affine=True, std_param='log', nll='implicit')
+            (1): ReLU()
+          )
+        )
+        >>> bl.register_conversion(BatchNormReLU2d, None)  # forget it again
+    """
+    if not (isinstance(cls, type) and issubclass(cls, _BatchNorm)) or cls in _TO_BATCHLESS:
+        raise BatchlessError(
+            f"register_conversion expects a subclass of a torch.nn BatchNorm class (cls), got {cls!r}: "
+            "convert_batchnorm converts the BatchNorm classes themselves, and only BatchNorm layers"
+        )
+    if fn is not None and not callable(fn):
+        raise BatchlessError(f"register_conversion expects fn(module, layer) -> nn.Module or None, got {fn!r}")
+    if fn is None:
+        _CONVERSIONS.pop(cls, None)
+    else:
+        _CONVERSIONS[cls] = fn
+
+
+def _conversion_of(cls: type) -> Conversion | None:
+    return _CONVERSIONS.get(cls) or _BUILTIN_CONVERSIONS.get(f"{cls.__module__}.{cls.__qualname__}")
+
+
+def _taught(module: _BatchNorm) -> tuple[type, Conversion] | None:
+    """The nearest class of ``module``'s MRO with a conversion and that conversion, or None (none before its
+    BatchNorm base)."""
+    for cls in type(module).__mro__:
+        if cls in _TO_BATCHLESS:
+            return None
+        if fn := _conversion_of(cls):
+            return cls, fn
+    return None
 
 
 def replace_modules(model: nn.Module, replace: Callable[[str, nn.Module], nn.Module | None], *,
@@ -91,9 +180,14 @@ def _batchnorm_base(module: _BatchNorm) -> type:
 def _conversion_problem(module: _BatchNorm, layer_kwargs: dict) -> str | None:
     """Why ``module`` cannot be converted faithfully (with the new layers' ``layer_kwargs``), or None."""
     base = _batchnorm_base(module)
-    if type(module).forward is not base.forward or any(True for _ in module.children()):
+    taught = _taught(module)
+    if taught is not None and type(module).forward is not taught[0].forward:
+        return (f"{type(module).__name__} subclasses {taught[0].__name__}, whose conversion is registered, but "
+                "overrides its forward: teach its own with batchless.register_conversion")
+    if taught is None and (type(module).forward is not base.forward or any(True for _ in module.children())):
         return (f"{type(module).__name__} subclasses {base.__name__} and adds behaviour (its own forward or "
-                "child modules, e.g. a fused activation) that a conversion would drop")
+                "child modules, e.g. a fused activation) that a conversion would drop: teach it with "
+                "batchless.register_conversion")
     if isinstance(module, LazyModuleMixin):
         return f"{type(module).__name__} is not initialized yet: run one forward pass first"
     if module.running_mean is None or module.running_var is None:
@@ -128,10 +222,13 @@ def convert_batchnorm(model: nn.Module, *, inplace: bool = False, **layer_kwargs
     training flag. ``momentum`` and ``num_batches_tracked`` have no counterpart and are dropped.
 
     Subclasses of a BatchNorm class that keep its ``forward`` and have no child modules are converted like
-    their base. Subclasses that add behaviour (timm's ``BatchNormAct2d`` fuses an activation) are refused,
-    as are BatchNorms without running statistics and those whose std the chosen ``std_param``/``eps`` cannot
-    hold (``"abs"``: std >= eps, ``"inv"``: std <= 1/eps): one :class:`~batchless.BatchlessError` lists every
-    such layer by dotted name, before anything is changed.
+    their base. Subclasses that add behaviour are converted by the function registered for them with
+    :func:`batchless.register_conversion`: timm's ``BatchNormAct2d`` (and ``SyncBatchNormAct``) becomes
+    ``nn.Sequential(norm=<batchless layer>, drop=<its dropout>, act=<its activation>)``, the same function.
+    Subclasses that add behaviour nobody taught are refused, as are BatchNorms without running statistics
+    and those whose std the chosen ``std_param``/``eps`` cannot hold (``"abs"``: std >= eps, ``"inv"``:
+    std <= 1/eps): one :class:`~batchless.BatchlessError` lists every such layer by dotted name, before
+    anything is changed.
 
     Args:
         model: the model; may itself be a BatchNorm layer.
@@ -160,7 +257,8 @@ def convert_batchnorm(model: nn.Module, *, inplace: bool = False, **layer_kwargs
     if problems:
         raise BatchlessError("convert_batchnorm cannot convert these layers faithfully:\n" + "\n".join(problems)
                              + "\nreplace these layers by hand (e.g. by nn.Sequential(BatchlessNorm2d(C), "
-                             "activation)), then call convert_batchnorm for the rest")
+                             "activation)) or teach convert_batchnorm their class with "
+                             "batchless.register_conversion(cls, fn), then call convert_batchnorm again")
 
     def replace(_name: str, module: nn.Module) -> nn.Module | None:
         return _from_batchnorm(module, layer_kwargs) if isinstance(module, _BatchNorm) else None
@@ -169,7 +267,7 @@ def convert_batchnorm(model: nn.Module, *, inplace: bool = False, **layer_kwargs
 
 
 @torch.no_grad()
-def _from_batchnorm(bn: _BatchNorm, layer_kwargs: dict) -> _BatchlessNorm:
+def _from_batchnorm(bn: _BatchNorm, layer_kwargs: dict) -> nn.Module:
     kwargs = {"eps": bn.eps, **layer_kwargs}
     layer = _TO_BATCHLESS[_batchnorm_base(bn)](
         bn.num_features, affine=bn.affine, device=bn.running_mean.device, dtype=bn.running_mean.dtype, **kwargs
@@ -180,7 +278,15 @@ def _from_batchnorm(bn: _BatchNorm, layer_kwargs: dict) -> _BatchlessNorm:
         for name in ("weight", "bias"):
             getattr(layer, name).copy_(getattr(bn, name))
             getattr(layer, name).requires_grad_(getattr(bn, name).requires_grad)
-    return layer.train(bn.training)
+    layer.train(bn.training)
+    taught = _taught(bn)
+    if taught is None:
+        return layer
+    new = taught[1](bn, layer)
+    if not isinstance(new, nn.Module):
+        raise BatchlessError(f"the conversion registered for {taught[0].__name__} ({taught[1]!r}) returned "
+                             f"{type(new).__name__}, not an nn.Module")
+    return new.train(bn.training)
 
 
 def to_batchnorm(model: nn.Module, *, inplace: bool = False) -> nn.Module:
