@@ -16,6 +16,7 @@ import pytest
 
 from batchless_experiments import idx
 from batchless_experiments.cli import build_parser, main
+from batchless_experiments.store import ResultStore
 from test_experiments import write_cifar
 from test_idx import write_idx_dataset
 
@@ -63,8 +64,8 @@ def test_sweep_resume_and_report_json(tmp_path, capsys):
 
     png = tmp_path / "plot.png"
     assert main(["report", "--results", results, "--plot", str(png)]) == 0
-    out = capsys.readouterr().out
-    assert "| batchless |" in out and "bs 64" in out
+    out, err = capsys.readouterr()
+    assert "| batchless |" in out and "bs 64" in out and f"wrote {png}" in err
     assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 
 
@@ -157,6 +158,25 @@ def test_bad_cli_input_is_rejected_with_expected_and_received(tmp_path, capsys, 
         main(["sweep", *[x for kv in base.items() for x in kv]])
     assert e.value.code == 2
     assert message in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("records", [0, 3000])
+def test_report_into_a_closed_pipe_stops_quietly(tmp_path, records):
+    """`batchless report --json | head -1`: the reader leaves before the output ends (a short one is still in
+    the buffer at exit, a long one fills the pipe): no error message, the status of a tool killed by SIGPIPE."""
+    results = str(tmp_path / "r.sqlite")
+    ResultStore(results).close()  # no cells: `[]`; the long output replaces the records
+    code = ("import sys; from batchless_experiments import cli, report; "
+            f"report.json_records = lambda rows: [{{'cell': 'x' * 100}}] * {records}; sys.exit(cli.main())")
+    read, write = os.pipe()
+    os.close(read)  # the reader is gone before the first write
+    try:
+        proc = subprocess.run([sys.executable, "-c", code, "report", "--results", results, "--json"], stdout=write,
+                              stderr=subprocess.PIPE, env={**os.environ, "PYTHONPATH": os.pathsep.join(sys.path)},
+                              timeout=120)
+    finally:
+        os.close(write)
+    assert (proc.returncode, proc.stderr.decode()) == (141, "")
 
 
 def test_report_on_missing_file_fails_cleanly(tmp_path, capsys):

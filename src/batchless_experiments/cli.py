@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import argparse
 import importlib
+import os
 import sqlite3
 import sys
 import warnings
@@ -44,7 +45,15 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
     try:
-        return int(args.func(args) or 0)
+        status = int(args.func(args) or 0)
+        sys.stdout.flush()  # a reader that went away shows here, not as "Exception ignored" at exit
+        return status
+    except BrokenPipeError:
+        # stdout's reader went away (`batchless report --json | head -1`): stop quietly, as tools killed by
+        # SIGPIPE do (status 128 + 13), with stdout on devnull so that Python's flush at exit fails no more
+        # (the recipe of Python's documentation, "Note on SIGPIPE")
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        return 141
     except (ValueError, OSError, sqlite3.Error) as e:  # bad input, a missing, unwritable or damaged file
         print(f"batchless {args.command}: error: {e}", file=sys.stderr)
         return 2
