@@ -566,7 +566,7 @@ def test_evaluation_with_gradients_matches_the_formula(native_runs, std_param):
 
 # torch.jit.trace is deprecated, and it warns that the layer's Python branches are recorded as constants;
 # the layer supports it on purpose (existing TorchScript pipelines), so this test calls it anyway.
-@pytest.mark.filterwarnings("ignore:`torch.jit.trace(_method)?` is deprecated:DeprecationWarning")
+@pytest.mark.filterwarnings("ignore:`torch.jit.trace(_method)?` is deprecated")  # (Deprecation- or FutureWarning)
 @pytest.mark.filterwarnings("ignore::torch.jit.TracerWarning")
 @pytest.mark.parametrize("training", [False, True])
 def test_jit_trace_records_the_real_ops(cpu_kernels, training):
