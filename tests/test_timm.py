@@ -7,6 +7,8 @@ cannot load beside it, so ``make test-timm`` runs this file in a venv of its own
 """
 
 import functools
+import pathlib
+import re
 
 import pytest
 import torch
@@ -121,3 +123,12 @@ def test_teaching_replaces_the_builtin_conversion():
     finally:
         bl.register_conversion(BatchNormAct2d, None)
     assert type(bl.convert_batchnorm(model)[0]) is nn.Sequential
+
+
+def test_readme_timm_snippet_runs():
+    """The README's ```python timm blocks (test_readme.py runs the others, in a venv without timm)."""
+    readme = (pathlib.Path(__file__).resolve().parent.parent / "README.md").read_text()
+    blocks = re.findall(r"```python timm\n(.*?)```", readme, flags=re.S)
+    assert blocks
+    for block in blocks:
+        exec(compile(block, "README.md", "exec"), {"__name__": "readme"})
