@@ -121,3 +121,25 @@ def test_grad_scaler_of_16_mixed_precision(accumulate):
                               plugins=[MixedPrecision("16-mixed", "cpu", scaler=scaler)])
     factors = ratios(got, want)
     assert all(factor == pytest.approx(1, rel=1e-2) for factor in factors.values()), factors
+
+
+def test_no_weight_is_left_in_force_after_a_skipped_batch_or_fit():
+    """A module whose on_train_batch_start returns -1 ends the epoch without on_train_batch_end."""
+
+    class Skipping(Classifier):
+        weights = []
+
+        def on_train_batch_start(self, batch, batch_idx):
+            return -1 if batch_idx == 1 else None
+
+        def training_step(self, batch, batch_idx):
+            self.weights.append(bl.weighting.current_nll_weight())
+            return super().training_step(batch, batch_idx)
+
+    x, y = make_data()
+    loader = torch.utils.data.DataLoader(torch.utils.data.TensorDataset(x, y), batch_size=MICRO)
+    trainer = L.Trainer(accelerator="cpu", devices=1, max_epochs=3, accumulate_grad_batches=K, logger=False,
+                        enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False)
+    trainer.fit(Skipping(make_model()), loader)
+    assert Skipping.weights == [(1 / K,)] * 3  # one batch per epoch, each with the weight of one block
+    assert bl.weighting.current_nll_weight() == 1.0

@@ -65,11 +65,15 @@ class NLLWeight(Callback):
                            "(batchless.integrations.lightning.NLLWeight)")
 
     def on_train_batch_start(self, trainer, pl_module, batch, batch_idx) -> None:
+        self._blocks.close()  # (a batch that the module's on_train_batch_start cut short had no on_train_batch_end)
         if self._in_charge(trainer):
             for factor, _ in self._factors(trainer):
                 self._blocks.enter_context(nll_weight(factor))
 
     def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
+        self._blocks.close()
+
+    def on_train_end(self, trainer, pl_module) -> None:
         self._blocks.close()
 
     def on_exception(self, trainer, pl_module, exception) -> None:
