@@ -44,7 +44,7 @@ test: install
 # timm imports torchvision, and PyPI's torchvision for torch 2.13.0 is a CUDA build that cannot load beside the
 # CPU torch of $(VENV) ("operator torchvision::nms does not exist"); so the timm tests get a venv of their own,
 # with a torch/torchvision pair that imports (the library itself does not need timm). x86_64: torch 2.14.1 and
-# torchvision 0.29.1, a CUDA build run on the CPU (5.5 GB; 2 min from the wheels on this project's machines,
+# torchvision 0.29.1, a CUDA build run on the CPU (5.6 GB; 1.5 min from the wheels on this project's machines,
 # several GB of downloads elsewhere); aarch64: CPU builds (0.7 GB). Without native kernels: the eager path.
 TIMM_VENV ?= .venv-timm
 TIMM_TORCH ?= $(if $(filter aarch64,$(shell uname -m)),torch==2.9.1 torchvision==0.24.1,torch==2.14.1 torchvision==0.29.1)

@@ -18,6 +18,9 @@ from lightning.pytorch.plugins import MixedPrecision  # noqa: E402
 
 from batchless.integrations.lightning import NLLWeight  # noqa: E402
 
+# Lightning 2.6's own use of torch's pytree API, on every fit
+pytestmark = pytest.mark.filterwarnings(r"ignore:`isinstance\(treespec, LeafSpec\)` is deprecated")
+
 MICRO, K = 4, 4  # batches of 4, an optimizer step every 4 of them: the plain loop's batch is 16
 
 
