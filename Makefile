@@ -14,7 +14,8 @@ $(BIN)/python:
 	$(BIN)/pip install torch==2.13.0
 
 $(VENV)/.installed: $(BIN)/python pyproject.toml
-	$(BIN)/pip install -e ".[experiments,dev,onnx,kernels]"
+	# torch pinned on the same line: lightning and opacus depend on it, and pip must not replace it
+	$(BIN)/pip install torch==2.13.0 -e ".[experiments,dev,onnx,kernels]"
 	# The native CPU kernels, compiled once per machine (~30 s; without a C++ compiler: a warning, eager path)
 	$(BIN)/python -c "import batchless.fused as f; f.build_cpu_kernels()"
 	touch $@
@@ -52,7 +53,7 @@ TIMM_TORCH ?= $(if $(filter aarch64,$(shell uname -m)),torch==2.9.1 torchvision=
 $(TIMM_VENV)/.installed:
 	$(PYTHON) -m venv $(TIMM_VENV)
 	$(TIMM_VENV)/bin/pip install $(TIMM_TORCH)
-	$(TIMM_VENV)/bin/pip install "timm>=1.0" "pytest>=7.4"
+	$(TIMM_VENV)/bin/pip install $(TIMM_TORCH) "timm>=1.0" "pytest>=7.4"  # torch pinned again: timm must not move it
 	touch $@
 
 test-timm: $(TIMM_VENV)/.installed
