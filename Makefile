@@ -34,12 +34,9 @@ data:
 demo: install
 	$(BIN)/batchless demo
 
-# The suite runs on the native CPU kernels (the default once built); the layer's own tests run again on
-# the eager path, which users without a C++ compiler get.
+# The default suite; the tests whose route matters run on each (native kernels, eager; see tests/variants.py).
 test: install
 	$(BIN)/python -m pytest -q -m "not slow"
-	BATCHLESS_FUSED=never $(BIN)/python -m pytest -q -m "not slow" tests/test_layer.py tests/test_robustness.py \
-		tests/test_accumulate.py
 
 test-slow: install
 	$(BIN)/python -m pytest -q -m slow
