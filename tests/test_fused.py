@@ -14,9 +14,10 @@ import torch
 
 import batchless as bl
 from batchless import _state, fused
+from batchless import functional as BF
 from batchless.fused import Route
 from reference import naive_forward
-from variants import STD_PARAMS, Variant, assert_all_close, forced, reference_step, step
+from variants import STD_PARAMS, Variant, assert_all_close, assert_close, forced, reference_step, step
 
 F32 = Variant((4, 6, 5, 7), dtype=torch.float32)
 
@@ -202,19 +203,25 @@ def test_native_kernels_say_what_they_support(cpu_kernels):
 @pytest.mark.parametrize("std_param", STD_PARAMS)
 @pytest.mark.parametrize("shared", [False, True], ids=["per-channel", "shared"])
 def test_native_node_against_the_python_formula(cpu_kernels, std_param, shared):
-    """The C++ node's NLL gradient and sigma's parametrization (negative raw values included) equal
-    the Python ones (functional.nll_grads, std_from_param: the eager route) and the reference."""
+    """The C++ node computes the Python formulas (functional.affine_forward, affine_backward,
+    nll_grads, std_from_param; negative raw values included), and so the reference."""
     v = Variant((8, 5, 3), std_param=std_param, shared=shared, dtype=torch.float32)
     layer, x = v.layer(), v.input()
     with torch.no_grad():
         layer.raw_std.uniform_(-0.5, 0.5) if std_param == "log" else layer.raw_std.uniform_(-1.5, -0.5)
-    results = []
-    for route in ("native", "eager"):
-        with forced(route):
-            results.append(step(layer, x, torch.linspace(-1, 1, x.numel()).view_as(x))[1])
-    assert_all_close(results[0], results[1], torch.float32)
-    assert_all_close(results[0], reference_step(layer, x, torch.linspace(-1, 1, x.numel()).view_as(x))[2],
-                     torch.float32)
+    g = torch.linspace(-1, 1, x.numel()).view_as(x)
+    y, got = step(layer, x, g)
+    std = BF.std_from_param(layer.raw_std, std_param, layer.eps)
+    f = BF.factors(layer.mean, std, layer.weight, x)
+    y_formula, a, b = BF.affine_forward(x.detach(), *f, layer.bias.detach())
+    gx, gweight, gbias = BF.affine_backward(g, x.detach(), *f)
+    gmean, gstd = BF.nll_grads(a, b, f.inv, 1.0, shared=shared)
+    (graw,) = torch.autograd.grad(std, layer.raw_std, gstd)
+    want = {"x": gx, "mean": gmean, "raw_std": graw, "weight": gweight, "bias": gbias}
+    assert_all_close(got, want, torch.float32)
+    assert_close(y, y_formula, torch.float32)
+    assert_close(layer._last.b, b, torch.float32)
+    assert_all_close(got, reference_step(layer, x, g)[2], torch.float32)
 
 
 def test_native_nonfinite_channels_add_no_nll(route):

@@ -69,7 +69,7 @@ def std_from_param(raw: Tensor, std_param: str, eps: float) -> Tensor:
         return (raw.abs() + eps).reciprocal()
     if std_param == "std":
         return raw
-    raise BatchlessError(f"std_param must be one of {STD_PARAMS}, got {std_param!r}")
+    raise BatchlessError(f"std_param must be one of {('std', *STD_PARAMS)}, got {std_param!r}")
 
 
 def param_from_std(std: Tensor, std_param: str, eps: float) -> Tensor:
@@ -84,7 +84,7 @@ def param_from_std(std: Tensor, std_param: str, eps: float) -> Tensor:
         return (std.reciprocal() - eps).clamp_min(0.0)
     if std_param == "std":
         return std
-    raise BatchlessError(f"std_param must be one of {STD_PARAMS}, got {std_param!r}")
+    raise BatchlessError(f"std_param must be one of {('std', *STD_PARAMS)}, got {std_param!r}")
 
 
 def compute_dtype(x: Tensor) -> torch.dtype:
@@ -302,7 +302,8 @@ def _step_forward(route: Route, x: Tensor, mean: Tensor, std: Tensor, weight: Te
 
 
 def _step_backward(route: Route, gy: Tensor | None, x: Tensor, weight: Tensor | None, f: Factors,
-                   a: Tensor, b: Tensor, nll_weight, shared: bool, needs_input_grad):
+                   *, moments: tuple[Tensor, Tensor], nll_weight, shared: bool,
+                   needs_input_grad: tuple[bool, ...]):
     """Gradients for ``(x, mean, std, weight, bias)``: the output's (mean/std constants) by the
     route's kernels, ``nll_weight * dNLL`` for mean and std (none when ``nll_weight`` is None:
     explicit mode; a constant in double backward)."""
@@ -315,7 +316,7 @@ def _step_backward(route: Route, gy: Tensor | None, x: Tensor, weight: Tensor | 
         if weight is not None and weight.dtype != f.inv.dtype:
             gw, gb = (None if g is None else g.to(weight.dtype) for g in (gw, gb))
     if nll_weight is not None:
-        gmean, gstd = nll_grads(a, b, f.inv, resolve_weight(nll_weight), shared=shared)
+        gmean, gstd = nll_grads(*moments, f.inv, resolve_weight(nll_weight), shared=shared)
     return gx, gmean, gstd, gw, gb
 
 
@@ -338,8 +339,9 @@ class _Train(torch.autograd.Function):
     @staticmethod
     def backward(ctx, gy, *_):
         x, weight = ctx.saved_tensors
-        return *_step_backward(ctx.route, gy, x, weight, ctx.factors, *ctx.moments, ctx.nll_weight,
-                               ctx.shared, ctx.needs_input_grad), None, None
+        return *_step_backward(ctx.route, gy, x, weight, ctx.factors, moments=ctx.moments,
+                               nll_weight=ctx.nll_weight, shared=ctx.shared,
+                               needs_input_grad=ctx.needs_input_grad), None, None
 
 
 class _TrainTraceable(torch.autograd.Function):
@@ -364,8 +366,9 @@ class _TrainTraceable(torch.autograd.Function):
     @staticmethod
     def backward(ctx, gy, *_):
         x, mean, std, weight, a, b = ctx.saved_tensors
-        return *_step_backward(Route.TRACEABLE, gy, x, weight, factors(mean, std, weight, x), a, b,
-                               ctx.nll_weight, ctx.shared, ctx.needs_input_grad), None
+        return *_step_backward(Route.TRACEABLE, gy, x, weight, factors(mean, std, weight, x),
+                               moments=(a, b), nll_weight=ctx.nll_weight, shared=ctx.shared,
+                               needs_input_grad=ctx.needs_input_grad), None
 
 
 class _ImplicitNll(torch.autograd.Function):
