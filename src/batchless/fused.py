@@ -94,7 +94,7 @@ def build_cpu_kernels(verbose: bool = False) -> bool:
             raise RuntimeError("ninja is not installed (pip install ninja)")
         STATE.kernels = _cpu_kernels.load(build=True, verbose=verbose)
         return STATE.kernels is not None
-    except Exception as error:  # noqa: BLE001 - a missing compiler, a compile error: report, stay eager
+    except Exception as error:  # noqa: BLE001 - no compiler, a compile error: report, stay eager
         lines = str(error).strip().splitlines() or [""]
         warnings.warn(f"batchless: could not build the CPU kernels ({type(error).__name__}: "
                       f"{lines[-1]}); training stays on the eager route", stacklevel=2)
