@@ -35,12 +35,9 @@ data:
 demo: install
 	$(BIN)/batchless demo
 
-# The suite runs on the native CPU kernels (the default once built); the layer's own tests run again on
-# the eager path, which users without a C++ compiler get.
+# The default suite; the tests whose route matters run on each (native kernels, eager; see tests/variants.py).
 test: install
 	$(BIN)/python -m pytest -q -m "not slow"
-	BATCHLESS_FUSED=never $(BIN)/python -m pytest -q -m "not slow" tests/test_layer.py tests/test_robustness.py \
-		tests/test_accumulate.py
 
 # timm imports torchvision, and PyPI's torchvision for torch 2.13.0 is a CUDA build that cannot load beside the
 # CPU torch of $(VENV) ("operator torchvision::nms does not exist"); so the timm tests get a venv of their own,

@@ -13,6 +13,7 @@ import pytest
 import torch
 
 from batchless import fused
+from batchless._state import STATE
 from batchless_experiments import bench_memory, bench_speed, cli
 
 
@@ -53,16 +54,15 @@ def test_speed_fused_times_the_other_kernel_path(tmp_path):
     others = {"batchless+eager", "batchless+compiled"} - {f"batchless+{default}"}
     assert set(train["results"]) >= others
     assert all(_finite(train["results"][name]["median_ms"]) for name in others)
-    assert fused._mode == "auto"  # the candidate's path was set around its calls only
+    assert STATE.mode == "auto"  # the candidate's path was set around its calls only
 
 
-def test_fused_path_module_uses_its_mode_and_restores(monkeypatch):
-    monkeypatch.setattr(fused, "_mode", "auto")
+def test_fused_path_module_uses_its_mode_and_restores():
     seen = []
     inner = torch.nn.Identity()
-    inner.register_forward_hook(lambda *args: seen.append(fused._mode))
+    inner.register_forward_hook(lambda *args: seen.append(STATE.mode))
     bench_speed.FusedPath(inner, "compiled")(torch.ones(1))
-    assert seen == ["compiled"] and fused._mode == "auto"
+    assert seen == ["compiled"] and STATE.mode == "auto"
 
 
 def test_memory_quick_writes_json_and_plot(tmp_path, capsys):

@@ -7,6 +7,7 @@ import torch
 from torch import nn
 
 import batchless as bl
+from variants import STD_PARAMS
 
 
 def normalized_outputs(model, batches):
@@ -86,7 +87,7 @@ def test_badly_scaled_data_in_micro_batches_of_one():
     assert_standardized(model, data)
 
 
-@pytest.mark.parametrize("std_param", ["log", "abs", "inv"])
+@pytest.mark.parametrize("std_param", STD_PARAMS)
 def test_residual_network_in_dependency_order(std_param):
     torch.manual_seed(0)
     model = nn.Sequential(nn.Conv2d(2, 4, 3), Block(4), Block(4))

@@ -1,5 +1,6 @@
-"""The layer's semantics against an independent naive implementation, and the properties that make it useful."""
+"""The layer's semantics against the reference, on every route, and the properties that make it useful."""
 
+import contextlib
 import copy
 import gc
 import io
@@ -12,57 +13,102 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 import batchless as bl
+from batchless import fused
 from reference import naive_forward
-
-LAYERS = {1: bl.BatchlessNorm1d, 2: bl.BatchlessNorm2d, 3: bl.BatchlessNorm3d}
-SHAPES = [(5, 3), (4, 3, 7), (3, 3, 4, 5), (2, 3, 2, 3, 4),
-          (4, 3, 1400), (4, 3, 40, 40)]  # >= 16k elements: CPU statistics by row sums, not the native kernel
-
-
-def make_layer(shape, std_param="log", nll="implicit", shared=False, affine=True, dtype=torch.float64, seed=0):
-    torch.manual_seed(seed)
-    cls = LAYERS[max(len(shape) - 2, 1)]
-    layer = cls(shape[1], std_param=std_param, nll=nll, shared=shared, affine=affine, dtype=dtype)
-    with torch.no_grad():  # away from the defaults so that every term of the formula matters
-        layer.mean.uniform_(-1, 1)
-        layer.set_std(torch.rand_like(layer.mean) + 0.5)
-        if affine:
-            layer.weight.uniform_(0.5, 1.5)
-            layer.bias.uniform_(-1, 1)
-    return layer
+from variants import (
+    FORMULA,
+    NLL_MODES,
+    ROUTED,
+    ROUTED_CUDA,
+    STD_PARAMS,
+    Variant,
+    assert_all_close,
+    assert_close,
+    forced,
+    reference_step,
+    step,
+    variants,
+)
 
 
-def grads(layer, x, loss):
-    params = [p for p in (layer.mean, layer.raw_std, layer.weight, layer.bias) if p is not None]
-    return torch.autograd.grad(loss, [x, *params])
+@pytest.mark.parametrize("v", FORMULA + ROUTED + ROUTED_CUDA, ids=str)
+def test_training_step_matches_the_reference(v):
+    """Output, NLL and every gradient, in the input's dtype and memory layout, on the route named."""
+    layer, x = v.layer(), v.input()
+    g = torch.randn(v.shape).to(v.device, v.dtype).contiguous(memory_format=v.layout)
+    with forced(v.route):
+        assert fused.route(x, layer).value == v.expected_route()
+        y, got = step(layer, x, g)
+    y_ref, nll_ref, want = reference_step(layer, x, g)
+    assert y.dtype == v.dtype and y.is_contiguous(memory_format=v.layout)
+    assert got["x"].dtype == v.dtype and got["x"].is_contiguous(memory_format=v.layout)
+    assert_close(y, y_ref, v.dtype)
+    assert_close(bl.nll_loss(layer), nll_ref.detach(), v.dtype)
+    assert_all_close(got, want, v.dtype)
 
 
-@pytest.mark.parametrize("shape", SHAPES)
-@pytest.mark.parametrize("std_param", ["log", "abs", "inv"])
-@pytest.mark.parametrize("nll", ["implicit", "explicit"])
-@pytest.mark.parametrize("shared", [False, True])
-def test_matches_naive_formula(shape, std_param, nll, shared):
-    layer = make_layer(shape, std_param, nll, shared)
-    x = (torch.randn(shape, dtype=torch.float64) * 3 + 2).requires_grad_()
-    g = torch.randn(shape, dtype=torch.float64)
-
-    y = layer(x)
-    loss = (y * g).sum() + (bl.nll_loss(layer) if nll == "explicit" else 0)
-    got = grads(layer, x, loss)
-
-    y_ref, nll_ref = naive_forward(x, layer.mean, layer.raw_std, layer.weight, layer.bias, std_param, layer.eps)
-    want = grads(layer, x, (y_ref * g).sum() + nll_ref)
-
-    torch.testing.assert_close(y, y_ref)
-    torch.testing.assert_close(bl.nll_loss(layer), nll_ref.detach())
-    for a, b in zip(got, want, strict=True):
-        torch.testing.assert_close(a, b)
+@pytest.mark.parametrize("v", ROUTED, ids=str)
+def test_evaluation_matches_the_reference(v):
+    """Without gradients (native: the affine kernel alone), and with them (frozen-statistics
+    fine-tuning: x, weight and bias get the output's gradients, mean and std none)."""
+    layer, x = v.layer().eval(), v.input()
+    with forced(v.route), torch.no_grad():
+        assert fused.route(x, layer).value == v.expected_route(training=False, needs_grad=False)
+        y = layer(x)
+    assert y.dtype == v.dtype and y.is_contiguous(memory_format=v.layout)
+    y_ref, _, want = reference_step(layer, x, training=False)
+    assert_close(y, y_ref, v.dtype)
+    with forced(v.route):
+        assert fused.route(x, layer).value == v.expected_route(training=False)
+        assert_all_close(step(layer, x)[1], want, v.dtype)
 
 
 @pytest.mark.filterwarnings("ignore:a BatchlessNorm layer")
-@pytest.mark.parametrize("std_param", ["log", "abs", "inv"])
+@pytest.mark.parametrize("v", variants(route=["native", "eager"], nll=NLL_MODES, dtype=[torch.float32]),
+                         ids=str)
+def test_batch_output_equals_per_instance_outputs(v):
+    layer, x = v.layer(), v.input(requires_grad=False)
+    with forced(v.route):
+        together = layer(x)
+        alone = torch.cat([layer(x[i : i + 1]) for i in range(len(x))])
+        layer.eval()
+        in_eval = layer(x)
+    torch.testing.assert_close(together, alone, rtol=0, atol=1e-6)
+    torch.testing.assert_close(in_eval, together, rtol=0, atol=1e-6)  # train and eval: one formula
+
+
+@pytest.mark.parametrize("v", variants(route=["native", "native-weighted", "eager"],
+                                       std_param=["log", "inv"], shape=[(8, 5, 3)],
+                                       dtype=[torch.float32]), ids=str)
+def test_double_backward_matches_the_reference(v):
+    """Gradient penalties (WGAN-GP, R1) differentiate the input gradient again: gx = gy * weight /
+    std must carry the weight's share (mean and std are constants in the output, as in the formula)."""
+    torch.manual_seed(0)
+    conv, layer = torch.nn.Conv1d(5, 5, 1), v.layer()
+    params = [*conv.parameters(), *layer.parameters()]
+    x = torch.randn(v.shape, requires_grad=True)
+
+    def penalty_grads(forward):
+        energy = (forward(x).square() * torch.linspace(0.5, 1.5, 3)).sum()
+        (gx,) = torch.autograd.grad(energy, x, create_graph=True)
+        got = torch.autograd.grad(gx.square().sum(), [x, *params], allow_unused=True)
+        return [torch.zeros_like(p) if g is None else g for g, p in zip(got, [x, *params], strict=True)]
+
+    with forced(v.route):
+        got = penalty_grads(lambda x: layer(conv(x)))
+    args = (layer.mean, layer.raw_std, layer.weight, layer.bias, v.std_param, layer.eps)
+    want = penalty_grads(lambda x: naive_forward(conv(x), *args)[0])
+    assert want[-2].abs().min() > 0  # the weight's share, which a constant gx would miss
+    # the penalty's backward passes the layer once: (implicit mode) the NLL gradient, once
+    want[3:5] = torch.autograd.grad(naive_forward(conv(x), *args)[1], [layer.mean, layer.raw_std])
+    for a, b in zip(got, want, strict=True):
+        assert_close(a, b, torch.float32)
+
+
+@pytest.mark.filterwarnings("ignore:a BatchlessNorm layer")
+@pytest.mark.parametrize("std_param", STD_PARAMS)
 def test_gradcheck(std_param):
-    layer = make_layer((3, 3, 4), std_param, nll="explicit")
+    layer = Variant((3, 3, 4), std_param, nll="explicit").layer()
     x = torch.randn(3, 3, 4, dtype=torch.float64, requires_grad=True)
 
     def output(x, weight, bias):  # mean/std are constants in the output path
@@ -77,8 +123,8 @@ def test_gradcheck(std_param):
 
 
 def test_stop_gradients_both_ways():
-    layer = make_layer((8, 3, 5), nll="explicit")
-    x = torch.randn(8, 3, 5, dtype=torch.float64, requires_grad=True)
+    v = Variant((8, 3, 5), nll="explicit")
+    layer, x = v.layer(), v.input()
     y = layer(x)
     g_mean, g_std = torch.autograd.grad(y.square().sum(), [layer.mean, layer.raw_std], allow_unused=True)
     assert g_mean is None and g_std is None  # the task loss never reaches the statistics
@@ -87,34 +133,17 @@ def test_stop_gradients_both_ways():
 
 
 def test_implicit_equals_explicit_with_weight_one():
-    x = torch.randn(6, 3, 4, 4, dtype=torch.float64, requires_grad=True)
-    out = []
-    for nll in ("implicit", "explicit"):
-        layer = make_layer(x.shape, nll=nll)
-        y = layer(x)
-        loss = y.tanh().sum() + (bl.nll_loss(layer) if nll == "explicit" else 0)
-        out.append(grads(layer, x, loss))
-    for a, b in zip(*out, strict=True):
-        torch.testing.assert_close(a, b)
+    implicit, explicit = variants(base=Variant((6, 3, 4, 4)), nll=NLL_MODES)
+    x = implicit.input()
+    torch.testing.assert_close(step(implicit.layer(), x)[1], step(explicit.layer(), x)[1])
 
 
-@pytest.mark.parametrize("nll", ["implicit", "explicit"])
-def test_batch_output_equals_per_instance_outputs(nll):
-    layer = make_layer((5, 3, 4, 4), nll=nll)
-    x = torch.randn(5, 3, 4, 4, dtype=torch.float64)
-    together = layer(x)
-    alone = torch.cat([layer(x[i : i + 1]) for i in range(5)])
-    torch.testing.assert_close(together, alone, rtol=0, atol=1e-12)
-    layer.eval()
-    torch.testing.assert_close(layer(x), together, rtol=0, atol=1e-12)  # train and eval: the same formula
-
-
-@pytest.mark.parametrize("nll", ["implicit", "explicit"])
+@pytest.mark.parametrize("nll", NLL_MODES)
 @pytest.mark.parametrize("sizes", [[1] * 6, [2, 2, 2], [4, 1, 1]])
 def test_accumulated_micro_batches_equal_full_batch(nll, sizes):
-    x = torch.randn(6, 3, 5, dtype=torch.float64)
-    target = torch.randn(6, 3, 5, dtype=torch.float64)
-    full_layer, micro_layer = make_layer(x.shape, nll=nll), make_layer(x.shape, nll=nll)
+    v = Variant((6, 3, 5), nll=nll)
+    x, target = v.input(requires_grad=False), v.input(seed=2, requires_grad=False)
+    full_layer, micro_layer = v.layer(), v.layer()
 
     def loss_of(layer, xb, tb, w):
         with bl.nll_weight(w):
@@ -128,20 +157,20 @@ def test_accumulated_micro_batches_equal_full_batch(nll, sizes):
         torch.testing.assert_close(p_micro.grad, p_full.grad, rtol=1e-10, atol=1e-12)
 
 
-def test_implicit_accumulation_without_weight_counts_each_forward_once():
-    # Documented behaviour: without nll_weight each micro-batch forward adds a full weight-1 NLL gradient,
-    # so k equal micro-batches give k times the full batch's NLL gradient.
-    x = torch.randn(8, 3, dtype=torch.float64)
-    full, micro = make_layer(x.shape), make_layer(x.shape)
+def test_implicit_accumulation_without_weight_counts_each_forward_once(route):
+    # Documented: without nll_weight each micro-batch forward adds a full weight-1 NLL gradient, so
+    # k equal micro-batches give k times the full batch's NLL gradient.
+    v = Variant((8, 3), dtype=torch.float32)
+    x, full, micro = v.input(requires_grad=False), v.layer(), v.layer()
     (full(x) * 0).sum().backward()
     for xb in x.chunk(4):
         (micro(xb) * 0).sum().backward()
     torch.testing.assert_close(micro.mean.grad, 4 * full.mean.grad)
 
 
-@pytest.mark.parametrize("std_param", ["log", "abs", "inv"])
-@pytest.mark.parametrize("nll", ["implicit", "explicit"])
-def test_statistics_converge_at_batch_size_one(std_param, nll):
+@pytest.mark.parametrize("std_param", STD_PARAMS)
+@pytest.mark.parametrize("nll", NLL_MODES)
+def test_statistics_converge_at_batch_size_one(std_param, nll, route):
     torch.manual_seed(0)
     true_mean = torch.tensor([-3.0, 0.5, 4.0])
     true_std = torch.tensor([0.5, 2.0, 6.0])
@@ -152,7 +181,7 @@ def test_statistics_converge_at_batch_size_one(std_param, nll):
         x = true_mean + true_std * torch.randn(1, 3)
         opt.zero_grad()
         y = layer(x)
-        loss = y.sum() * 0.0 if nll == "implicit" else bl.nll_loss(layer)  # no task: only the NLL trains
+        loss = y.sum() * 0.0 if nll == "implicit" else bl.nll_loss(layer)  # only the NLL trains
         loss.backward()
         opt.step()
         sched.step()
@@ -160,7 +189,7 @@ def test_statistics_converge_at_batch_size_one(std_param, nll):
     torch.testing.assert_close(layer.std.detach(), true_std, rtol=0.12, atol=0)
 
 
-def test_gauged_nll_is_zero_on_matched_data_and_positive_otherwise():
+def test_gauged_nll_is_zero_on_matched_data_and_positive_otherwise(route):
     torch.manual_seed(0)
     layer = bl.BatchlessNorm2d(4, nll="explicit")
     with torch.no_grad():
@@ -173,7 +202,7 @@ def test_gauged_nll_is_zero_on_matched_data_and_positive_otherwise():
     assert bl.nll_loss(layer).item() > 0.1
 
 
-def test_nll_keeps_no_activation_alive():
+def test_nll_keeps_no_activation_alive(route):
     layer = bl.BatchlessNorm2d(3, affine=False, nll="explicit")
     x = torch.randn(4, 3, 8, 8)
     ref = weakref.ref(x)
@@ -185,17 +214,16 @@ def test_nll_keeps_no_activation_alive():
     assert layer.mean.grad is not None and layer.raw_std.grad is not None
 
 
-def test_eval_records_no_nll_and_trains_nothing():
-    layer = make_layer((4, 3, 5))
-    layer.eval()
-    x = torch.randn(4, 3, 5, dtype=torch.float64, requires_grad=True)
+def test_eval_records_no_nll_and_trains_nothing(route):
+    v = Variant((4, 3, 5), dtype=torch.float32)
+    layer, x = v.layer().eval(), v.input()
     layer(x).sum().backward()
     assert layer.mean.grad is None and layer.raw_std.grad is None
     assert layer.weight.grad is not None and x.grad is not None
     assert bl.nll_loss(layer).item() == 0.0
 
 
-@pytest.mark.parametrize("std_param", ["log", "abs", "inv"])
+@pytest.mark.parametrize("std_param", STD_PARAMS)
 def test_init_values_and_parameter_set(std_param):
     layer = bl.BatchlessNorm2d(5, std_param=std_param, init_mean=2.0, init_std=3.0)
     torch.testing.assert_close(layer.mean.detach(), torch.full((5,), 2.0))
@@ -208,12 +236,12 @@ def test_init_values_and_parameter_set(std_param):
 
 
 def test_round_trips_state_dict_deepcopy_pickle():
-    layer = make_layer((4, 3, 5), std_param="inv", nll="explicit", shared=True)
-    x = torch.randn(4, 3, 5, dtype=torch.float64)
+    v = Variant((4, 3, 5), std_param="inv", nll="explicit", shared=True)
+    layer, x = v.layer(), v.input(requires_grad=False)
     layer(x)  # a recorded NLL with an autograd graph must not break copying
     layer.eval()
     want = layer(x)
-    clone = make_layer((4, 3, 5), std_param="inv", nll="explicit", shared=True, seed=1)
+    clone = v.layer(seed=1)
     clone.load_state_dict(layer.state_dict())
     buf = io.BytesIO()
     torch.save(layer, buf)
@@ -222,7 +250,8 @@ def test_round_trips_state_dict_deepcopy_pickle():
                   torch.load(buf, weights_only=False)):
         other.eval()
         torch.testing.assert_close(other(x), want, rtol=0, atol=0)
-    assert "raw_std" in layer.state_dict() and len(layer.state_dict()) == 4
+    assert list(layer.state_dict()) == ["mean", "raw_std", "weight", "bias"]
+    assert layer.state_dict()._metadata[""]["version"] == type(layer)._version == 1
 
 
 def test_loading_a_batchnorm_checkpoint_points_to_convert():
@@ -230,10 +259,7 @@ def test_loading_a_batchnorm_checkpoint_points_to_convert():
         bl.BatchlessNorm2d(4).load_state_dict(torch.nn.BatchNorm2d(4).state_dict())
 
 
-def test_explicit_mode_warns_when_nll_is_never_collected(monkeypatch):
-    import batchless.modules as modules
-
-    monkeypatch.setattr(modules, "_warned_unused", False)
+def test_explicit_mode_warns_when_nll_is_never_collected(route):
     layer = bl.BatchlessNorm1d(3, nll="explicit")
     x = torch.randn(4, 3)
     layer(x)
@@ -244,7 +270,7 @@ def test_explicit_mode_warns_when_nll_is_never_collected(monkeypatch):
 
 
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
-def test_autocast_statistics_in_float32_output_in_input_dtype(dtype):
+def test_autocast_statistics_in_float32_output_in_input_dtype(dtype, route):
     torch.manual_seed(0)
     model = torch.nn.Sequential(torch.nn.Linear(8, 6), bl.BatchlessNorm1d(6, nll="explicit"))
     x = torch.randn(16, 8) * 5 + 3
@@ -253,17 +279,17 @@ def test_autocast_statistics_in_float32_output_in_input_dtype(dtype):
     assert y.dtype == dtype
     nll = bl.nll_loss(model)
     assert nll.dtype == torch.float32
-    h = model[0](x).detach()  # float32 reference for the statistics
     ref_layer = copy.deepcopy(model[1])
-    ref_layer(h)
+    ref_layer(model[0](x).detach())  # float32 reference for the statistics
     torch.testing.assert_close(nll, bl.nll_loss(ref_layer), rtol=0.02, atol=0.02)
     (y.float().sum() + nll).backward()
     assert model[1].mean.grad.dtype == torch.float32 and torch.isfinite(model[1].mean.grad).all()
 
 
-def test_grad_scaler_with_nll_weight_learns_like_unscaled():
-    x = torch.randn(16, 3, dtype=torch.float64) * 3 + 1
-    reference, scaled = make_layer(x.shape), make_layer(x.shape)
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
+def test_grad_scaler_with_nll_weight_learns_like_unscaled(dtype, route):
+    v = Variant((16, 3), dtype=dtype)
+    x, reference, scaled = v.input(requires_grad=False), v.layer(), v.layer()
     reference(x).sum().backward()
     scaler = torch.amp.GradScaler("cpu", init_scale=2.0**14)
     opt = torch.optim.SGD(scaled.parameters(), lr=0.0)
@@ -275,7 +301,7 @@ def test_grad_scaler_with_nll_weight_learns_like_unscaled():
         torch.testing.assert_close(a.grad, b.grad)
 
 
-def test_grad_scaler_training_converges():
+def test_grad_scaler_training_converges(route):
     # Plain SGD: its steps scale with the gradient, so an NLL gradient left unscaled by the scaler
     # (divided by 2**16 in unscale_) would leave the statistics where they started.
     torch.manual_seed(0)
@@ -296,7 +322,7 @@ def test_grad_scaler_training_converges():
     torch.testing.assert_close(layer.std.detach(), torch.tensor([2.0, 0.3]), rtol=0.15, atol=0)
 
 
-def test_torch_compile_matches_eager():
+def test_torch_compile_matches_eager(route):
     torch.manual_seed(0)
     model = torch.nn.Sequential(torch.nn.Conv2d(3, 4, 3), bl.BatchlessNorm2d(4), torch.nn.ReLU(),
                                 torch.nn.Flatten(), torch.nn.Linear(4 * 6 * 6, 2), bl.BatchlessNorm1d(2))
@@ -312,68 +338,101 @@ def test_torch_compile_matches_eager():
 
 
 @settings(max_examples=40, deadline=None)
-@given(
-    n=st.integers(0, 4),
-    c=st.integers(1, 4),
-    spatial=st.lists(st.integers(1, 4), min_size=0, max_size=3),
-    std_param=st.sampled_from(["log", "abs", "inv"]),
-    nll=st.sampled_from(["implicit", "explicit"]),
-    affine=st.booleans(),
-    shared=st.booleans(),
-)
-def test_any_shape_matches_naive(n, c, spatial, std_param, nll, affine, shared):
-    shape = (n, c, *spatial)
-    layer = make_layer(shape, std_param, nll, shared, affine)
-    x = torch.randn(shape, dtype=torch.float64, requires_grad=True)
-    y = layer(x)
+@given(n=st.integers(0, 4), c=st.integers(1, 4), spatial=st.lists(st.integers(1, 4), max_size=3),
+       std_param=st.sampled_from(STD_PARAMS), nll=st.sampled_from(NLL_MODES), affine=st.booleans(),
+       shared=st.booleans())
+def test_any_shape_matches_the_reference(n, c, spatial, std_param, nll, affine, shared):
+    v = Variant((n, c, *spatial), std_param, nll, shared, affine)
+    layer, x = v.layer(), v.input()
+    y, got = step(layer, x)
+    y_ref, nll_ref, want = reference_step(layer, x)
     assert y.shape == x.shape
-    y_ref, nll_ref = naive_forward(x, layer.mean, layer.raw_std, layer.weight, layer.bias, std_param, layer.eps)
     torch.testing.assert_close(y, y_ref)
     if n == 0:
         assert abs(bl.nll_loss(layer).item()) < 1e-12  # an empty batch is no evidence
     else:
         torch.testing.assert_close(bl.nll_loss(layer), nll_ref.detach())
-    loss = y.sum() + (bl.nll_loss(layer) if nll == "explicit" else 0)
-    loss.backward()
-    # every gradient: the naive formula's, with the NLL at weight 1 in both modes (none for an empty batch)
-    params = [p for p in (layer.mean, layer.raw_std, layer.weight, layer.bias) if p is not None]
-    leaves = [t.detach().clone().requires_grad_() for t in (x, *params)]
-    y_ref, nll_ref = naive_forward(*leaves[:3], *(leaves[3:] if affine else (None, None)), std_param, layer.eps)
-    (y_ref.sum() + (nll_ref if n else 0)).backward()
-    for got, want in zip((x, *params), leaves, strict=True):
-        want = torch.zeros_like(want) if want.grad is None else want.grad
-        torch.testing.assert_close(torch.zeros_like(want) if got.grad is None else got.grad, want)
+    assert_all_close(got, want, torch.float64)
 
 
-def float32_and_float64(cls, x, mean, std):
-    """The layer in float32 and in float64 at ``mean``/``std``, after one explicit NLL backward on ``x``."""
+def float32_and_float64(x, mean, std):
+    """The layer in float32 and in float64 at ``mean``/``std``, after one explicit NLL backward."""
     layers = []
     for dtype in (torch.float32, torch.float64):
-        layer = cls(x.shape[1], nll="explicit", dtype=dtype)
+        v = Variant(tuple(x.shape), nll="explicit", dtype=dtype)
+        layer = v.layer()
         with torch.no_grad():
             layer.mean.fill_(mean)
-            layer.set_std(torch.full((x.shape[1],), std, dtype=dtype))
+            layer.set_std(torch.full_like(layer.mean, std))
         layer(x.to(dtype))
         bl.nll_loss(layer).backward()
         layers.append(layer)
     return layers
 
 
-def test_nll_precise_for_a_large_badly_centred_channels_last_input():
-    """2^19 elements per channel at 1000 +- 0.1: float32 sums of the raw input lose the mean by ~40 standard
-    deviations (the CPU statistics kernel did, on the eager path)."""
+def test_nll_precise_for_a_large_badly_centred_channels_last_input(route):
+    """2^19 elements per channel at 1000 +- 0.1: float32 sums of the raw input lose the mean by ~40
+    standard deviations (ATen's statistics kernel did, on the eager route)."""
     torch.manual_seed(0)
     x = (torch.randn(32, 2, 128, 128) * 0.1 + 1000).contiguous(memory_format=torch.channels_last)
-    f32, f64 = float32_and_float64(bl.BatchlessNorm2d, x, 1000.02, 0.1)
+    f32, f64 = float32_and_float64(x, 1000.02, 0.1)
     torch.testing.assert_close(f32.mean.grad.double(), f64.mean.grad, rtol=1e-3, atol=1e-6)
     torch.testing.assert_close(f32.raw_std.grad.double(), f64.raw_std.grad, rtol=1e-3, atol=1e-4)
 
 
 @pytest.mark.parametrize("shape", [(256, 4), (16, 4, 32), (8, 4, 16, 16), (8, 4, 32, 32)])
-def test_nll_precise_for_badly_scaled_float32_input(shape):
+def test_nll_precise_for_badly_scaled_float32_input(shape, route):
     torch.manual_seed(0)
     x = torch.randn(shape) * 100 + 1000
-    f32, f64 = float32_and_float64(LAYERS[max(len(shape) - 2, 1)], x, 990.0, 90.0)
+    f32, f64 = float32_and_float64(x, 990.0, 90.0)
     torch.testing.assert_close(bl.nll_loss(f32).double(), bl.nll_loss(f64), rtol=1e-4, atol=1e-5)
     torch.testing.assert_close(f32.mean.grad.double(), f64.mean.grad, rtol=1e-4, atol=1e-7)
     torch.testing.assert_close(f32.raw_std.grad.double(), f64.raw_std.grad, rtol=1e-4, atol=1e-5)
+
+
+@contextlib.contextmanager
+def nested_weights(*weights):
+    with contextlib.ExitStack() as stack:
+        for w in weights:
+            stack.enter_context(bl.nll_weight(w))
+        yield
+
+
+@pytest.mark.parametrize("v", variants(base=Variant((4, 6, 5, 5), route="native"), nll=NLL_MODES,
+                                       dtype=[torch.float32, torch.bfloat16], shared=[False, True]),
+                         ids=str)
+def test_native_route_agrees_with_eager(v):
+    """The native node (nested NLL weights, an input without gradient, bfloat16 parameters) gives
+    the eager route's gradients, in the parameters' dtypes."""
+    cases = [(v.layer(), v.input(), lambda: nested_weights(0.5, 0.25)),
+             (v.layer(), v.input(requires_grad=False), contextlib.nullcontext)]
+    if v.dtype == torch.bfloat16:
+        cases.append((v.layer().to(torch.bfloat16), v.input(), contextlib.nullcontext))
+    for layer, x, block in cases:
+        g = torch.linspace(-1, 1, x.numel()).view_as(x).to(x.dtype)
+        results = []
+        for route in ("native", "eager"):
+            with forced(route), block():
+                results.append(step(layer, x, g)[1])
+        for name, got in results[0].items():
+            assert got.dtype == results[1][name].dtype
+            assert_close(got, results[1][name], v.dtype, msg=name)
+
+
+def test_a_layer_takes_weight_or_bias_alone(cpu_kernels):
+    torch.manual_seed(0)
+    x = torch.randn(8, 5, 3, requires_grad=True)
+    mean, std, p = (torch.rand(5, requires_grad=True) + 0.5 for _ in range(3))
+    for args in ((p, None), (None, p)):
+        results = []
+        for route in ("native", "eager"):
+            with forced(route):
+                y = bl.functional.train_forward(x, mean, std, *args, 1.0).y
+                results.append(torch.autograd.grad((y * y).sum(), [x, mean, std, p]))
+        for a, b in zip(*results, strict=True):
+            torch.testing.assert_close(a, b)
+
+
+def test_named_results():
+    out = bl.functional.train_forward(torch.randn(4, 3), torch.zeros(3), torch.ones(3), None, None, 1.0)
+    assert out._fields == ("y", "a", "b", "finite") and out.y.shape == (4, 3)

@@ -1,5 +1,7 @@
-"""Every ```python block of the README runs as written."""
+"""The documentation runs: every ```python block of the README, every docstring example."""
 
+import doctest
+import importlib
 import pathlib
 import re
 
@@ -37,3 +39,14 @@ def test_readme_migrate_init_fold_does_what_it_says():
         y = ns["fresh"][1](ns["fresh"][0](torch.cat(ns["batches"])))
     assert y.mean().abs() < 1e-3 and (y.std() - 1).abs() < 1e-2
     assert isinstance(ns["deployable"][1], nn.Identity) and isinstance(ns["exportable"][1], nn.BatchNorm2d)
+
+
+PUBLIC_MODULES = ["batchless", "batchless.accumulate", "batchless.convert", "batchless.fold",
+                  "batchless.functional", "batchless.fused", "batchless.init", "batchless.loss",
+                  "batchless.modules", "batchless.weighting"]
+
+
+@pytest.mark.parametrize("module", PUBLIC_MODULES)
+def test_docstring_examples_run(module):
+    result = doctest.testmod(importlib.import_module(module))
+    assert result.failed == 0 and result.attempted > 0

@@ -1,90 +1,25 @@
-"""Ecosystem fit: dtypes, memory formats, compilers, exporters, per-sample gradients, bad data, checkpoints."""
+"""Ecosystem fit: compilers, exporters, torch.func, inference mode, bad data, argument checks.
+
+(Dtypes and memory layouts on every route: the property table, test_layer.py.)"""
 
 import copy
 import warnings
 
 import pytest
 import torch
-from hypothesis import given, settings
+from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 import batchless as bl
 import batchless.functional as BF
-from reference import naive_forward
+from batchless._state import STATE
+from variants import CLASSES, NLL_MODES, STD_PARAMS
 
 
 def conv_model(norm=bl.BatchlessNorm2d):
     torch.manual_seed(0)
     return torch.nn.Sequential(torch.nn.Conv2d(3, 4, 3, padding=1), norm(4), torch.nn.ReLU(),
                                torch.nn.Flatten(), torch.nn.Linear(4 * 6 * 6, 3), bl.BatchlessNorm1d(3))
-
-
-@pytest.mark.parametrize("dtype", [torch.float32, torch.float64, torch.bfloat16])
-@pytest.mark.parametrize("training", [True, False])
-def test_layer_in_any_float_dtype(dtype, training):
-    """The whole layer in one dtype: output and every gradient are the float64 formula's, up to the dtype."""
-    torch.manual_seed(0)
-    layer = bl.BatchlessNorm2d(4, nll="explicit")
-    with torch.no_grad():  # away from the defaults (there the layer is the identity)
-        layer.mean.uniform_(-1, 1), layer.weight.uniform_(0.5, 2), layer.bias.uniform_(-1, 1)
-        layer.set_std(torch.rand(4) + 0.5)
-    ref = [p.detach().double().requires_grad_() for p in (layer.mean, layer.raw_std, layer.weight, layer.bias)]
-    layer = layer.to(dtype).train(training)
-    x = (torch.randn(3, 4, 5, 5) * 3 + 1).to(dtype).requires_grad_()
-    y = layer(x)
-    assert y.dtype == dtype
-    (y.float().sum() + bl.nll_loss(layer)).backward()
-    x_ref = x.detach().double().requires_grad_()
-    y_ref, nll_ref = naive_forward(x_ref, *ref, "log", layer.eps)
-    (y_ref.sum() + (nll_ref if training else 0)).backward()
-    tol = {torch.bfloat16: 3e-2, torch.float32: 1e-5}.get(dtype, 1e-7)
-    torch.testing.assert_close(y.double(), y_ref, rtol=tol, atol=tol)
-    assert x.grad.dtype == dtype
-    for got, want in zip((x, layer.mean, layer.raw_std, layer.weight, layer.bias), (x_ref, *ref), strict=True):
-        want = torch.zeros_like(want) if want.grad is None else want.grad
-        got = torch.zeros_like(want) if got.grad is None else got.grad.double()
-        torch.testing.assert_close(got, want, rtol=tol, atol=tol * want.abs().max().item())
-
-
-@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
-@pytest.mark.parametrize("shape", [(3, 4, 5, 5), (16, 4)])
-def test_low_precision_activation_gradients_match_float64(dtype, shape):
-    """Mixed precision (low-precision activations, float32 parameters): every gradient is the float64
-    one up to the activation dtype's rounding (the input gradient: <= 2**-8 relative, as documented)."""
-    torch.manual_seed(0)
-    layer = bl.BatchlessNorm2d(4) if len(shape) == 4 else bl.BatchlessNorm1d(4)
-    with torch.no_grad():
-        layer.mean.uniform_(-1, 1), layer.weight.uniform_(0.5, 2), layer.bias.uniform_(-1, 1)
-        layer.set_std(torch.rand(4) + 0.5)
-    x = (torch.randn(shape) * 2 + 1).to(dtype).requires_grad_()
-    g = torch.randn(shape).to(dtype)
-    got = torch.autograd.grad(layer(x), [x, *layer.parameters()], g)
-    inputs = [x.detach().double().requires_grad_()] + [p.detach().double().requires_grad_() for p in layer.parameters()]
-    y, nll = naive_forward(*inputs, "log", layer.eps)
-    want = torch.autograd.grad((y * g.double()).sum() + nll, inputs)
-    for name, a, b in zip(["x", "mean", "raw_std", "weight", "bias"], got, want, strict=True):
-        assert a.dtype == (dtype if name == "x" else torch.float32), name
-        torch.testing.assert_close(a.double(), b, rtol=2**-7, atol=2**-7 * b.abs().max().item(), msg=name)
-
-
-@pytest.mark.parametrize("layer_cls, shape, fmt", [
-    (bl.BatchlessNorm2d, (2, 5, 4, 3), torch.channels_last),
-    (bl.BatchlessNorm3d, (2, 5, 3, 4, 3), torch.channels_last_3d),
-])
-def test_channels_last_preserved_and_equal(layer_cls, shape, fmt):
-    torch.manual_seed(0)
-    x = torch.randn(shape, dtype=torch.float64) * 2 + 1
-    dense, strided = (layer_cls(5, nll="explicit", dtype=torch.float64) for _ in range(2))
-    with torch.no_grad():
-        for layer in (dense, strided):
-            layer.mean.fill_(0.3)
-    xs = x.contiguous(memory_format=fmt).requires_grad_()
-    y = strided(xs)
-    assert y.is_contiguous(memory_format=fmt)
-    torch.testing.assert_close(y, dense(x))
-    torch.testing.assert_close(bl.nll_loss(strided), bl.nll_loss(dense))
-    (y.sum() + bl.nll_loss(strided)).backward()
-    assert xs.grad.is_contiguous(memory_format=fmt)
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="no CUDA device")
@@ -143,7 +78,7 @@ def test_onnx_export_of_folded_model(tmp_path):
     torch.testing.assert_close(torch.from_numpy(got), model(x), rtol=1e-5, atol=1e-5)
 
 
-@pytest.mark.parametrize("nll", ["implicit", "explicit"])
+@pytest.mark.parametrize("nll", NLL_MODES)
 def test_vmap_per_sample_gradients(nll):
     """The layer is per-instance, so per-sample gradients (what DP-SGD needs) work; BatchNorm's do not."""
     torch.manual_seed(0)
@@ -165,12 +100,10 @@ def test_vmap_per_sample_gradients(nll):
 
 
 @pytest.mark.filterwarnings("ignore:There is a performance drop")
-def test_vmap_model_ensemble_matches_separate_models(monkeypatch):
-    """torch.func ensembling (parameters stacked, vmapped): gradients equal the separate models', and a plain
-    call afterwards still works (nothing batched is kept across calls, even when the vmapped call is first)."""
-    import batchless.functional as BF
-
-    monkeypatch.setattr(BF, "_ONES", {})
+def test_vmap_model_ensemble_matches_separate_models(route):
+    """torch.func ensembling (parameters stacked, vmapped): gradients equal the separate models', and
+    a plain call afterwards still works (nothing batched is kept across calls, even when the vmapped
+    call is first)."""
     torch.manual_seed(0)
     models = [conv_model() for _ in range(3)]
     for m in models[1:]:
@@ -190,11 +123,11 @@ def test_vmap_model_ensemble_matches_separate_models(monkeypatch):
         m(x).square().mean().backward()
         for name, p in m.named_parameters():
             torch.testing.assert_close(grads[name][i], p.grad, msg=name)
-    assert not any(torch._C._functorch.is_functorch_wrapped_tensor(t) for t in BF._ONES.values())
+    assert not any(torch._C._functorch.is_functorch_wrapped_tensor(t) for t in STATE.ones.values())
 
 
 @pytest.mark.parametrize("training", [True, False])
-def test_torch_func_with_the_layer_first(training):
+def test_torch_func_with_the_layer_first(training, route):
     """A plain input and transformed parameters (functional_call under grad; an ensemble sharing the input):
     only the parameters are functorch tensors, so the layer must notice the transform from them."""
     torch.manual_seed(0)
@@ -211,7 +144,7 @@ def test_torch_func_with_the_layer_first(training):
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
-def test_inference_mode_then_training_with_gradients(dtype):
+def test_inference_mode_then_training_with_gradients(dtype, route):
     layer = bl.BatchlessNorm2d(3, init_std=2.0, dtype=dtype).eval()
     with torch.inference_mode():
         layer(torch.randn(2, 3, 4, 4, dtype=dtype))
@@ -222,9 +155,10 @@ def test_inference_mode_then_training_with_gradients(dtype):
 
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
 @pytest.mark.parametrize("shape", [(256, 4), (16, 4, 8, 8)])
-def test_half_precision_statistics_are_not_rounded(dtype, shape):
-    """At 100 +- 1, a mean rounded to bfloat16 is off by up to 0.4 standard deviations: the NLL gradient of the
-    learned mean must not inherit that (the eager path subtracted the mean after the rounding)."""
+def test_half_precision_statistics_are_not_rounded(dtype, shape, route):
+    """At 100 +- 1, a mean rounded to bfloat16 is off by up to 0.4 standard deviations: the NLL
+    gradient of the learned mean must not inherit that (the eager route subtracted the mean after
+    the rounding)."""
     torch.manual_seed(0)
     x = (torch.randn(shape) + 100).to(dtype)
     grads = []
@@ -237,20 +171,21 @@ def test_half_precision_statistics_are_not_rounded(dtype, shape):
     torch.testing.assert_close(grads[0], grads[1], rtol=0, atol=1e-5)
 
 
-def test_functional_api_takes_shared_statistics_as_0_dim_tensors():
+def test_functional_api_takes_shared_statistics_as_0_dim_tensors(route):
     x = torch.randn(3, 4, 5)
     with torch.no_grad():
-        torch.testing.assert_close(BF.eval_forward(x, torch.tensor(0.5), torch.tensor(2.0), None, None), (x - 0.5) / 2)
+        y = BF.eval_forward(x, torch.tensor(0.5), torch.tensor(2.0), None, None)
+    torch.testing.assert_close(y, (x - 0.5) / 2)
     mean, std = torch.tensor(0.5, requires_grad=True), torch.tensor(2.0, requires_grad=True)
-    y, *_ = BF.train_forward(x, mean, std, None, None, 1.0)
+    y = BF.train_forward(x, mean, std, None, None, 1.0).y
     torch.testing.assert_close(y, (x - 0.5) / 2)
     y.sum().backward()  # the implicit NLL gradient, in the statistics' own (0-dim) shape
     assert mean.grad.shape == std.grad.shape == ()
 
 
-def test_explicit_mode_records_no_graph_when_only_the_statistics_train():
-    """Frozen weight and bias, an input without gradient: the output has no gradient to give (the NLL goes
-    through nll_loss), so nothing after the layer records a graph."""
+def test_explicit_mode_records_no_graph_when_only_the_statistics_train(route):
+    """Frozen weight and bias, an input without gradient: the output has no gradient to give (the
+    NLL goes through nll_loss), so nothing after the layer records a graph."""
     layer = bl.BatchlessNorm2d(3, nll="explicit")
     layer.weight.requires_grad_(False), layer.bias.requires_grad_(False)
     assert not layer(torch.randn(2, 3, 4, 4)).requires_grad
@@ -265,8 +200,9 @@ def test_scalar_tensor_initial_statistics():
 
 @pytest.mark.parametrize(("bad_mean", "message"), [(torch.zeros(2), "must match the existing size"),
                                                     (torch.zeros(4, device="meta"), "device")])
-def test_functional_api_refuses_statistics_of_the_wrong_size_or_device(bad_mean, message):
-    """The native kernels read the (C,) vectors directly: any other size or device must not get there."""
+def test_functional_api_refuses_statistics_of_the_wrong_size_or_device(bad_mean, message, route):
+    """The native kernels read the (C,) vectors directly: any other size or device must not get
+    there."""
     x = torch.randn(3, 4)
     with pytest.raises(RuntimeError, match=message):
         BF.train_forward(x, bad_mean, torch.ones(bad_mean.shape, device=bad_mean.device), None, None, 1.0)
@@ -274,9 +210,10 @@ def test_functional_api_refuses_statistics_of_the_wrong_size_or_device(bad_mean,
         BF.eval_forward(x, bad_mean, torch.ones(bad_mean.shape, device=bad_mean.device), None, None)
 
 
-@pytest.mark.parametrize("nll", ["implicit", "explicit"])
+@pytest.mark.filterwarnings("ignore:a BatchlessNorm layer")
+@pytest.mark.parametrize("nll", NLL_MODES)
 @pytest.mark.parametrize("bad", [float("nan"), float("inf")])
-def test_non_finite_batch_keeps_statistics(nll, bad, monkeypatch):
+def test_non_finite_batch_keeps_statistics(nll, bad, route):
     layer = bl.BatchlessNorm1d(3, nll=nll)
     x = torch.randn(8, 3)
     x[2, 1] = bad
@@ -296,20 +233,21 @@ def test_non_finite_batch_keeps_statistics(nll, bad, monkeypatch):
     assert layer.nonfinite_batches == 2
 
 
-@settings(max_examples=30, deadline=None)
+@settings(max_examples=30, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
 @given(
     n=st.integers(1, 3),
     spatial=st.lists(st.integers(1, 3), min_size=0, max_size=3),
-    std_param=st.sampled_from(["log", "abs", "inv"]),
+    std_param=st.sampled_from(STD_PARAMS),
     affine=st.booleans(),
     init_mean=st.floats(-100, 100),
     init_std=st.floats(1e-3, 1e3),
     scale=st.floats(1e-3, 1e3),
     dtype=st.sampled_from([torch.float32, torch.float64]),
 )
-def test_properties(n, spatial, std_param, affine, init_mean, init_std, scale, dtype):
-    cls = {0: bl.BatchlessNorm1d, 1: bl.BatchlessNorm1d, 2: bl.BatchlessNorm2d, 3: bl.BatchlessNorm3d}[len(spatial)]
-    layer = cls(2, std_param=std_param, affine=affine, init_mean=init_mean, init_std=init_std, dtype=dtype)
+def test_properties(n, spatial, std_param, affine, init_mean, init_std, scale, dtype, route):
+    cls = CLASSES[len(spatial) + 2]
+    layer = cls(2, std_param=std_param, affine=affine, init_mean=init_mean, init_std=init_std,
+                dtype=dtype)
     x = (torch.randn(n, 2, *spatial, dtype=dtype) * scale).requires_grad_()
     y = layer(x)
     y.sum().backward()
@@ -321,12 +259,6 @@ def test_properties(n, spatial, std_param, affine, init_mean, init_std, scale, d
     clone.load_state_dict(layer.state_dict())
     clone.eval()
     torch.testing.assert_close(clone(x), y, rtol=1e-5, atol=1e-5)
-
-
-def test_state_dict_is_versioned():
-    layer = bl.BatchlessNorm2d(3)
-    metadata = layer.state_dict()._metadata[""]
-    assert metadata["version"] == type(layer)._version == 1
 
 
 @pytest.mark.parametrize("make, match", [

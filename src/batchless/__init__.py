@@ -2,6 +2,14 @@
 
 A drop-in replacement for ``nn.BatchNorm*d`` whose statistics are learned parameters, trained by the
 negative log likelihood of the layer's inputs, so that instances can be processed one at a time.
+
+Example::
+
+    >>> import torch, batchless as bl
+    >>> model = torch.nn.Sequential(torch.nn.Conv2d(3, 8, 3), bl.BatchlessNorm2d(8))
+    >>> model(torch.randn(1, 3, 8, 8)).sum().backward()  # mean/std get their NLL gradient too
+    >>> model[1].mean.grad.shape
+    torch.Size([8])
 """
 
 from .accumulate import accumulate

@@ -1,20 +1,22 @@
-// One-pass CPU kernels of batchless (see batchless/fused.py; built and loaded by batchless/_cpu_kernels.py).
+// One-pass CPU kernels of batchless: built and loaded by batchless/_cpu_kernels.py, chosen by the
+// router in batchless/fused.py. The maths is batchless/functional.py's; the tests compare the two.
 //
-// forward:  y = x * scale + shift and the per-channel moments a = mean(x_hat), b = mean(x_hat^2) of
-//           x_hat = (x - mean) * inv, in one read of x (BatchNorm reads it twice: statistics, then output).
-// backward: gx = gy * scale, gweight = sum(gy * x_hat), gbias = sum(gy), in one read of gy and x.
-// eval:     y = x * scale + shift alone.
-// train:    forward and backward (with the NLL gradients of mean and std, and sigma's parametrization) as
-//           one autograd node.
-// Inputs are float32 or bfloat16 (computed in float32), in one of two layouts: contiguous (N, C, L) or
-// "rows" (M, C) with the channel fastest (2-D inputs, channels-last). Sums go through float32 partial sums
-// of at most a few thousand terms, then float64. Anything else: an empty result, and the caller takes the
-// eager path.
+// train:    the training step as one autograd node. Forward: y = x * scale + shift and the
+//           per-channel moments a = mean(x_hat), b = mean(x_hat^2) of x_hat = (x - mean) * inv,
+//           in one read of x. Backward: gx = gy * scale, gweight = sum(gy * x_hat) and
+//           gbias = sum(gy) in one read of gy and x; the NLL gradients of mean and of sigma's
+//           parameter.
+// eval:     y = x * scale + shift alone, without autograd.
+// supports: whether the kernels read these tensors; train and eval require it (the router asks).
+// Inputs are float32 or bfloat16 (computed in float32), in one of two layouts: contiguous (N, C, L)
+// or "rows" (M, C) with the channel fastest (2-D inputs, channels-last). Sums go through float32
+// partial sums of at most a few thousand terms, then float64.
 #include <torch/extension.h>
 #include <ATen/Parallel.h>
 
 #include <algorithm>
 #include <cstring>
+#include <string>
 #include <type_traits>
 #include <vector>
 
@@ -29,7 +31,8 @@ inline float load(c10::BFloat16 v) {
 }
 template <typename T> inline T store(float f);
 template <> inline float store<float>(float f) { return f; }
-template <> inline c10::BFloat16 store<c10::BFloat16>(float f) {  // round to nearest even, NaN stays NaN
+// Rounds to nearest even; NaN stays NaN.
+template <> inline c10::BFloat16 store<c10::BFloat16>(float f) {
   uint32_t u;
   std::memcpy(&u, &f, 4);
   uint32_t r = (u + 0x7FFFu + ((u >> 16) & 1u)) >> 16;
@@ -37,15 +40,15 @@ template <> inline c10::BFloat16 store<c10::BFloat16>(float f) {  // round to ne
   return c10::BFloat16(static_cast<uint16_t>(r), c10::BFloat16::from_bits());
 }
 
-constexpr int64_t kBlock = 1024;      // terms per float32 partial sum (about; see the two summing loops)
-constexpr int64_t kGrain = 1 << 15;   // elements per thread task, at least
+constexpr int64_t kBlock = 1024;     // terms per float32 partial sum (about: see the summing loops)
+constexpr int64_t kGrain = 1 << 15;  // elements per thread task, at least
 
 struct Layout {
   bool ok = false, rows = false;
   int64_t outer = 0, C = 0, inner = 1;  // (N, C, L) or (M, C, 1)
 };
 
-// (N, C, L) when contiguous with L > 1; (M, C) when dim 1 is the fastest and the others follow in order.
+// (N, C, L) when contiguous with L > 1; (M, C) when dim 1 is the fastest, the others in order.
 Layout layout_of(const at::Tensor& t) {
   Layout v;
   if (t.dim() < 2 || t.numel() == 0) return v;
@@ -78,8 +81,8 @@ inline void flush(float* s1, float* s2, int64_t n, double& d1, double& d2) {
 }
 
 // out = the sum over tasks of the (tasks, C) partial sums p.
-void add_tasks(const std::vector<double>& p1, const std::vector<double>& p2, int64_t tasks, int64_t C,
-               double* out1, double* out2) {
+void add_tasks(const std::vector<double>& p1, const std::vector<double>& p2, int64_t tasks,
+               int64_t C, double* out1, double* out2) {
   std::fill(out1, out1 + C, 0.0);
   std::fill(out2, out2 + C, 0.0);
   for (int64_t t = 0; t < tasks; ++t)
@@ -87,25 +90,27 @@ void add_tasks(const std::vector<double>& p1, const std::vector<double>& p2, int
 }
 
 // Rows shorter than this are summed elementwise, longer ones in registers: bfloat16 rows need more
-// elements to pay for the conversions and the horizontal sum ((32, 256, 8, 8) took 2.3x longer in registers).
+// elements to pay for the conversions and the horizontal sum.
 template <typename T>
 constexpr int64_t kShortRow = std::is_same<T, float>::value ? 32 : 256;
 
 // Two channel sums over a (N, C, L) layout. at_channel(c) gives the element function of channel c,
-// term(i, t1, t2), which handles element i and adds its two terms to t1, t2.
-// Rows of L >= short_row go in memory order, in tasks of consecutive rows (as many as threads, unless that
-// leaves less than kGrain elements to each), each row summed in registers, kBlock elements at a time, into
-// the task's float64 per-channel sums. (A task per range of channels, as short rows take, reads the input
-// in strided rows; in a training step, where the data streams from memory, that cost up to 2.5x.)
-// Short rows (4x4 maps in float32) would spend more on the horizontal sum than on the row, so they go a
-// channel at a time, summed elementwise into arrays of L accumulators (each holding at most
-// max(16, kBlock / L) terms before they go to float64).
+// term(i, t1, t2), which handles element i and adds its two terms to t1, t2. Rows of L >= short_row
+// go in memory order, in tasks of consecutive rows (as many as threads, unless that leaves less
+// than kGrain elements to each), each row summed in registers, kBlock elements at a time, into the
+// task's float64 per-channel sums (a task per range of channels would read strided rows, slower
+// where the data streams from memory: BENCHMARKS.md, "Loop order"). Short rows would spend more on
+// the horizontal sum than on the row, so they go a channel at a time, summed elementwise into
+// arrays of L accumulators (each holding at most max(16, kBlock / L) terms before they go to
+// float64).
 template <typename AtChannel>
-void channel_sums_ncl(const Layout& v, int64_t short_row, double* out1, double* out2, const AtChannel& at_channel) {
+void channel_sums_ncl(const Layout& v, int64_t short_row, double* out1, double* out2,
+                      const AtChannel& at_channel) {
   const int64_t C = v.C, L = v.inner, rows = v.outer * C;
   if (L < short_row) {
     const int64_t rows_per_flush = std::max<int64_t>(16, kBlock / L);
-    at::parallel_for(0, C, std::max<int64_t>(1, kGrain / (v.outer * L)), [&](int64_t c0, int64_t c1) {
+    const int64_t grain = std::max<int64_t>(1, kGrain / (v.outer * L));
+    at::parallel_for(0, C, grain, [&](int64_t c0, int64_t c1) {
       std::vector<float> s1(L), s2(L);
       float* a1 = s1.data();
       float* a2 = s2.data();
@@ -123,7 +128,8 @@ void channel_sums_ncl(const Layout& v, int64_t short_row, double* out1, double* 
     });
     return;
   }
-  const int64_t tasks = std::max<int64_t>(1, std::min<int64_t>(at::get_num_threads(), rows * L / kGrain));
+  const int64_t threads = at::get_num_threads();
+  const int64_t tasks = std::max<int64_t>(1, std::min<int64_t>(threads, rows * L / kGrain));
   const int64_t rows_per_task = (rows + tasks - 1) / tasks;
   std::vector<double> p1(tasks * C), p2(tasks * C);
   at::parallel_for(0, tasks, 1, [&](int64_t t0, int64_t t1) {
@@ -145,15 +151,15 @@ void channel_sums_ncl(const Layout& v, int64_t short_row, double* out1, double* 
   add_tasks(p1, p2, tasks, C, out1, out2);
 }
 
-// The same over a (M, C) layout, in tasks of consecutive rows (as many as threads, unless that leaves
-// less than kGrain elements to each); term(i, c, t1, t2) handles element i, of channel c. A task sums into
-// (C,) float accumulators, which go to its float64 ones every kBlock rows; the tasks' sums are added last.
-// Whole rows, in memory order: with blocks of channels (to keep the accumulators in L1) the strided reads
-// made wide rows up to 1.3x slower in a training step, where the data streams from memory.
+// The same over a (M, C) layout, in tasks of consecutive rows (as many as threads, unless that
+// leaves less than kGrain elements to each); term(i, c, t1, t2) handles element i, of channel c. A
+// task sums into (C,) float accumulators, which go to its float64 ones every kBlock rows; the
+// tasks' sums are added last. Whole rows, in memory order (blocks of channels, to keep the
+// accumulators in L1, would read strided: BENCHMARKS.md, "Loop order").
 template <typename Term>
 void channel_sums_rows(const Layout& v, double* out1, double* out2, const Term& term) {
-  const int64_t C = v.C, M = v.outer;
-  const int64_t rows_per_task = std::max((M + at::get_num_threads() - 1) / at::get_num_threads(), kGrain / C);
+  const int64_t C = v.C, M = v.outer, threads = at::get_num_threads();
+  const int64_t rows_per_task = std::max((M + threads - 1) / threads, kGrain / C);
   const int64_t tasks = (M + rows_per_task - 1) / rows_per_task;
   std::vector<double> p1(tasks * C), p2(tasks * C);
   at::parallel_for(0, tasks, 1, [&](int64_t t0, int64_t t1) {
@@ -178,8 +184,8 @@ void channel_sums_rows(const Layout& v, double* out1, double* out2, const Term& 
 
 // Forward: y = x * scale + shift; sums of x_hat and x_hat^2, x_hat = (x - mean) * inv.
 template <typename T>
-void forward_kernel(const Layout& v, const T* x, T* y, const float* mean, const float* inv, const float* scale,
-                    const float* shift, double* sum1, double* sum2) {
+void forward_kernel(const Layout& v, const T* x, T* y, const float* mean, const float* inv,
+                    const float* scale, const float* shift, double* sum1, double* sum2) {
   const auto term = [x, y](int64_t i, float m, float iv, float sc, float sh, float& t1, float& t2) {
     const float xv = load(x[i]), h = (xv - m) * iv;
     t1 += h, t2 += h * h;
@@ -191,17 +197,16 @@ void forward_kernel(const Layout& v, const T* x, T* y, const float* mean, const 
     });
   } else {
     channel_sums_ncl(v, kShortRow<T>, sum1, sum2, [&](int64_t c) {
-      return [term, m = mean[c], iv = inv[c], sc = scale[c], sh = shift[c]](int64_t i, float& t1, float& t2) {
-        term(i, m, iv, sc, sh, t1, t2);
-      };
+      return [term, m = mean[c], iv = inv[c], sc = scale[c], sh = shift[c]](
+                 int64_t i, float& t1, float& t2) { term(i, m, iv, sc, sh, t1, t2); };
     });
   }
 }
 
 // Backward: gx = gy * scale; sums of gy * x_hat and gy.
 template <typename T>
-void backward_kernel(const Layout& v, const T* gy, const T* x, T* gx, const float* mean, const float* inv,
-                     const float* scale, double* gweight, double* gbias) {
+void backward_kernel(const Layout& v, const T* gy, const T* x, T* gx, const float* mean,
+                     const float* inv, const float* scale, double* gweight, double* gbias) {
   const auto term = [gy, x, gx](int64_t i, float m, float iv, float sc, float& t1, float& t2) {
     const float g = load(gy[i]);
     t1 += g * ((load(x[i]) - m) * iv), t2 += g;
@@ -228,7 +233,8 @@ void affine_kernel(const Layout& v, const T* x, T* y, const float* scale, const 
     at::parallel_for(0, v.outer, std::max<int64_t>(1, kGrain / C), [&](int64_t r0, int64_t r1) {
       for (int64_t r = r0; r < r1; ++r) {
 #pragma omp simd
-        for (int64_t c = 0; c < C; ++c) y[r * C + c] = store<T>(load(x[r * C + c]) * scale[c] + shift[c]);
+        for (int64_t c = 0; c < C; ++c)
+          y[r * C + c] = store<T>(load(x[r * C + c]) * scale[c] + shift[c]);
       }
     });
   } else {
@@ -242,23 +248,33 @@ void affine_kernel(const Layout& v, const T* x, T* y, const float* scale, const 
   }
 }
 
-// Plain CPU memory the kernels can read (not a batched or otherwise storage-less tensor under torch.func or
-// is_grads_batched, not a lazily negated view) of a supported element type.
-bool supported(const at::Tensor& x) {
-  return x.device().is_cpu() && (x.scalar_type() == at::kFloat || x.scalar_type() == at::kBFloat16) &&
-         x.has_storage() && !x.is_neg() && !x.is_conj();
+// Plain CPU memory of a supported element type (not a batched or storage-less tensor, as under
+// torch.func or is_grads_batched, nor a lazily negated view).
+bool plain(const at::Tensor& x) {
+  const auto type = x.scalar_type();
+  return x.device().is_cpu() && (type == at::kFloat || type == at::kBFloat16) && x.has_storage() &&
+         !x.is_neg() && !x.is_conj();
 }
 
-// Whether the per-channel tensors suit the kernels, which read them directly: floating point on the CPU,
-// 1-D with C elements (mean and std also one element, 0-dim or (1,): shared). Anything else takes the eager path, whose errors say
-// what is wrong (a model on the GPU fed a CPU input, a (2,) mean for 4 channels).
-bool params_ok(const at::Tensor& mean, const at::Tensor& std_, const c10::optional<at::Tensor>& weight,
-               const c10::optional<at::Tensor>& bias, int64_t C) {
+// Whether the per-channel tensors suit the kernels, which read them directly: floating point on the
+// CPU, 1-D with C elements (mean and std also a single element, 0-dim or (1,): shared).
+bool params_ok(const at::Tensor& mean, const at::Tensor& std_,
+               const c10::optional<at::Tensor>& weight, const c10::optional<at::Tensor>& bias,
+               int64_t C) {
   const auto ok = [C](const at::Tensor& t, bool shared) {
     return t.device().is_cpu() && c10::isFloatingType(t.scalar_type()) &&
            ((t.dim() == 1 && t.numel() == C) || (shared && t.dim() <= 1 && t.numel() == 1));
   };
-  return ok(mean, true) && ok(std_, true) && (!weight || ok(*weight, false)) && (!bias || ok(*bias, false));
+  return ok(mean, true) && ok(std_, true) && (!weight || ok(*weight, false)) &&
+         (!bias || ok(*bias, false));
+}
+
+// Whether train and eval take these tensors. Anything else takes another route, whose errors say
+// what is wrong (a CPU input for a model on the GPU, a (2,) mean for 4 channels).
+bool supports(const at::Tensor& x, const at::Tensor& mean, const at::Tensor& std_,
+              const c10::optional<at::Tensor>& weight, const c10::optional<at::Tensor>& bias) {
+  const Layout v = layout_of(x);
+  return v.ok && plain(x) && params_ok(mean, std_, weight, bias, v.C);
 }
 
 template <typename F>
@@ -270,46 +286,62 @@ void dispatch(const at::Tensor& x, const F& f) {  // f(T{}) for the supported el
 }
 
 at::Tensor as_float(const at::Tensor& t) {  // t itself when it is contiguous float32
-  return t.scalar_type() == at::kFloat && t.is_contiguous() ? t : t.detach().to(at::kFloat).contiguous();
+  if (t.scalar_type() == at::kFloat && t.is_contiguous()) return t;
+  return t.detach().to(at::kFloat).contiguous();
 }
 
-// How the `std` argument gives sigma (batchless.functional.std_from_param): kStd: it is sigma; kLog:
-// exp(s); kAbs: |s| + eps; kInv: 1 / (|s| + eps).
-enum StdKind : int64_t { kStd = 0, kLog = 1, kAbs = 2, kInv = 3 };
+// How the std argument s gives sigma: batchless.functional.std_from_param's parametrizations, by
+// name.
+enum class StdParam { kStd, kLog, kAbs, kInv };
 
-// The per-channel factors as one (5, C) float32 tensor, rows: mean, inv = 1 / std, scale = weight / std,
-// shift = bias - mean * scale, and d std / d s (the derivative of sigma in the `std` argument). mean and
-// std are (C,) or shared (1,); one plain loop, as a handful of ATen calls on (C,) vectors costs more than
-// the whole layer on small inputs.
-at::Tensor factors_of(const at::Tensor& mean, const at::Tensor& std_, int64_t kind, double eps,
-                      const c10::optional<at::Tensor>& weight, const c10::optional<at::Tensor>& bias, int64_t C) {
+StdParam std_param_of(const std::string& name) {
+  if (name == "std") return StdParam::kStd;
+  if (name == "log") return StdParam::kLog;
+  if (name == "abs") return StdParam::kAbs;
+  TORCH_CHECK(name == "inv", "batchless: unknown std_param '", name, "'");
+  return StdParam::kInv;
+}
+
+// The per-channel factors as one (5, C) float32 tensor, rows: mean, inv = 1 / std, scale = weight /
+// std, shift = bias - mean * scale, and d std / d s. mean and std are (C,) or shared (1,); one
+// plain loop, as a handful of ATen calls on (C,) vectors costs more than the whole layer on small
+// inputs.
+at::Tensor factors_of(const at::Tensor& mean, const at::Tensor& std_, const std::string& std_param,
+                      double eps, const c10::optional<at::Tensor>& weight,
+                      const c10::optional<at::Tensor>& bias, int64_t C) {
+  const StdParam kind = std_param_of(std_param);
   const at::Tensor m = as_float(mean), s = as_float(std_);
-  const at::Tensor w = weight ? as_float(*weight) : at::Tensor(), b = bias ? as_float(*bias) : at::Tensor();
+  const at::Tensor w = weight ? as_float(*weight) : at::Tensor();
+  const at::Tensor b = bias ? as_float(*bias) : at::Tensor();
   const float *mp = m.data_ptr<float>(), *sp = s.data_ptr<float>();
-  const float *wp = w.defined() ? w.data_ptr<float>() : nullptr, *bp = b.defined() ? b.data_ptr<float>() : nullptr;
+  const float* wp = w.defined() ? w.data_ptr<float>() : nullptr;
+  const float* bp = b.defined() ? b.data_ptr<float>() : nullptr;
   const bool m1 = m.numel() != C, s1 = s.numel() != C;
   const float e = static_cast<float>(eps);
   auto f = at::empty({5, C}, m.options());
   float* fp = f.data_ptr<float>();
   for (int64_t c = 0; c < C; ++c) {
-    const float mu = mp[m1 ? 0 : c], raw = sp[s1 ? 0 : c], sign = raw > 0 ? 1.f : (raw < 0 ? -1.f : 0.f);
+    const float mu = mp[m1 ? 0 : c], raw = sp[s1 ? 0 : c];
+    const float sign = raw > 0 ? 1.f : (raw < 0 ? -1.f : 0.f);
     float sd = raw, d = 1.f;
-    if (kind == kLog) sd = std::exp(raw), d = sd;
-    if (kind == kAbs) sd = std::fabs(raw) + e, d = sign;
-    if (kind == kInv) sd = 1.f / (std::fabs(raw) + e), d = -sign * sd * sd;
+    if (kind == StdParam::kLog) sd = std::exp(raw), d = sd;
+    if (kind == StdParam::kAbs) sd = std::fabs(raw) + e, d = sign;
+    if (kind == StdParam::kInv) sd = 1.f / (std::fabs(raw) + e), d = -sign * sd * sd;
     const float inv = 1.f / sd, scale = wp ? wp[c] * inv : inv;
-    fp[c] = mu, fp[C + c] = inv, fp[2 * C + c] = scale, fp[3 * C + c] = (bp ? bp[c] : 0.f) - mu * scale;
-    fp[4 * C + c] = d;
+    fp[c] = mu, fp[C + c] = inv, fp[2 * C + c] = scale;
+    fp[3 * C + c] = (bp ? bp[c] : 0.f) - mu * scale, fp[4 * C + c] = d;
   }
   return f;
 }
 
-// Evaluation forward, y = (x - mean) / std * weight + bias (no autograd); undefined if not supported.
-at::Tensor batchless_eval(const at::Tensor& x, const at::Tensor& mean, const at::Tensor& std_, int64_t kind,
-                          double eps, const c10::optional<at::Tensor>& weight, const c10::optional<at::Tensor>& bias) {
+// Evaluation forward, y = (x - mean) / std * weight + bias, without autograd.
+at::Tensor batchless_eval(const at::Tensor& x, const at::Tensor& mean, const at::Tensor& std_,
+                          const std::string& std_param, double eps,
+                          const c10::optional<at::Tensor>& weight,
+                          const c10::optional<at::Tensor>& bias) {
+  TORCH_CHECK(supports(x, mean, std_, weight, bias), "batchless: eval: unsupported tensors");
   const Layout v = layout_of(x);
-  if (!v.ok || !supported(x) || !params_ok(mean, std_, weight, bias, v.C)) return {};
-  const auto f = factors_of(mean, std_, kind, eps, weight, bias, v.C);
+  const auto f = factors_of(mean, std_, std_param, eps, weight, bias, v.C);
   const float* fp = f.data_ptr<float>();
   auto y = at::empty_like(x);
   dispatch(x, [&](auto zero) {
@@ -319,8 +351,8 @@ at::Tensor batchless_eval(const at::Tensor& x, const at::Tensor& mean, const at:
   return y;
 }
 
-// The training forward: (y, a, b, finite) for the factors f of factors_of, finite undefined when every
-// channel is; x supported.
+// The training forward: (y, a, b, finite) for the factors f of factors_of; finite is undefined when
+// every channel is, else a channel's a = 0, b = 1 where it is not (such channels add no NLL).
 std::vector<at::Tensor> forward_with(const at::Tensor& x, const Layout& v, const at::Tensor& f) {
   const int64_t C = v.C;
   const float* fp = f.data_ptr<float>();
@@ -328,8 +360,8 @@ std::vector<at::Tensor> forward_with(const at::Tensor& x, const Layout& v, const
   std::vector<double> sum1(C), sum2(C);
   dispatch(x, [&](auto zero) {
     using T = decltype(zero);
-    forward_kernel<T>(v, x.data_ptr<T>(), y.data_ptr<T>(), fp, fp + C, fp + 2 * C, fp + 3 * C, sum1.data(),
-                      sum2.data());
+    forward_kernel<T>(v, x.data_ptr<T>(), y.data_ptr<T>(), fp, fp + C, fp + 2 * C, fp + 3 * C,
+                      sum1.data(), sum2.data());
   });
   auto a = at::empty({C}, f.options()), b = at::empty({C}, f.options());
   float* ap = a.data_ptr<float>();
@@ -341,33 +373,22 @@ std::vector<at::Tensor> forward_with(const at::Tensor& x, const Layout& v, const
     all_finite = all_finite && std::isfinite(ap[c]) && std::isfinite(bp[c]);
   }
   at::Tensor finite;
-  if (!all_finite) {  // such channels add no NLL: a = 0, b = 1
+  if (!all_finite) {
     finite = at::isfinite(a).logical_and_(at::isfinite(b));
     a = a.where(finite, 0.0), b = b.where(finite, 1.0);
   }
   return {y, a, b, finite};
 }
 
-// (y, a, b, finite, mean, inv, scale), with finite undefined when every channel is; [] if not supported.
-std::vector<at::Tensor> batchless_forward(const at::Tensor& x, const at::Tensor& mean, const at::Tensor& std_,
-                                          const c10::optional<at::Tensor>& weight,
-                                          const c10::optional<at::Tensor>& bias) {
-  const Layout v = layout_of(x);
-  if (!v.ok || !supported(x) || !params_ok(mean, std_, weight, bias, v.C)) return {};
-  const auto f = factors_of(mean, std_, kStd, 0.0, weight, bias, v.C);
-  auto out = forward_with(x, v, f);
-  return {out[0], out[1], out[2], out[3], f[0], f[1], f[2]};
-}
-
-// (gx, gweight, gbias) from the (C,) float32 factors, the last two in float32; x and gy in the same layout.
-std::vector<at::Tensor> backward_with(const at::Tensor& gy, const at::Tensor& x, const Layout& v, const float* mean,
-                                      const float* inv, const float* scale) {
+// (gx, gweight, gbias) by the kernel, the last two in float32; x and gy in the same layout v.
+std::vector<at::Tensor> backward_with(const at::Tensor& gy, const at::Tensor& x, const Layout& v,
+                                      const float* mean, const float* inv, const float* scale) {
   auto gx = at::empty_like(x);
   std::vector<double> gweight(v.C), gbias(v.C);
   dispatch(x, [&](auto zero) {
     using T = decltype(zero);
-    backward_kernel<T>(v, gy.data_ptr<T>(), x.data_ptr<T>(), gx.data_ptr<T>(), mean, inv, scale, gweight.data(),
-                       gbias.data());
+    backward_kernel<T>(v, gy.data_ptr<T>(), x.data_ptr<T>(), gx.data_ptr<T>(), mean, inv, scale,
+                       gweight.data(), gbias.data());
   });
   auto gw = at::empty({v.C}, x.options().dtype(at::kFloat)), gb = at::empty({v.C}, gw.options());
   std::copy(gweight.begin(), gweight.end(), gw.data_ptr<float>());
@@ -375,42 +396,43 @@ std::vector<at::Tensor> backward_with(const at::Tensor& gy, const at::Tensor& x,
   return {gx, gw, gb};
 }
 
-// (gx, gweight, gbias), the last two in float32; [] if gy and x do not share a supported layout.
-std::vector<at::Tensor> batchless_backward(const at::Tensor& gy, const at::Tensor& x, const at::Tensor& mean,
-                                           const at::Tensor& inv, const at::Tensor& scale) {
-  const Layout v = layout_of(x), g = layout_of(gy);
-  if (!v.ok || !g.ok || v.rows != g.rows || gy.sizes() != x.sizes() || gy.scalar_type() != x.scalar_type() ||
-      !supported(x) || !supported(gy))
-    return {};
-  return backward_with(gy, x, v, mean.data_ptr<float>(), inv.data_ptr<float>(), scale.data_ptr<float>());
+// (gx, gweight, gbias) by batchless.functional.output_grads, the formula itself as differentiable
+// ops: for a backward that records a graph (double backward), batched gradients, and an x the
+// kernel cannot read (a saved-tensor hook gave it back in another layout).
+std::vector<at::Tensor> formula_backward(const at::Tensor& gy, const at::Tensor& x,
+                                         const at::Tensor& f, const at::Tensor& weight) {
+  pybind11::gil_scoped_acquire gil;
+  const auto formula = pybind11::module_::import("batchless.functional").attr("output_grads");
+  const auto w = weight.defined() ? pybind11::cast(weight) : pybind11::none();
+  return formula(gy, x, f[0], f[1], w).cast<std::vector<at::Tensor>>();
 }
 
-// The whole training step as one autograd node, for the common case of a float NLL weight (or none:
-// explicit mode), what functional._BatchlessTrainEager does with these kernels, without Python's
-// per-node costs; sigma's parametrization (kind, eps) is inside the node too. Gradients: x, weight, bias
-// by the kernel above (the gradient copied into x's layout when it arrives in another); mean and the std
-// argument: nll_weight * dNLL, dNLL/d(mean, std) = (-a, 1 - b) / (C std), chained through d std / d s and
-// summed over channels for a shared (1,) Gaussian.
-// A backward that records a graph (double backward: gradient penalties) gives gx, gweight and gbias as
-// differentiable ATen functions of gy, x and the weight (gx = gy * weight / std); mean and std are
-// constants there, as in the output, and the NLL gradient is a constant.
+// The training step as one autograd node, for a float NLL weight (or none: explicit mode, or the
+// weight is read at backward time by the caller); sigma's parametrization is inside the node too.
+// Gradients: x, weight, bias by the kernel above (the gradient copied into x's layout when it
+// arrives in another); mean and the std argument: nll_weight * dNLL, dNLL/d(mean, std) = (-a, 1 -
+// b) / (C std) (batchless.functional.nll_grads), chained through d std / d s and summed over
+// channels for a shared Gaussian. Mean and std are constants in the output, and the NLL gradient is
+// one in double backward.
 struct Train : public torch::autograd::Function<Train> {
-  static at::Tensor forward(torch::autograd::AutogradContext* ctx, const at::Tensor& x, const at::Tensor& mean,
-                            const at::Tensor& std_, int64_t kind, double eps, const c10::optional<at::Tensor>& weight,
-                            const c10::optional<at::Tensor>& bias, c10::optional<double> nll_weight,
-                            std::vector<at::Tensor>* side) {
+  static torch::autograd::variable_list forward(
+      torch::autograd::AutogradContext* ctx, const at::Tensor& x, const at::Tensor& mean,
+      const at::Tensor& std_, const std::string& std_param, double eps,
+      const c10::optional<at::Tensor>& weight, const c10::optional<at::Tensor>& bias,
+      c10::optional<double> nll_weight) {
     const Layout v = layout_of(x);
-    const auto f = factors_of(mean, std_, kind, eps, weight, bias, v.C);
-    auto out = forward_with(x, v, f);  // y, a, b, finite
+    const auto f = factors_of(mean, std_, std_param, eps, weight, bias, v.C);
+    auto out = forward_with(x, v, f);  // y, a, b, finite (an output: empty, not undefined)
+    if (!out[3].defined()) out[3] = at::empty({0}, x.options().dtype(at::kBool));
     ctx->save_for_backward({x, weight ? *weight : at::Tensor()});
     auto& data = ctx->saved_data;
-    data["f"] = f, data["a"] = out[1], data["b"] = out[2];  // intermediates: no version counter to check
+    data["f"] = f, data["a"] = out[1], data["b"] = out[2];  // intermediates: no version counter
     data["nll_weight"] = nll_weight ? *nll_weight : -1.0;
     data["shared"] = std::vector<bool>{mean.numel() != v.C, std_.numel() != v.C};
     if (bias) data["bias_dtype"] = bias->scalar_type();  // (absent: no bias, no gradient)
+    ctx->mark_non_differentiable({out[1], out[2], out[3]});
     ctx->set_materialize_grads(false);
-    *side = {out[1], out[2], out[3]};
-    return out[0];
+    return out;
   }
 
   static torch::autograd::variable_list backward(torch::autograd::AutogradContext* ctx,
@@ -423,31 +445,27 @@ struct Train : public torch::autograd::Function<Train> {
     const float* fp = f.data_ptr<float>();
     at::Tensor gx, gmean, gstd, gweight, gbias;
     if (gy.defined()) {
-      const Layout v = layout_of(x);  // (x as a saved-tensor hook gave it back: maybe in another layout)
-      if (at::GradMode::is_enabled() || !v.ok || !supported(x) || !gy.has_storage()) {  // ATen ops: double
-        // backward, batched gradients (is_grads_batched, torch.func), an x the kernels cannot read
-        std::vector<int64_t> view(x.dim(), 1), dims{0};
-        view[1] = C;
-        for (int64_t d = 2; d < x.dim(); ++d) dims.push_back(d);
-        const auto g = gy.to(at::kFloat), inv = f[1].view(view);
-        gx = (g * (weight.defined() ? weight.to(at::kFloat).view(view) * inv : inv)).to(gy.scalar_type());
-        gweight = (g * ((x.to(at::kFloat) - f[0].view(view)) * inv)).sum(dims);
-        gbias = g.sum(dims);
+      const Layout v = layout_of(x);
+      std::vector<at::Tensor> out;
+      if (at::GradMode::is_enabled() || !v.ok || !plain(x) || !gy.has_storage()) {
+        out = formula_backward(gy, x, f, weight);
       } else {
         const Layout g = layout_of(gy);
-        const bool same = g.ok && g.rows == v.rows && gy.scalar_type() == x.scalar_type() && supported(gy);
-        auto out = backward_with(same ? gy : at::empty_like(x).copy_(gy), x, v, fp, fp + C, fp + 2 * C);
-        gx = out[0], gweight = out[1], gbias = out[2];
+        const bool same = g.ok && g.rows == v.rows && gy.scalar_type() == x.scalar_type() &&
+                          plain(gy);
+        out = backward_with(same ? gy : at::empty_like(x).copy_(gy), x, v, fp, fp + C, fp + 2 * C);
       }
-      // (a gradient for each parameter given, in its dtype)
-      gweight = weight.defined() ? gweight.to(weight.scalar_type()) : at::Tensor();
-      gbias = data.count("bias_dtype") ? gbias.to(data["bias_dtype"].toScalarType()) : at::Tensor();
+      gx = out[0];  // a gradient for each parameter given, in its dtype
+      gweight = weight.defined() ? out[1].to(weight.scalar_type()) : at::Tensor();
+      if (data.count("bias_dtype")) gbias = out[2].to(data["bias_dtype"].toScalarType());
     }
     const double nll_weight = data["nll_weight"].toDouble();
     if (nll_weight >= 0) {
       const auto shared = data["shared"].toBoolList();
-      const float *ap = data["a"].toTensor().data_ptr<float>(), *bp = data["b"].toTensor().data_ptr<float>();
-      gmean = at::empty({shared[0] ? 1 : C}, f.options()), gstd = at::empty({shared[1] ? 1 : C}, f.options());
+      const float* ap = data["a"].toTensor().data_ptr<float>();
+      const float* bp = data["b"].toTensor().data_ptr<float>();
+      gmean = at::empty({shared[0] ? 1 : C}, f.options());
+      gstd = at::empty({shared[1] ? 1 : C}, f.options());
       float *gm = gmean.data_ptr<float>(), *gs = gstd.data_ptr<float>(), sum_m = 0.f, sum_s = 0.f;
       for (int64_t c = 0; c < C; ++c) {
         const float k = fp[C + c] * static_cast<float>(nll_weight / C);
@@ -458,27 +476,27 @@ struct Train : public torch::autograd::Function<Train> {
       if (shared[0]) gm[0] = sum_m;
       if (shared[1]) gs[0] = sum_s;
     }
-    return {gx, gmean, gstd, at::Tensor(), at::Tensor(), gweight, gbias, at::Tensor(), at::Tensor()};
+    return {gx, gmean, gstd, at::Tensor(), at::Tensor(), gweight, gbias, at::Tensor()};
   }
 };
 
-// train(x, mean, std, kind, eps, weight, bias, nll_weight) -> [y, a, b, finite] through the Train node, or
-// [] where the kernels do not apply.
-std::vector<at::Tensor> train(const at::Tensor& x, const at::Tensor& mean, const at::Tensor& std_, int64_t kind,
-                              double eps, const c10::optional<at::Tensor>& weight,
-                              const c10::optional<at::Tensor>& bias, c10::optional<double> nll_weight) {
-  const Layout v = layout_of(x);
-  if (!v.ok || !supported(x) || !params_ok(mean, std_, weight, bias, v.C)) return {};
-  std::vector<at::Tensor> side;
-  auto y = Train::apply(x, mean, std_, kind, eps, weight, bias, nll_weight, &side);
-  return {y, side[0], side[1], side[2]};
+// train(x, mean, std, std_param, eps, weight, bias, nll_weight) -> [y, a, b, finite] through the
+// Train node; finite is None when every channel is finite.
+torch::autograd::variable_list train(const at::Tensor& x, const at::Tensor& mean,
+                                     const at::Tensor& std_, const std::string& std_param,
+                                     double eps, const c10::optional<at::Tensor>& weight,
+                                     const c10::optional<at::Tensor>& bias,
+                                     c10::optional<double> nll_weight) {
+  TORCH_CHECK(supports(x, mean, std_, weight, bias), "batchless: train: unsupported tensors");
+  auto out = Train::apply(x, mean, std_, std_param, eps, weight, bias, nll_weight);
+  if (out[3].numel() == 0) out[3] = at::Tensor();
+  return out;
 }
 
 }  // namespace
 
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
-  m.def("forward", &batchless_forward, "Training forward: (y, a, b, finite, mean, inv, scale), or [] if unsupported");
-  m.def("backward", &batchless_backward, "Training backward: (gx, gweight, gbias), or [] if unsupported");
-  m.def("train", &train, "Training step as one autograd node: (y, a, b, finite), or [] if unsupported");
-  m.def("eval", &batchless_eval, "Evaluation forward without autograd: y, or None if unsupported");
+  m.def("supports", &supports, "Whether train and eval take these tensors");
+  m.def("train", &train, "Training step as one autograd node: [y, a, b, finite]");
+  m.def("eval", &batchless_eval, "Evaluation forward without autograd: y");
 }

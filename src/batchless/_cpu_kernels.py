@@ -1,11 +1,11 @@
-"""Building and loading the C++ CPU kernels behind :mod:`batchless.fused` (source: ``_cpu_kernels.cpp``).
+"""Building and loading the C++ CPU kernels of :mod:`batchless.fused` (``_cpu_kernels.cpp``).
 
-The kernels are compiled on request, once per machine, by :func:`batchless.fused.build_cpu_kernels` (``make
-install`` calls it; it needs a C++ compiler and ``ninja``), and cached under ``$BATCHLESS_CACHE`` (default
-``~/.cache/batchless``) in a directory named after a hash of the source, the torch and Python versions and
-the CPU capability, so a changed source or an upgraded torch never loads a stale build. Every later process
-loads the cached build in milliseconds, without a compiler; where there is none, batchless stays on the
-eager path.
+The kernels are compiled on request, once per machine, by :func:`batchless.fused.build_cpu_kernels`
+(``make install`` calls it; it needs a C++ compiler and ``ninja``), and cached under
+``$BATCHLESS_CACHE`` (default ``~/.cache/batchless``) in a directory named after a hash of the
+source, the torch and Python versions and the CPU capability, so a changed source or an upgraded
+torch never loads a stale build. Later processes load the cached build without a compiler; where
+there is none, batchless stays on the eager route.
 """
 
 from __future__ import annotations
@@ -20,13 +20,12 @@ from pathlib import Path
 import torch
 
 SOURCE = Path(__file__).with_name("_cpu_kernels.cpp")
-# Instruction sets by the capability ATen itself dispatches to on this CPU (never -march=native: a cache
-# directory shared by different machines would then hold code that some of them cannot run).
+# Instruction sets by the capability ATen itself dispatches to on this CPU (never -march=native: a
+# cache directory shared by different machines would then hold code that some of them cannot run).
 _ARCH_FLAGS = {
     "AVX512": ["-mavx512f", "-mavx512bw", "-mavx512vl", "-mavx512dq", "-mfma"],
     "AVX2": ["-mavx2", "-mfma"],
 }
-_loaded: dict = {}
 
 
 def _flags() -> list[str]:
@@ -34,13 +33,14 @@ def _flags() -> list[str]:
 
 
 def _link_flags() -> list[str]:
-    """OpenMP from the runtime torch itself loaded (one thread pool in the process), else the compiler's."""
+    """OpenMP from the runtime torch itself loaded (one thread pool in the process), else the
+    compiler's."""
     bundled = sorted((Path(torch.__file__).parent / "lib").glob("libgomp*.so*"))
     return [f"-L{bundled[0].parent}", f"-l:{bundled[0].name}"] if bundled else ["-fopenmp"]
 
 
 def _build_dir() -> Path:
-    """The cache directory of this source, torch, Python and CPU capability; its name is the module's name."""
+    """The cache directory of this source, torch, Python and CPU capability (the module's name)."""
     key = hashlib.sha256(SOURCE.read_bytes())
     key.update(" ".join([torch.__version__, sys.version, *_flags(), *_link_flags()]).encode())
     root = Path(os.environ.get("BATCHLESS_CACHE") or Path.home() / ".cache" / "batchless")
@@ -48,30 +48,27 @@ def _build_dir() -> Path:
 
 
 def load(build: bool = False, verbose: bool = False):
-    """The compiled module (``forward``, ``backward``, ``train``), or None when it is not built or its
-    cached build does not load (a warning says why). With ``build`` it is compiled first, showing the
-    compiler's output with ``verbose``; compiler errors propagate. Looked up once per process unless asked
-    to build."""
-    if "module" in _loaded and (_loaded["module"] is not None or not build):
-        return _loaded["module"]
+    """The compiled module (``supports``, ``train``, ``eval``), or None when it is not built or its
+    cached build does not load (a warning says why). With ``build`` it is compiled first, showing
+    the compiler's output with ``verbose``; compiler errors propagate."""
     directory = _build_dir()
     library = directory / f"{directory.name}.so"
-    module = None
     if build:
         from torch.utils import cpp_extension
 
         directory.mkdir(parents=True, exist_ok=True)
-        module = cpp_extension.load(directory.name, [str(SOURCE)], extra_cflags=_flags(), extra_ldflags=_link_flags(),
-                                    build_directory=str(directory), verbose=verbose)
-    elif library.is_file():
-        try:
-            spec = importlib.util.spec_from_file_location(directory.name, library)
-            module = importlib.util.module_from_spec(spec)
-            spec.loader.exec_module(module)
-        except ImportError as error:  # e.g. a damaged file: training must not fail for a faster path
-            module = None
-            warnings.warn(f"batchless: the cached CPU kernels in {directory} did not load ({error}); using the "
-                          "eager path (batchless.fused.build_cpu_kernels() after deleting that directory rebuilds "
-                          "them)", stacklevel=2)
-    _loaded["module"] = module
-    return module
+        return cpp_extension.load(directory.name, [str(SOURCE)], extra_cflags=_flags(),
+                                  extra_ldflags=_link_flags(), build_directory=str(directory),
+                                  verbose=verbose)
+    if not library.is_file():
+        return None
+    try:
+        spec = importlib.util.spec_from_file_location(directory.name, library)
+        module = importlib.util.module_from_spec(spec)
+        spec.loader.exec_module(module)
+        return module
+    except ImportError as error:  # e.g. a damaged file: training must not fail for a faster route
+        warnings.warn(f"batchless: the cached CPU kernels in {directory} did not load ({error}); "
+                      "using the eager route (batchless.fused.build_cpu_kernels() after deleting "
+                      "that directory rebuilds them)", stacklevel=2)
+        return None

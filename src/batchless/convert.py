@@ -1,15 +1,17 @@
-"""Converting models between BatchNorm and batchless layers: ``convert_batchnorm`` and ``to_batchnorm``.
+"""Converting models between BatchNorm and batchless layers: ``convert_batchnorm`` and
+``to_batchnorm``.
 
-``convert_batchnorm`` migrates a model trained with BatchNorm (the paper's migration: ``mean = running_mean``,
-``std = sqrt(running_var + eps)``, ``weight``/``bias`` copied), so its eval-mode function is unchanged and
-training can go on batch-free. ``to_batchnorm`` goes back, to eval-mode ``nn.BatchNorm*d`` layers, for tools
-that only know BatchNorm (ONNX runtimes, quantization, pruning). Both clone the model first unless
-``inplace=True``, replace layers by dotted name, keep device, dtype and training flags, and keep a layer
-shared between two places shared. :func:`replace_modules` is the walker they (and :func:`batchless.fold`) use.
+``convert_batchnorm`` migrates a model trained with BatchNorm (the paper's migration: ``mean =
+running_mean``, ``std = sqrt(running_var + eps)``, ``weight``/``bias`` copied), so its eval-mode
+function is unchanged and training can go on batch-free. ``to_batchnorm`` goes back, to eval-mode
+``nn.BatchNorm*d`` layers, for tools that only know BatchNorm (ONNX runtimes, quantization,
+pruning). Both clone the model first unless ``inplace=True``, replace layers by dotted name, keep
+device, dtype and training flags, and keep a layer shared between two places shared.
+:func:`replace_modules` is the walker they (and :func:`batchless.fold`) use.
 
-BatchNorm subclasses that add behaviour (an activation, a dropout) are converted by a function taught with
-:func:`register_conversion`; timm's norm-act layers (``BatchNormAct2d``, ``SyncBatchNormAct``) are taught here,
-by name, so that this module never imports timm.
+BatchNorm subclasses that add behaviour (an activation, a dropout) are converted by a function
+taught with :func:`register_conversion`; timm's norm-act layers (``BatchNormAct2d``,
+``SyncBatchNormAct``) are taught here, by name, so that this module never imports timm.
 """
 
 from __future__ import annotations
@@ -21,9 +23,9 @@ from collections.abc import Callable
 
 import torch
 from torch import nn
-from torch.nn.modules.batchnorm import _BatchNorm
 from torch.nn.modules.lazy import LazyModuleMixin
 
+from ._compat import BatchNormBase as _BatchNorm
 from .errors import BatchlessError, check_module
 from .modules import BatchlessNorm1d, BatchlessNorm2d, BatchlessNorm3d, _BatchlessNorm
 
@@ -33,8 +35,9 @@ logger = logging.getLogger(__name__)
 class _BatchlessNormXd(_BatchlessNorm):
     """A batchless layer for inputs ``(N, C, *)`` of any rank: what an ``nn.SyncBatchNorm`` becomes.
 
-    ``SyncBatchNorm`` does not know its input rank, so neither does its conversion (as ``_BatchNormXd``
-    in mmcv's ``revert_sync_batchnorm``). Converted back by :func:`to_batchnorm` into an ``nn.SyncBatchNorm``.
+    ``SyncBatchNorm`` does not know its input rank, so neither does its conversion (as
+    ``_BatchNormXd`` in mmcv's ``revert_sync_batchnorm``). Converted back by :func:`to_batchnorm`
+    into an ``nn.SyncBatchNorm``.
     """
 
     _input_dims = tuple(range(2, 9))
@@ -62,12 +65,14 @@ _CONVERSIONS: dict[type, Conversion] = {}
 
 
 def _norm_act(module: nn.Module, layer: _BatchlessNorm) -> nn.Module:
-    """timm's norm-act layers: ``act(drop(batchnorm(x)))``, with ``drop``/``act`` optional on ``SyncBatchNormAct``."""
-    parts = [("norm", layer)] + [(name, getattr(module, name)) for name in ("drop", "act") if hasattr(module, name)]
-    return nn.Sequential(OrderedDict(parts))
+    """timm's norm-act layers: ``act(drop(batchnorm(x)))``, with ``drop``/``act`` optional on
+    ``SyncBatchNormAct``."""
+    parts = [(name, getattr(module, name)) for name in ("drop", "act") if hasattr(module, name)]
+    return nn.Sequential(OrderedDict([("norm", layer), *parts]))
 
 
-# ... and the third-party subclasses taught here, by "module.qualname" (timm >= 0.9, and 0.6-0.8's path).
+# ... and the third-party subclasses taught here, by "module.qualname" (timm >= 0.9, and 0.6-0.8's
+# path).
 _BUILTIN_CONVERSIONS: dict[str, Conversion] = {
     f"{path}.{name}": _norm_act
     for path in ("timm.layers.norm_act", "timm.models.layers.norm_act")
@@ -78,21 +83,25 @@ _BUILTIN_CONVERSIONS: dict[str, Conversion] = {
 def register_conversion(cls: type, fn: Conversion | None) -> None:
     """Teach :func:`convert_batchnorm` a BatchNorm subclass that adds behaviour to BatchNorm's.
 
-    ``convert_batchnorm`` converts a plain BatchNorm by itself; a subclass with its own ``forward`` or child
-    modules (a fused activation, a dropout) it refuses, since dropping that behaviour would change the model,
-    unless such a function was registered for its class. For each layer of class ``cls`` (or of a subclass
-    that keeps ``cls.forward``), ``convert_batchnorm`` first builds the batchless layer that carries the
-    layer's BatchNorm part (``mean = running_mean``, ``std = sqrt(running_var + eps)``, ``weight``/``bias``,
-    device, dtype, training flag, and the ``layer_kwargs`` given to ``convert_batchnorm``), with the usual
-    checks, then calls ``fn(module, layer)``: what it returns replaces ``module``, put in ``module``'s training
-    mode (``.train(module.training)``, so that e.g. a new ``nn.Dropout`` is off in evaluation). Build it from
-    ``layer`` and ``module``'s own children (the model was deep-copied unless ``inplace=True``), e.g.
-    ``nn.Sequential(layer, module.act)``: :func:`batchless.fold` and :func:`batchless.to_batchnorm` then handle
-    it like any model. timm's ``BatchNormAct2d`` and ``SyncBatchNormAct`` are taught already (into
-    ``nn.Sequential(norm=layer, drop=module.drop, act=module.act)``); registering one of them replaces that.
+    ``convert_batchnorm`` converts a plain BatchNorm by itself; a subclass with its own ``forward``
+    or child modules (a fused activation, a dropout) it refuses, since dropping that behaviour would
+    change the model, unless such a function was registered for its class. For each layer of class
+    ``cls`` (or of a subclass that keeps ``cls.forward``), ``convert_batchnorm`` first builds the
+    batchless layer that carries the layer's BatchNorm part (``mean = running_mean``,
+    ``std = sqrt(running_var + eps)``, ``weight``/``bias``, device, dtype, training flag, and the
+    ``layer_kwargs`` given to ``convert_batchnorm``), with the usual checks, then calls
+    ``fn(module, layer)``: what it returns replaces ``module``, put in ``module``'s training mode
+    (``.train(module.training)``, so that e.g. a new ``nn.Dropout`` is off in evaluation). Build it
+    from ``layer`` and ``module``'s own children (the model was deep-copied unless
+    ``inplace=True``), e.g. ``nn.Sequential(layer, module.act)``: :func:`batchless.fold` and
+    :func:`batchless.to_batchnorm` then handle it like any model. timm's ``BatchNormAct2d`` and
+    ``SyncBatchNormAct`` are taught already (into
+    ``nn.Sequential(norm=layer, drop=module.drop, act=module.act)``); registering one of them
+    replaces that.
 
     Args:
-        cls: a subclass of ``nn.BatchNorm1d/2d/3d``, ``nn.SyncBatchNorm`` or their base ``_BatchNorm``.
+        cls: a subclass of ``nn.BatchNorm1d/2d/3d``, ``nn.SyncBatchNorm`` or their base
+            ``_BatchNorm``.
         fn: ``fn(module, layer) -> nn.Module``; None removes what was registered for ``cls``.
 
     Example::
@@ -102,7 +111,9 @@ def register_conversion(cls: type, fn: Conversion | None) -> None:
         >>> class BatchNormReLU2d(nn.BatchNorm2d):
         ...     def forward(self, x):
         ...         return super().forward(x).relu()
-        >>> bl.register_conversion(BatchNormReLU2d, lambda module, layer: nn.Sequential(layer, nn.ReLU()))
+        >>> def conversion(module, layer):
+        ...     return nn.Sequential(layer, nn.ReLU())
+        >>> bl.register_conversion(BatchNormReLU2d, conversion)
         >>> bl.convert_batchnorm(nn.Sequential(nn.Conv2d(3, 8, 3), BatchNormReLU2d(8)))
         Sequential(
           (0): Conv2d(3, 8, kernel_size=(3, 3), stride=(1, 1))
@@ -115,11 +126,12 @@ def register_conversion(cls: type, fn: Conversion | None) -> None:
     """
     if not (isinstance(cls, type) and issubclass(cls, _BatchNorm)) or cls in _TO_BATCHLESS:
         raise BatchlessError(
-            f"register_conversion expects a subclass of a torch.nn BatchNorm class (cls), got {cls!r}: "
-            "convert_batchnorm converts the BatchNorm classes themselves, and only BatchNorm layers"
-        )
+            f"register_conversion expects a subclass of a torch.nn BatchNorm class (cls), got "
+            f"{cls!r}: convert_batchnorm converts the BatchNorm classes themselves, and only "
+            "BatchNorm layers")
     if fn is not None and not callable(fn):
-        raise BatchlessError(f"register_conversion expects fn(module, layer) -> nn.Module or None, got {fn!r}")
+        raise BatchlessError(
+            f"register_conversion expects fn(module, layer) -> nn.Module or None, got {fn!r}")
     if fn is None:
         _CONVERSIONS.pop(cls, None)
     else:
@@ -131,8 +143,8 @@ def _conversion_of(cls: type) -> Conversion | None:
 
 
 def _taught(module: _BatchNorm) -> tuple[type, Conversion] | None:
-    """The nearest class of ``module``'s MRO with a conversion and that conversion, or None (none before its
-    BatchNorm base)."""
+    """The nearest class of ``module``'s MRO with a conversion and that conversion, or None (none
+    before its BatchNorm base)."""
     for cls in type(module).__mro__:
         if cls in _TO_BATCHLESS:
             return None
@@ -143,11 +155,12 @@ def _taught(module: _BatchNorm) -> tuple[type, Conversion] | None:
 
 def replace_modules(model: nn.Module, replace: Callable[[str, nn.Module], nn.Module | None], *,
                     inplace: bool = False) -> nn.Module:
-    """Return ``model`` (a deep copy unless ``inplace``) with every module for which ``replace(dotted_name,
-    module)`` returns a module swapped for it; modules for which it returns None are recursed into.
+    """Return ``model`` (a deep copy unless ``inplace``) with every module for which
+    ``replace(dotted_name, module)`` returns a module swapped for it; modules for which it returns
+    None are recursed into.
 
-    A module reachable under several names is visited once and its replacement shared the same way. The
-    root itself may be replaced: always use the returned module.
+    A module reachable under several names is visited once and its replacement shared the same way.
+    The root itself may be replaced: always use the returned module.
     """
     if not inplace:
         model = copy.deepcopy(model)
@@ -158,15 +171,16 @@ def replace_modules(model: nn.Module, replace: Callable[[str, nn.Module], nn.Mod
             new = replace(name, module)
             if new is None:
                 new = module
-                for child_name, child in list(module._modules.items()):  # named_children() skips repeats
+                # (named_children() would skip a child registered twice)
+                for child_name, child in list(module._modules.items()):
                     if child is None:
                         continue
                     new_child = visit(f"{name}.{child_name}" if name else child_name, child)
                     if new_child is not child:
                         setattr(module, child_name, new_child)
             elif new is not module:
-                logger.debug("batchless: replaced %s (%s) by %s", name or "<root>", type(module).__name__,
-                             type(new).__name__)
+                logger.debug("batchless: replaced %s (%s) by %s", name or "<root>",
+                             type(module).__name__, type(new).__name__)
             memo[id(module)] = new
         return memo[id(module)]
 
@@ -178,62 +192,73 @@ def _batchnorm_base(module: _BatchNorm) -> type:
 
 
 def _conversion_problem(module: _BatchNorm, layer_kwargs: dict) -> str | None:
-    """Why ``module`` cannot be converted faithfully (with the new layers' ``layer_kwargs``), or None."""
+    """Why ``module`` cannot be converted faithfully (with the new layers' ``layer_kwargs``), or
+    None."""
     base = _batchnorm_base(module)
     taught = _taught(module)
     if taught is not None and type(module).forward is not taught[0].forward:
-        return (f"{type(module).__name__} subclasses {taught[0].__name__}, whose conversion is registered, but "
-                "overrides its forward: teach its own with batchless.register_conversion")
-    if taught is None and (type(module).forward is not base.forward or any(True for _ in module.children())):
-        return (f"{type(module).__name__} subclasses {base.__name__} and adds behaviour (its own forward or "
-                "child modules, e.g. a fused activation) that a conversion would drop: teach it with "
+        return (f"{type(module).__name__} subclasses {taught[0].__name__}, whose conversion is "
+                "registered, but overrides its forward: teach its own with "
                 "batchless.register_conversion")
+    adds = type(module).forward is not base.forward or any(True for _ in module.children())
+    if taught is None and adds:
+        return (f"{type(module).__name__} subclasses {base.__name__} and adds behaviour (its own "
+                "forward or child modules, e.g. a fused activation) that a conversion would drop: "
+                "teach it with batchless.register_conversion")
     if isinstance(module, LazyModuleMixin):
         return f"{type(module).__name__} is not initialized yet: run one forward pass first"
     if module.running_mean is None or module.running_var is None:
         return ("it has no running statistics (track_running_stats=False): convert it by hand to a "
-                "BatchlessNorm layer and call batchless.init_from_data(model, batches) to set its mean/std")
-    return _unrepresentable_std(module, layer_kwargs.get("std_param", "log"), layer_kwargs.get("eps", module.eps))
+                "BatchlessNorm layer and call batchless.init_from_data(model, batches) to set its "
+                "mean/std")
+    return _unrepresentable_std(module, layer_kwargs.get("std_param", "log"),
+                                layer_kwargs.get("eps", module.eps))
 
 
 def _unrepresentable_std(bn: _BatchNorm, std_param: str, eps: float) -> str | None:
-    """Why the ``std_param``/``eps`` parametrization cannot hold ``bn``'s std ``sqrt(running_var + eps)``, or
-    None: ``"abs"`` keeps std >= eps, ``"inv"`` std <= 1 / eps."""
+    """Why the ``std_param``/``eps`` parametrization cannot hold ``bn``'s std
+    ``sqrt(running_var + eps)``, or None: ``"abs"`` keeps std >= eps, ``"inv"`` std <= 1 / eps."""
     if bn.running_var.is_meta or std_param not in ("abs", "inv") or not eps > 0:
         return None
     std = (bn.running_var.double() + bn.eps).sqrt()
     low, high = std.min().item(), std.max().item()
     if std_param == "abs" and low < eps:
-        return (f"its std sqrt(running_var + eps) goes down to {low:.4g}, below eps={eps:g}, the smallest std "
-                "that std_param='abs' represents: pass a smaller eps or std_param='log'")
+        return (f"its std sqrt(running_var + eps) goes down to {low:.4g}, below eps={eps:g}, the "
+                "smallest std that std_param='abs' represents: pass a smaller eps or "
+                "std_param='log'")
     if std_param == "inv" and high > 1 / eps:
-        return (f"its std sqrt(running_var + eps) goes up to {high:.4g}, above 1/eps={1 / eps:g}, the largest "
-                "std that std_param='inv' represents: pass a smaller eps or std_param='log'")
+        return (f"its std sqrt(running_var + eps) goes up to {high:.4g}, above 1/eps={1 / eps:g}, "
+                "the largest std that std_param='inv' represents: pass a smaller eps or "
+                "std_param='log'")
     return None
 
 
 def convert_batchnorm(model: nn.Module, *, inplace: bool = False, **layer_kwargs) -> nn.Module:
-    """Replace every BatchNorm layer with the batchless layer that computes the same eval-mode function.
+    """Replace every BatchNorm layer with the batchless layer that computes the same eval-mode
+    function.
 
-    ``nn.BatchNorm1d/2d/3d`` become ``BatchlessNorm1d/2d/3d``; ``nn.SyncBatchNorm`` (and other direct
-    ``_BatchNorm`` subclasses) a batchless layer that accepts any input rank ``(N, C, *)``. Each gets
-    ``mean = running_mean``, ``std = sqrt(running_var + eps)``, ``weight``/``bias`` copied (with their
-    ``requires_grad``), the BatchNorm's ``eps`` (now a guard, not added to a variance), device, dtype and
-    training flag. ``momentum`` and ``num_batches_tracked`` have no counterpart and are dropped.
+    ``nn.BatchNorm1d/2d/3d`` become ``BatchlessNorm1d/2d/3d``; ``nn.SyncBatchNorm`` (and other
+    direct ``_BatchNorm`` subclasses) a batchless layer that accepts any input rank ``(N, C, *)``.
+    Each gets ``mean = running_mean``, ``std = sqrt(running_var + eps)``, ``weight``/``bias`` copied
+    (with their ``requires_grad``), the BatchNorm's ``eps`` (now a guard, not added to a variance),
+    device, dtype and training flag. ``momentum`` and ``num_batches_tracked`` have no counterpart
+    and are dropped.
 
-    Subclasses of a BatchNorm class that keep its ``forward`` and have no child modules are converted like
-    their base. Subclasses that add behaviour are converted by the function registered for them with
-    :func:`batchless.register_conversion`: timm's ``BatchNormAct2d`` (and ``SyncBatchNormAct``) becomes
-    ``nn.Sequential(norm=<batchless layer>, drop=<its dropout>, act=<its activation>)``, the same function.
-    Subclasses that add behaviour nobody taught are refused, as are BatchNorms without running statistics
-    and those whose std the chosen ``std_param``/``eps`` cannot hold (``"abs"``: std >= eps, ``"inv"``:
-    std <= 1/eps): one :class:`~batchless.BatchlessError` lists every such layer by dotted name, before
-    anything is changed.
+    Subclasses of a BatchNorm class that keep its ``forward`` and have no child modules are
+    converted like their base. Subclasses that add behaviour are converted by the function
+    registered for them with :func:`batchless.register_conversion`: timm's ``BatchNormAct2d`` (and
+    ``SyncBatchNormAct``) becomes ``nn.Sequential(norm=<batchless layer>, drop=<its dropout>,
+    act=<its activation>)``, the same function. Subclasses that add behaviour nobody taught are
+    refused, as are BatchNorms without running statistics and those whose std the chosen
+    ``std_param``/``eps`` cannot hold (``"abs"``: std >= eps, ``"inv"``: std <= 1/eps): one
+    :class:`~batchless.BatchlessError` lists every such layer by dotted name, before anything is
+    changed.
 
     Args:
         model: the model; may itself be a BatchNorm layer.
-        inplace: convert ``model`` itself instead of a deep copy. Default: False. The returned module is
-            the converted model either way (a BatchNorm at the root cannot be replaced in place).
+        inplace: convert ``model`` itself instead of a deep copy. Default: False. The returned
+            module is the converted model either way (a BatchNorm at the root cannot be replaced in
+            place).
         **layer_kwargs: ``std_param``, ``nll`` or ``eps`` for the new layers.
 
     Example::
@@ -249,16 +274,19 @@ def convert_batchnorm(model: nn.Module, *, inplace: bool = False, **layer_kwargs
     unknown = sorted(set(layer_kwargs) - set(_CONVERT_KWARGS))
     if unknown:
         raise BatchlessError(
-            f"convert_batchnorm accepts the layer arguments {', '.join(_CONVERT_KWARGS)}; got {', '.join(unknown)} "
-            "(channel count, affine, device and dtype are taken from each BatchNorm)"
-        )
+            f"convert_batchnorm accepts the layer arguments {', '.join(_CONVERT_KWARGS)}; got "
+            f"{', '.join(unknown)} (channel count, affine, device and dtype are taken from each "
+            "BatchNorm)")
     problems = [f"  {name or '<root>'}: {problem}" for name, module in model.named_modules()
-                if isinstance(module, _BatchNorm) and (problem := _conversion_problem(module, layer_kwargs))]
+                if isinstance(module, _BatchNorm)
+                and (problem := _conversion_problem(module, layer_kwargs))]
     if problems:
-        raise BatchlessError("convert_batchnorm cannot convert these layers faithfully:\n" + "\n".join(problems)
-                             + "\nreplace these layers by hand (e.g. by nn.Sequential(BatchlessNorm2d(C), "
-                             "activation)) or teach convert_batchnorm their class with "
-                             "batchless.register_conversion(cls, fn), then call convert_batchnorm again")
+        raise BatchlessError("convert_batchnorm cannot convert these layers faithfully:\n"
+                             + "\n".join(problems) + "\nreplace these layers by hand (e.g. by "
+                             "nn.Sequential(BatchlessNorm2d(C), activation)) or teach "
+                             "convert_batchnorm their class with "
+                             "batchless.register_conversion(cls, fn), then call convert_batchnorm "
+                             "again")
 
     def replace(_name: str, module: nn.Module) -> nn.Module | None:
         return _from_batchnorm(module, layer_kwargs) if isinstance(module, _BatchNorm) else None
@@ -269,9 +297,9 @@ def convert_batchnorm(model: nn.Module, *, inplace: bool = False, **layer_kwargs
 @torch.no_grad()
 def _from_batchnorm(bn: _BatchNorm, layer_kwargs: dict) -> nn.Module:
     kwargs = {"eps": bn.eps, **layer_kwargs}
-    layer = _TO_BATCHLESS[_batchnorm_base(bn)](
-        bn.num_features, affine=bn.affine, device=bn.running_mean.device, dtype=bn.running_mean.dtype, **kwargs
-    )
+    layer = _TO_BATCHLESS[_batchnorm_base(bn)](bn.num_features, affine=bn.affine,
+                                               device=bn.running_mean.device,
+                                               dtype=bn.running_mean.dtype, **kwargs)
     layer.mean.copy_(bn.running_mean)
     layer.set_std((bn.running_var.double() + bn.eps).sqrt())
     if bn.affine:
@@ -284,23 +312,26 @@ def _from_batchnorm(bn: _BatchNorm, layer_kwargs: dict) -> nn.Module:
         return layer
     new = taught[1](bn, layer)
     if not isinstance(new, nn.Module):
-        raise BatchlessError(f"the conversion registered for {taught[0].__name__} ({taught[1]!r}) returned "
-                             f"{type(new).__name__}, not an nn.Module")
+        raise BatchlessError(f"the conversion registered for {taught[0].__name__} ({taught[1]!r}) "
+                             f"returned {type(new).__name__}, not an nn.Module")
     return new.train(bn.training)
 
 
 def to_batchnorm(model: nn.Module, *, inplace: bool = False) -> nn.Module:
-    """Replace every batchless layer with an eval-mode ``nn.BatchNorm*d`` computing the same function.
+    """Replace every batchless layer with an eval-mode ``nn.BatchNorm*d`` computing the same
+    function.
 
-    For tools that expect BatchNorm (ONNX runtimes, quantization, pruning). ``BatchlessNorm1d/2d/3d``
-    become ``nn.BatchNorm1d/2d/3d`` and a converted ``nn.SyncBatchNorm`` becomes one again, with
-    ``running_mean = mean`` and ``running_var = std**2 - eps`` (``eps`` 0 where ``std**2 <= eps``), so that
-    ``sqrt(running_var + eps) = std``; ``weight``/``bias`` copied, device and dtype kept. The layers are
-    returned in eval mode (training them as BatchNorm would replace the learned statistics).
+    For tools that expect BatchNorm (ONNX runtimes, quantization, pruning).
+    ``BatchlessNorm1d/2d/3d`` become ``nn.BatchNorm1d/2d/3d`` and a converted ``nn.SyncBatchNorm``
+    becomes one again, with ``running_mean = mean`` and ``running_var = std**2 - eps`` (``eps`` 0
+    where ``std**2 <= eps``), so that ``sqrt(running_var + eps) = std``; ``weight``/``bias`` copied,
+    device and dtype kept. The layers are returned in eval mode (training them as BatchNorm would
+    replace the learned statistics).
 
     Args:
         model: the model; may itself be a batchless layer.
-        inplace: convert ``model`` itself instead of a deep copy. Default: False. Use the returned module.
+        inplace: convert ``model`` itself instead of a deep copy. Default: False. Use the
+            returned module.
     """
     check_module(model, "to_batchnorm")
 
@@ -315,7 +346,8 @@ def _to_batchnorm_layer(layer: _BatchlessNorm) -> nn.Module:
     var = layer.std.double().square().expand(layer.num_features)
     eps = layer.eps if var.is_meta or bool((var > layer.eps).all()) else 0.0
     cls = next(_TO_BATCHNORM[c] for c in type(layer).__mro__ if c in _TO_BATCHNORM)
-    bn = cls(layer.num_features, eps=eps, affine=layer.affine, device=layer.mean.device, dtype=layer.mean.dtype)
+    bn = cls(layer.num_features, eps=eps, affine=layer.affine, device=layer.mean.device,
+             dtype=layer.mean.dtype)
     bn.running_mean.copy_(layer.mean.expand(layer.num_features))
     bn.running_var.copy_(var - eps)
     if layer.affine:

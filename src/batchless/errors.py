@@ -9,7 +9,8 @@ class BatchlessError(ValueError):
 
 
 def check_module(model, where: str) -> None:
-    """Raise :class:`BatchlessError` unless ``model`` is an ``nn.Module`` (the argument of every model tool)."""
+    """Raise :class:`BatchlessError` unless ``model`` is an ``nn.Module`` (the argument of every
+    model tool)."""
     from torch import nn
 
     if not isinstance(model, nn.Module):

@@ -1,11 +1,11 @@
 """Folding batchless layers away for inference: ``fold``.
 
 At inference a batchless layer is a fixed per-channel affine map, ``y = x * scale + shift`` with
-``scale = weight / std`` and ``shift = bias - mean * scale``. Directly after a convolution or linear layer
-whose output goes nowhere else, it folds into that layer's weight and bias, exactly as an eval-mode
-BatchNorm does (``torch.nn.utils.fusion``), and costs nothing; anywhere else it becomes a
-:class:`ChannelAffine` module (one fused multiply-add). :func:`affine_of` and :func:`fold_into` are the
-tensor-level functions; :func:`fold` is the module-level wrapper.
+``scale = weight / std`` and ``shift = bias - mean * scale``. Directly after a convolution or linear
+layer whose output goes nowhere else, it folds into that layer's weight and bias, exactly as an
+eval-mode BatchNorm does (``torch.nn.utils.fusion``), and costs nothing; anywhere else it becomes a
+:class:`ChannelAffine` module (one fused multiply-add). :func:`affine_of` and :func:`fold_into` are
+the tensor-level functions; :func:`fold` is the module-level wrapper.
 """
 
 from __future__ import annotations
@@ -17,17 +17,21 @@ from collections import Counter
 import torch
 from torch import Tensor, fx, nn
 
+from ._compat import HOOK_DICTS
 from .convert import replace_modules
 from .errors import BatchlessError, check_module
+from .functional import channel_view
 from .loss import batchless_layers
 from .modules import BatchlessNorm1d, _BatchlessNorm
 
-# Producer layers a batchless layer can fold into, with the channel dimension of their weight (dim 0).
+# Producer layers a batchless layer can fold into, with the channel dimension of their weight (dim
+# 0).
 _FOLDABLE = (nn.Conv1d, nn.Conv2d, nn.Conv3d, nn.Linear)
 
 
 class ChannelAffine(nn.Module):
-    """A fixed per-channel affine map on dim 1, ``y = x * scale + shift``: a batchless layer at inference.
+    """A fixed per-channel affine map on dim 1, ``y = x * scale + shift``: a batchless layer at
+    inference.
 
     Args:
         scale, shift: tensors of shape ``(C,)``, stored as buffers.
@@ -41,8 +45,8 @@ class ChannelAffine(nn.Module):
         self.register_buffer("shift", shift)
 
     def forward(self, x: Tensor) -> Tensor:
-        shape = (1, -1) + (1,) * (x.dim() - 2)
-        return torch.addcmul(self.shift.view(shape), x, self.scale.view(shape))
+        view = channel_view(x)
+        return torch.addcmul(self.shift.view(view), x, self.scale.view(view))
 
     def extra_repr(self) -> str:
         return f"{self.scale.shape[0]}"
@@ -50,7 +54,8 @@ class ChannelAffine(nn.Module):
 
 @torch.no_grad()
 def affine_of(layer: _BatchlessNorm) -> tuple[Tensor, Tensor]:
-    """``(scale, shift)``, each ``(C,)`` in the layer's dtype, such that the layer's output is ``x * scale + shift``.
+    """``(scale, shift)``, each ``(C,)`` in the layer's dtype, such that the layer's output is ``x *
+    scale + shift``.
 
     Computed in float64, so that folding adds no error beyond the final rounding.
     """
@@ -64,9 +69,11 @@ def affine_of(layer: _BatchlessNorm) -> tuple[Tensor, Tensor]:
 
 
 @torch.no_grad()
-def fold_into(weight: Tensor, bias: Tensor | None, scale: Tensor, shift: Tensor) -> tuple[Tensor, Tensor]:
-    """Weight and bias of a conv/linear layer followed by ``x * scale + shift`` on its output channels (dim 0
-    of ``weight``): ``(weight * scale, bias * scale + shift)``, computed in float64, returned in ``weight``'s dtype.
+def fold_into(weight: Tensor, bias: Tensor | None, scale: Tensor,
+              shift: Tensor) -> tuple[Tensor, Tensor]:
+    """Weight and bias of a conv/linear layer followed by ``x * scale + shift`` on its output
+    channels (dim 0 of ``weight``): ``(weight * scale, bias * scale + shift)``, computed in float64,
+    returned in ``weight``'s dtype.
     """
     s = scale.double().reshape(-1, *([1] * (weight.dim() - 1)))
     b = shift.double() if bias is None else bias.double() * scale.double() + shift.double()
@@ -76,31 +83,35 @@ def fold_into(weight: Tensor, bias: Tensor | None, scale: Tensor, shift: Tensor)
 def fold(model: nn.Module, *, inplace: bool = False) -> nn.Module:
     """Remove every batchless layer from an eval-mode model without changing its function.
 
-    A batchless layer is folded into the ``nn.Conv1d/2d/3d`` or ``nn.Linear`` feeding it when, in the
-    ``torch.fx`` graph of the model: every call of the layer takes the direct output of such a producer,
-    that output is used nowhere else, the producer is called once, the producer and the layer are each
-    registered under one name only, the producer's parameters belong to it alone (no tied weights), neither
-    has forward hooks, the producer has no parametrizations and as many output channels as the layer (for
-    ``nn.Linear``: the layer normalizes its ``(N, C)`` output; a Linear applied to ``(N, L, features)``
-    followed by a layer over ``L`` with ``L == out_features`` is the one case this cannot tell apart). The
-    layer becomes ``nn.Identity``. Every other batchless layer becomes a :class:`ChannelAffine`, which keeps
-    the layer's forward hooks. Where the whole model cannot be traced (data-dependent control flow), each
-    child module is traced on its own, recursively, with a warning (folding a child assumes the untraceable
-    forward reaches into it only by calling it); what cannot be traced at all is not folded, only replaced
-    by :class:`ChannelAffine`.
+    A batchless layer is folded into the ``nn.Conv1d/2d/3d`` or ``nn.Linear`` feeding it when, in
+    the ``torch.fx`` graph of the model: every call of the layer takes the direct output of such a
+    producer, that output is used nowhere else, the producer is called once, the producer and the
+    layer are each registered under one name only, the producer's parameters belong to it alone (no
+    tied weights), neither has forward hooks, the producer has no parametrizations and as many
+    output channels as the layer (for ``nn.Linear``: the layer normalizes its ``(N, C)`` output; a
+    Linear applied to ``(N, L, features)`` followed by a layer over ``L`` with ``L == out_features``
+    is the one case this cannot tell apart). The layer becomes ``nn.Identity``. Every other
+    batchless layer becomes a :class:`ChannelAffine`, which keeps the layer's forward hooks. Where
+    the whole model cannot be traced (data-dependent control flow), each child module is traced on
+    its own, recursively, with a warning (folding a child assumes the untraceable forward reaches
+    into it only by calling it); what cannot be traced at all is not folded, only replaced by
+    :class:`ChannelAffine`.
 
-    The result keeps the model's class and methods; its eval output equals the original's up to float
-    rounding, and its inference cost equals the same model without normalization layers (up to the
-    ``Identity`` calls and the unfoldable layers' affine maps).
+    The result keeps the model's class and methods; its eval output equals the original's up to
+    float rounding, and its inference cost equals the same model without normalization layers (up to
+    the ``Identity`` calls and the unfoldable layers' affine maps).
 
     Args:
-        model: an eval-mode model (training-mode batchless layers are refused: call ``model.eval()``).
-        inplace: fold ``model`` itself instead of a deep copy. Default: False. Use the returned module.
+        model: an eval-mode model (training-mode batchless layers are refused: call
+            ``model.eval()``).
+        inplace: fold ``model`` itself instead of a deep copy. Default: False. Use the returned
+            module.
 
     Example::
 
         >>> import torch, batchless as bl
-        >>> model = torch.nn.Sequential(torch.nn.Conv2d(3, 8, 3), bl.BatchlessNorm2d(8), torch.nn.ReLU()).eval()
+        >>> model = torch.nn.Sequential(torch.nn.Conv2d(3, 8, 3), bl.BatchlessNorm2d(8),
+        ...                             torch.nn.ReLU()).eval()
         >>> folded = bl.fold(model)
         >>> folded
         Sequential(
@@ -113,9 +124,8 @@ def fold(model: nn.Module, *, inplace: bool = False) -> nn.Module:
     training = [name or "<root>" for name, layer in batchless_layers(model) if layer.training]
     if training:
         raise BatchlessError(
-            f"fold is for inference and expects eval-mode layers; these batchless layers are in training mode: "
-            f"{', '.join(training)}. Call model.eval() first"
-        )
+            f"fold is for inference and expects eval-mode layers; these batchless layers are in "
+            f"training mode: {', '.join(training)}. Call model.eval() first")
     if not inplace:
         model = copy.deepcopy(model)
     names = Counter(id(m) for _, m in model.named_modules(remove_duplicate=False))
@@ -124,12 +134,14 @@ def fold(model: nn.Module, *, inplace: bool = False) -> nn.Module:
     pairs = [(producer, layer) for producer, layer in _fold_pairs(model, "", untraceable)
              if names[id(layer)] == 1 and not _hooks(layer)]
     if untraceable:
-        warnings.warn("fold: torch.fx cannot trace " + "; ".join(untraceable) + ". Their children were traced "
-                      "(and folded where possible) on their own, which assumes such a forward reaches into a child "
-                      "only by calling it (not into a grandchild or a child's parameters): compare the folded "
-                      "model's output with the original's", stacklevel=2)
-    shared_producer = {id(layer) for producer, layer in pairs  # (tied weights: folding would change the others)
-                       if names[id(producer)] != 1 or any(uses[id(p)] != 1 for p in producer.parameters())}
+        warnings.warn("fold: torch.fx cannot trace " + "; ".join(untraceable) + ". Their children "
+                      "were traced (and folded where possible) on their own, which assumes such a "
+                      "forward reaches into a child only by calling it (not into a grandchild or a "
+                      "child's parameters): compare the folded model's output with the original's",
+                      stacklevel=2)
+    # (tied weights: folding would change the others)
+    shared_producer = {id(layer) for producer, layer in pairs if names[id(producer)] != 1
+                       or any(uses[id(p)] != 1 for p in producer.parameters())}
     pairs = [(producer, layer) for producer, layer in pairs if id(layer) not in shared_producer]
     for producer, layer in pairs:
         weight, bias = fold_into(producer.weight, producer.bias, *affine_of(layer))
@@ -147,16 +159,11 @@ def fold(model: nn.Module, *, inplace: bool = False) -> nn.Module:
         if id(module) in folded_layers:
             return nn.Identity()
         new = ChannelAffine(*affine_of(module))
-        for hooks in _HOOK_DICTS:  # the same dicts: the users' hook handles still remove them
+        for hooks in HOOK_DICTS:  # the same dicts: the users' hook handles still remove them
             setattr(new, hooks, getattr(module, hooks))
         return new
 
     return replace_modules(model, replace, inplace=True)
-
-
-# Where a module keeps its forward hooks (and their flags).
-_HOOK_DICTS = ("_forward_pre_hooks", "_forward_pre_hooks_with_kwargs", "_forward_hooks", "_forward_hooks_with_kwargs",
-               "_forward_hooks_always_called")
 
 
 def _hooks(module: nn.Module) -> bool:
@@ -170,18 +177,22 @@ class _Tracer(fx.Tracer):
         return isinstance(m, _BatchlessNorm) or super().is_leaf_module(m, qualname)
 
 
-def _fold_pairs(root: nn.Module, name: str, untraceable: list[str]) -> list[tuple[nn.Module, _BatchlessNorm]]:
-    """``(producer, layer)`` for every batchless layer of ``root`` (named ``name``) all of whose calls can fold
-    into producers; the modules that torch.fx could not trace are added to ``untraceable``."""
-    if not any(isinstance(m, _BatchlessNorm) for m in root.modules()) or isinstance(root, _BatchlessNorm):
+def _fold_pairs(root: nn.Module, name: str,
+                untraceable: list[str]) -> list[tuple[nn.Module, _BatchlessNorm]]:
+    """``(producer, layer)`` for every batchless layer of ``root`` (named ``name``) all of whose
+    calls can fold into producers; the modules that torch.fx could not trace are added to
+    ``untraceable``."""
+    if isinstance(root, _BatchlessNorm) or not any(isinstance(m, _BatchlessNorm)
+                                                   for m in root.modules()):
         return []
     try:
         graph = _Tracer().trace(root)
-    except Exception as error:  # untraceable (control flow on values, ...): try each child on its own
+    except Exception as error:  # untraceable (control flow on values, ...): each child on its own
         first_line = (str(error).strip().splitlines() or [""])[0]
-        untraceable.append(f"{name or '<root>'} ({type(root).__name__}: {type(error).__name__}: {first_line})")
-        return [pair for child_name, child in root.named_children()
-                for pair in _fold_pairs(child, f"{name}.{child_name}" if name else child_name, untraceable)]
+        untraceable.append(f"{name or '<root>'} ({type(root).__name__}: {type(error).__name__}: "
+                           f"{first_line})")
+        return [pair for child_name, child in root.named_children() for pair in
+                _fold_pairs(child, f"{name}.{child_name}" if name else child_name, untraceable)]
     calls = Counter(node.target for node in graph.nodes if node.op == "call_module")
     attrs = [node.target for node in graph.nodes if node.op == "get_attr"]
     sites: dict[str, list[fx.Node]] = {}
@@ -191,7 +202,8 @@ def _fold_pairs(root: nn.Module, name: str, untraceable: list[str]) -> list[tupl
 
     def producer(node: fx.Node, layer: _BatchlessNorm) -> nn.Module | None:
         src = node.args[0] if len(node.args) == 1 and not node.kwargs else None
-        if not isinstance(src, fx.Node) or src.op != "call_module" or len(src.users) != 1 or calls[src.target] != 1:
+        if (not isinstance(src, fx.Node) or src.op != "call_module" or len(src.users) != 1
+                or calls[src.target] != 1):
             return None
         module = root.get_submodule(src.target)
         ok = (

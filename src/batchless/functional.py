@@ -1,49 +1,65 @@
-r"""The maths of Batchless Normalization as pure tensor functions.
+r"""The maths of Batchless Normalization as pure tensor functions, and the routes that run it.
 
-Every channel ``c`` has a learnable Gaussian :math:`\mathcal{N}(\mu_c, \sigma_c^2)`. The output is
+Every channel ``c`` has a learnable Gaussian :math:`\mathcal{N}(\mu_c, \sigma_c^2)`; the output is
+:math:`y = (x - \mu) / \sigma \cdot \gamma + \beta` in training and evaluation alike, and
+:math:`\mu, \sigma` are trained by the negative log likelihood of the layer's input, a mean over
+all its elements, gauged to be ~0 when the input really is :math:`\mathcal{N}(\mu, \sigma^2)`:
 
-.. math::  y = \frac{x - \mu}{\sigma} \gamma + \beta
+.. math::  \mathrm{NLL} = \operatorname{mean}\big[\log\sigma_c + \tfrac12 \hat x^2\big]
+           - \operatorname{sg}\big[\operatorname{mean}_c \log\sigma_c + \tfrac12\big],
+           \qquad \hat x = (x - \mu_c) / \sigma_c
 
-in training and evaluation alike, and :math:`\mu, \sigma` are trained by the negative log likelihood of
-the layer's input, reduced as a mean over all its elements and gauged to be ~0 when the input really is
-:math:`\mathcal{N}(\mu, \sigma^2)`:
+The output treats :math:`\mu, \sigma` as constants, the NLL treats ``x`` as one, so the NLL needs
+only two per-channel moments of the input, ``a = mean_c(x_hat)`` and ``b = mean_c(x_hat ** 2)``:
+``dNLL/dmu_c = -a_c / (C sigma_c)``, ``dNLL/dsigma_c = (1 - b_c) / (C sigma_c)``.
 
-.. math::  \mathrm{NLL} = \operatorname{mean}\Big[\log\sigma_c + \tfrac12\big(\tfrac{x-\mu_c}{\sigma_c}\big)^2\Big]
-           - \operatorname{sg}\big[\operatorname{mean}_c \log\sigma_c + \tfrac12\big]
-
-Stop-gradients both ways: the output treats :math:`\mu, \sigma` as constants, the NLL treats ``x`` as a
-constant. The NLL therefore depends on the input only through two per-channel moments of the normalised
-input :math:`\hat x = (x - \mu)/\sigma`, ``a = mean_c(x_hat)`` and ``b = mean_c(x_hat ** 2)``, which is all
-this module keeps of the activations:
-
-.. math::  \frac{\partial\,\mathrm{NLL}}{\partial \mu_c} = -\frac{a_c}{C\sigma_c}, \qquad
-           \frac{\partial\,\mathrm{NLL}}{\partial \sigma_c} = \frac{1 - b_c}{C\sigma_c}
-
-with ``C`` the number of channels. ``a`` and ``b`` are formed from the channel mean and variance of ``x`` and
-the current ``mean``/``std`` (see :func:`channel_moments` for their precision). Statistics are computed in
+Each formula exists once, here: :func:`affine_forward`, :func:`affine_backward`
+(:func:`output_grads`), :func:`nll_grads`, :func:`std_from_param`. The routes of
+:mod:`batchless.fused` run them as plain ops or compiled, or run kernels tested against them
+(ATen's batch-norm kernels on the eager route, C++ on the native one). Statistics are computed in
 float32 (float64 for float64 inputs); outputs come back in the input dtype.
 """
 
 from __future__ import annotations
 
-import contextlib
 import math
-import numbers
+from typing import NamedTuple
 
 import torch
 from torch import Tensor
 
+from . import _compat
 from . import fused as _fused
+from ._state import STATE
 from .errors import BatchlessError
-from .weighting import resolve_weight
+from .fused import Route
+from .weighting import as_number, resolve_weight
 
-STD_PARAMS = ("log", "abs", "inv")
+STD_PARAMS = ("log", "abs", "inv")  # a layer's choices; the functions here also take "std"
+
+
+class TrainOutput(NamedTuple):
+    """A training forward's results."""
+
+    y: Tensor  #: the output, in the input's dtype and memory format
+    a: Tensor  #: (C,) mean of x_hat per channel (float32, or float64)
+    b: Tensor  #: (C,) mean of x_hat ** 2 per channel
+    finite: Tensor | None  #: (C,) False where the input held NaN/Inf; None: all finite
+
+
+class Factors(NamedTuple):
+    """Dense (C,) per-channel vectors in the compute dtype."""
+
+    mean: Tensor
+    inv: Tensor  #: 1 / std
+    scale: Tensor  #: weight / std (``inv`` without weight)
 
 
 def std_from_param(raw: Tensor, std_param: str, eps: float) -> Tensor:
     """sigma as a differentiable function of the raw parameter ``s``.
 
-    ``"log"``: ``exp(s)``; ``"abs"``: ``|s| + eps``; ``"inv"``: ``s`` stores ``1/sigma``, so ``1 / (|s| + eps)``.
+    ``"log"``: ``exp(s)``; ``"abs"``: ``|s| + eps``; ``"inv"``: ``s`` stores ``1/sigma``, so
+    ``1 / (|s| + eps)``; ``"std"``: ``s`` is sigma.
     """
     if std_param == "log":
         return raw.exp()
@@ -51,11 +67,14 @@ def std_from_param(raw: Tensor, std_param: str, eps: float) -> Tensor:
         return raw.abs() + eps
     if std_param == "inv":
         return (raw.abs() + eps).reciprocal()
-    raise BatchlessError(f"std_param must be one of {STD_PARAMS}, got {std_param!r}")
+    if std_param == "std":
+        return raw
+    raise BatchlessError(f"std_param must be one of {('std', *STD_PARAMS)}, got {std_param!r}")
 
 
 def param_from_std(std: Tensor, std_param: str, eps: float) -> Tensor:
-    """The raw parameter whose :func:`std_from_param` is ``std`` (clamped where ``eps`` makes it unreachable)."""
+    """The raw parameter whose :func:`std_from_param` is ``std`` (clamped where ``eps`` makes it
+    unreachable)."""
     std = torch.as_tensor(std)
     if std_param == "log":
         return std.log()
@@ -63,269 +82,95 @@ def param_from_std(std: Tensor, std_param: str, eps: float) -> Tensor:
         return (std - eps).clamp_min(0.0)
     if std_param == "inv":
         return (std.reciprocal() - eps).clamp_min(0.0)
-    raise BatchlessError(f"std_param must be one of {STD_PARAMS}, got {std_param!r}")
+    if std_param == "std":
+        return std
+    raise BatchlessError(f"std_param must be one of {('std', *STD_PARAMS)}, got {std_param!r}")
 
 
-def _compute_dtype(x: Tensor) -> torch.dtype:
+def compute_dtype(x: Tensor) -> torch.dtype:
+    """The dtype of statistics for input ``x``: float64 for float64, else float32."""
     return torch.float64 if x.dtype == torch.float64 else torch.float32
 
 
 def _cast(t: Tensor, dtype: torch.dtype) -> Tensor:
-    return t if t.dtype == dtype else t.to(dtype)  # .to is a dispatcher round trip even when it is a no-op
+    return t if t.dtype == dtype else t.to(dtype)  # (.to costs a dispatcher trip even as a no-op)
 
 
-def _dense_stats(mean: Tensor, std: Tensor, x: Tensor) -> tuple[Tensor, Tensor]:
-    """(C,) float32/64 mean and std; a shared (1,) Gaussian is expanded *and copied*: with an expanded
-    (stride 0) running_mean, CPU batch_norm_backward reads garbage for (N, C) inputs."""
-    cd, c = _compute_dtype(x), x.shape[1]
-    mean, std = _cast(mean.detach(), cd).reshape(-1), _cast(std.detach(), cd).reshape(-1)  # (0-dim: shared)
-    if mean.numel() != c:
-        mean, std = mean.expand(c).contiguous(), std.expand(c).contiguous()
-    return mean, std
+def channel_view(x: Tensor) -> tuple[int, ...]:
+    """The shape that broadcasts a (C,) vector over ``x`` (N, C, *)."""
+    return (1, -1) + (1,) * (x.dim() - 2)
 
 
-def _scale(inv: Tensor, weight: Tensor | None) -> Tensor:
-    """The per-channel factor ``weight / std`` from ``inv = 1 / std`` (``inv`` itself without weight)."""
+def channel_dims(x: Tensor) -> list[int]:
+    """The dimensions of ``x`` (N, C, *) that a per-channel reduction sums over."""
+    return [0, *range(2, x.dim())]
+
+
+def scale_of(inv: Tensor, weight: Tensor | None) -> Tensor:
+    """The per-channel factor ``weight / std`` from ``inv = 1 / std`` (``inv`` without weight)."""
     return inv if weight is None else _cast(weight, inv.dtype) * inv
 
 
-_ONES: dict = {}
+def factors(mean: Tensor, std: Tensor, weight: Tensor | None, x: Tensor) -> Factors:
+    """The (C,) factors of ``x``'s forward, ``mean`` and ``std`` as constants. A shared (1,)
+    Gaussian is expanded *and copied*: with an expanded (stride 0) mean, CPU batch-norm kernels read
+    garbage for (N, C) inputs."""
+    cd, c = compute_dtype(x), x.shape[1]
+    mean, std = _cast(mean.detach(), cd).reshape(-1), _cast(std.detach(), cd).reshape(-1)
+    if mean.numel() != c:
+        mean, std = mean.expand(c).contiguous(), std.expand(c).contiguous()
+    inv = std.reciprocal()
+    return Factors(mean, inv, scale_of(inv, weight))
 
 
-def _ones_as(t: Tensor) -> Tensor:
-    """A plain (C,) tensor of ones in t's dtype and device (never batched under vmap), kept per C, dtype and
-    device so that the hot path does not allocate it (``t``: a (C,) parameter-sized vector)."""
-    if torch.compiler.is_compiling() or torch.is_inference_mode_enabled():  # (an inference tensor in the
-        return torch.ones_like(t)                                            # cache would break autograd later)
-    key = (t.shape[0], t.dtype, t.device)
-    ones = _ONES.get(key)
-    if ones is None:
-        ones = _ONES[key] = torch.ones(t.shape[0], dtype=t.dtype, device=t.device)
-    return ones
+def affine_forward(x: Tensor, mean: Tensor, inv: Tensor, scale: Tensor, bias: Tensor | None):
+    """``(y, a, b)`` of a training forward: ``y = (x - mean) * scale + bias`` in x's dtype, ``a``
+    and ``b`` the per-channel means of ``x_hat = (x - mean) * inv`` and ``x_hat ** 2``. The (C,)
+    vectors are in the compute dtype. An empty batch has no evidence: a = 0, b = 1 (NLL and
+    gradients 0)."""
+    view, dims = channel_view(x), channel_dims(x)
+    xf = x.to(inv.dtype)
+    shift = -mean * scale if bias is None else bias.to(inv.dtype) - mean * scale
+    y = (xf * scale.reshape(view) + shift.reshape(view)).to(x.dtype)
+    if x.numel() == 0:
+        return y, torch.zeros_like(inv), torch.ones_like(inv)
+    x_hat = (xf - mean.reshape(view)) * inv.reshape(view)
+    return y, x_hat.mean(dims), x_hat.square().mean(dims)
 
 
-def _affine(x: Tensor, mean: Tensor, scale: Tensor, bias: Tensor | None) -> Tensor:
-    """``(x - mean) * scale + bias`` per channel, in x's dtype, by the fastest native kernel."""
-    bias = None if bias is None else _cast(bias, scale.dtype)
-    if x.dim() == 2 and x.dtype == scale.dtype:  # (N, C): one addcmul beats batch_norm's setup by 5x
-        shift = (mean * scale).neg_() if bias is None else torch.addcmul(bias, mean, scale, value=-1.0)
-        return torch.addcmul(shift, x, scale)
-    # an eval-mode batch norm with running_var 1 and eps 0 computes exactly this (as x * a + b, like BatchNorm)
-    return torch.batch_norm(x, scale, bias, mean, _ones_as(scale), False, 0.0, 0.0, torch.backends.cudnn.enabled)
+def affine_backward(gy: Tensor, x: Tensor, mean: Tensor, inv: Tensor, scale: Tensor):
+    """``(gx, gweight, gbias)`` of ``y = (x - mean) * scale + bias``: ``gy * scale``,
+    ``sum(gy * x_hat)`` and ``sum(gy)`` per channel (the last two in the compute dtype)."""
+    view, dims = channel_view(x), channel_dims(x)
+    g = gy.to(inv.dtype)
+    x_hat = (x.to(inv.dtype) - mean.reshape(view)) * inv.reshape(view)
+    return (g * scale.reshape(view)).to(gy.dtype), (g * x_hat).sum(dims), g.sum(dims)
 
 
-_ROWS_MIN_NUMEL = 16384  # below this the statistics kernel's ~1.7 ns/element beats the row path's ~28 us of ops
-_SHIFT_MIN_N = 65536  # elements per channel from which the CPU statistics kernel's float32 sums need centring
+def output_grads(gy: Tensor, x: Tensor, mean: Tensor, inv: Tensor, weight: Tensor | None):
+    """:func:`affine_backward` with ``scale = weight * inv``, as differentiable ops in ``gy``, ``x``
+    and ``weight``: what every route's backward computes when it records a graph (double backward:
+    gradient penalties) or gets batched gradients; the native node calls it from C++."""
+    return affine_backward(gy, x, mean, inv, scale_of(inv, weight))
 
 
-def channel_moments(x: Tensor, mean: Tensor, inv: Tensor) -> tuple[Tensor, Tensor]:
-    """Per-channel ``a = mean(x_hat)`` and ``b = mean(x_hat ** 2)`` of ``x_hat = (x - mean) * inv``, inv = 1/std.
-
-    Where possible one read of ``x`` and no activation-sized temporary (on this project's CPUs a fresh
-    activation-sized buffer costs more than the arithmetic). PyTorch's batch-norm statistics kernel (one
-    Welford pass) gives the channel mean and (centred, stable) variance on accelerators and, on CPU, for
-    (N, C) and channels-last inputs. For other contiguous (N, C, *) CPU inputs of 16k elements or more, where
-    that kernel is up to 10x slower (~1.7 ns/element on this project's CPUs), float32 row sums and row
-    2-norms of the (N, C, rest) view are combined in float64; the raw second moment then loses ~1e-7 *
-    (mean_x / std_x)**2 in relative precision, negligible for the NLL unless a channel's mean exceeds ~1000
-    of its standard deviations (half-precision inputs too: summed in float32). The statistics kernel's
-    half-precision inputs, and on CPU its inputs from 2^16 elements per channel, are first centred, ``x -
-    mean`` in float32 (one more pass and a temporary): the kernel rounds a half-precision input's statistics
-    to its dtype, and its float32 sums on CPU lose a badly centred channel's mean (1000 +- 0.1 by ~40
-    standard deviations at 2^19). Under torch.compile: ``var_mean``, which the compiler fuses.
-    An empty batch has no evidence: a = 0, b = 1, so its NLL and gradients are 0.
-    """
-    cd = _compute_dtype(x)
-    n = x.numel() // x.shape[1]
-    if n == 0:
-        return torch.zeros_like(inv), torch.ones_like(inv)
-    if torch.compiler.is_compiling():  # the native statistics op has no fake-tensor kernel; compilers fuse this
-        var, m = torch.var_mean(x.to(cd), [0, *range(2, x.dim())], correction=0)
-        a = (m - mean) * inv
-        return a, torch.addcmul(a * a, var, inv * inv)
-    by_rows = x.dim() > 2 and x.numel() >= _ROWS_MIN_NUMEL and x.is_contiguous() and x.device.type == "cpu"
-    centre = not by_rows and (x.dtype in (torch.bfloat16, torch.float16) or (
-        x.device.type == "cpu" and n >= _SHIFT_MIN_N and x.dtype == torch.float32))
-    if centre:
-        # by the learned mean first (one extra pass and a float32 temporary): the statistics kernel returns a
-        # half-precision input's mean rounded to its dtype (at 100 +- 1, bfloat16: 0.4 standard deviations),
-        # and on CPU its float32 sums lose a badly centred channel's mean past ~2^17 elements (1000 +- 0.1:
-        # off by 40 standard deviations)
-        x = x - _cast(mean, cd).reshape((1, -1) + (1,) * (x.dim() - 2))  # (half precision x: in float32)
-    if by_rows:
-        rows = x.view(x.shape[0], x.shape[1], -1)
-        m = rows.sum(-1, dtype=cd).sum(0, dtype=torch.float64) / n
-        var = torch.linalg.vector_norm(rows, dim=-1, dtype=cd).double().square().sum(0) / n - m * m
-        m, var = m.to(cd), var.to(cd).clamp_min(0.0)
-    else:
-        m, var = torch.ops.aten.batch_norm_update_stats(x, None, None, 0.0)
-        m, var = _cast(m, cd), _cast(var, cd)
-    a = m * inv if centre else (m - mean) * inv
-    return a, torch.addcmul(a * a, var, inv * inv)  # b = (var + (m - mean)**2) / std**2
-
-
-def _train_maths(x: Tensor, mean: Tensor, std: Tensor, weight: Tensor | None, bias: Tensor | None,
-                 host_check: bool, fused: bool = False):
-    """``(y, a, b, finite, mean_c, inv, scale)`` of a training forward, mean/std constants (``inv = 1 / std``,
-    ``scale = weight / std`` as used for the output); with ``fused``, by :func:`batchless.fused.forward`
-    where it applies.
-
-    A channel whose input holds NaN/Inf contributes no NLL (a = 0, b = 1). ``finite`` (C,) says which
-    channels were finite; with ``host_check`` (CPU tensors, eager) it is None when all are, which one
-    reduction and a free host read establish (b is non-finite wherever a is).
-    """
-    mean_c, std_c = _dense_stats(mean, std, x)
-    inv = std_c.reciprocal()
-    scale = _scale(inv, weight)
-    out = _fused.forward(x, mean_c, inv, scale, bias) if fused else None
-    if out is None:
-        y, (a, b) = _affine(x, mean_c, scale, bias), channel_moments(x, mean_c, inv)
-    else:
-        y, a, b = out
-    if host_check and math.isfinite(b.sum().item()):
-        return y, a, b, None, mean_c, inv, scale
-    finite = torch.isfinite(b)
-    return y, a.where(finite, 0.0), b.where(finite, 1.0), finite, mean_c, inv, scale
-
-
-def _train_grads(gy, x, mean_c, inv, scale, weight, a, b, needs, nll_weight, shared: bool, kernels="eager"):
-    """Gradients for ``(x, mean, std, weight, bias)``: those of an eval-mode batch norm with running
-    statistics ``mean_c``, ``1 / inv**2`` for x, weight and bias; ``nll_weight * dNLL`` for mean and std
-    (none when ``nll_weight`` is None: explicit mode). With ``kernels`` other than ``"eager"`` (see
-    :func:`batchless.fused.path`), x/weight/bias gradients by :func:`batchless.fused.backward` where it
-    applies (when all three are needed).
-
-    A backward that records a graph (double backward: gradient penalties, Hessian-vector products) gets the
-    x, weight and bias gradients as differentiable functions of ``gy``, ``x`` and ``weight`` (so the
-    penalty's gradient reaches ``weight`` through ``gx = gy * weight / std``); mean/std are constants there,
-    as in the output, and the implicit NLL gradient is a constant too (``nll="explicit"`` differentiates the
-    NLL twice)."""
-    w = None if weight is None else _cast(weight, inv.dtype)
-    gx = gw = gb = None
-    use_fused = kernels != "eager" and gy is not None and needs[0] and needs[3] and needs[4]
-    out = _fused.backward(gy, x, mean_c, inv, scale, kernels) if use_fused else None
-    if out is not None:
-        gx, gw, gb = out
-    elif gy is not None and (torch.is_grad_enabled() or x.numel() == 0 or (
-            not torch.compiler.is_compiling() and _transformed(gy))):
-        # plain differentiable ops: for a backward that records a graph, an empty batch (the native CPU
-        # kernel below divides by N: SIGFPE) and vmap (no batching rule for that kernel)
-        view, dims = (1, -1) + (1,) * (x.dim() - 2), [0, *range(2, x.dim())]
-        g = gy.to(inv.dtype)
-        if needs[0]:
-            gx = (g * _scale(inv, w).reshape(view)).to(gy.dtype)
-        if needs[3]:
-            gw = (g * ((x.to(inv.dtype) - mean_c.reshape(view)) * inv.reshape(view))).sum(dims)
-        if needs[4]:
-            gb = g.sum(dims)
-    elif gy is not None:  # (None: the output itself is unused; only the NLL gradient below remains)
-        view = (1, -1) + (1,) * (x.dim() - 2)
-        if needs[0]:  # one multiply (native eval-mode backward is 1.5-3x slower on CPU); in bfloat16/float16
-            # the per-channel factor is rounded to x's dtype first: <= 2**-8 relative error, not 2**-9
-            gx = gy * _cast(scale, gy.dtype).reshape(view)
-        if needs[3] or needs[4]:  # the sums of batch norm's training backward, centred on mean_c, scaled by 1/std_c
-            _, gw, gb = torch.ops.aten.native_batch_norm_backward(
-                gy, x, w, None, None, mean_c, inv, True, 0.0, [False, needs[3], needs[4]])
-    if weight is not None and weight.dtype != inv.dtype:
-        gw, gb = (None if g is None else g.to(weight.dtype) for g in (gw, gb))
-    gmean = gstd = None
-    if nll_weight is not None:
-        weight_nll = nll_weight if type(nll_weight) is float else resolve_weight(nll_weight)
-        k = inv * (weight_nll / a.numel())  # dNLL/d(mean, std) = (-a, 1 - b) k
-        gmean, gstd = torch.mul(a, k).neg_(), torch.addcmul(k, b, k, value=-1.0)
-        if shared:
-            gmean, gstd = gmean.sum(0, keepdim=True), gstd.sum(0, keepdim=True)
-    return gx, gmean, gstd, gw, gb
-
-
-def _transformed(t: Tensor) -> bool:
-    """Whether a torch.func transform is running (``t`` wrapped, or only the parameters, as with
-    ``functional_call`` on a layer fed a plain input): such calls need the plain-ops formulation."""
-    return torch._C._are_functorch_transforms_active() or torch._C._functorch.is_functorch_wrapped_tensor(t)
-
-
-def _autocast_off(x: Tensor):
-    """A context disabling autocast for x's device where it is on (entering one costs more than most ops)."""
-    try:
-        on = torch.is_autocast_enabled(x.device.type)
-    except TypeError:  # torch < 2.4 takes no device type
-        on = True
-    return torch.autocast(x.device.type, enabled=False) if on else contextlib.nullcontext()
-
-
-class _BatchlessTrain(torch.autograd.Function):
-    """Training forward: the output, the per-channel moments (a, b) of x_hat and which channels were finite.
-
-    The output and the gradients for x, weight and bias are those of an eval-mode batch norm with
-    ``running_mean = mean`` and ``running_var = std**2`` (eps 0), computed by PyTorch's native kernels
-    (the forward by eval-mode batch norm; the input gradient by one multiply, the weight/bias gradients by
-    the sums of batch norm's training-mode backward); mean/std are constants in this path. When
-    ``nll_weight`` is not None (implicit mode) backward also gives mean/std ``nll_weight * dNLL``;
-    otherwise mean/std get no gradient here.
-    This setup_context-style Function serves torch.func transforms and torch.compile; eager code uses the
-    lighter :class:`_BatchlessTrainEager`, or, on CPU with the native kernels built and a numeric NLL weight,
-    their one-node C++ equivalent (``Train`` in ``_cpu_kernels.cpp``); all compute the same thing.
-    """
-
-    generate_vmap_rule = True  # per-sample gradients with torch.func (the layer is per-instance)
-
-    @staticmethod
-    def forward(x, mean, std, weight, bias, nll_weight):
-        with _autocast_off(x):  # (scale is not an output: without weight it is inv itself)
-            return _train_maths(x, mean, std, weight, bias, host_check=False)[:6]
-
-    @staticmethod
-    def setup_context(ctx, inputs, output):
-        x, mean, _, weight, _, nll_weight = inputs
-        _, a, b, finite, mean_c, inv = output
-        ctx.save_for_backward(x, mean_c, inv, weight, a, b)
-        ctx.shared = mean.numel() != x.shape[1]
-        ctx.nll_weight = nll_weight
-        ctx.mark_non_differentiable(a, b, finite, mean_c, inv)
-        ctx.set_materialize_grads(False)  # no zero-filled gradients for the five non-differentiable outputs
-
-    @staticmethod
-    def backward(ctx, gy, *_):
-        x, mean_c, inv, weight, a, b = ctx.saved_tensors
-        return *_train_grads(gy, x, mean_c, inv, _scale(inv, weight), weight, a, b, ctx.needs_input_grad,
-                             ctx.nll_weight, ctx.shared), None
-
-
-class _BatchlessTrainEager(torch.autograd.Function):
-    """The same computation for eager code, with the per-call overhead cut down, which on small inputs is
-    most of the cost: the classic style (``apply`` of a setup_context-style Function binds its arguments
-    with ``inspect`` on every call, ~50 us), one output (a, b and finite go to the ``side`` list), and
-    the finiteness check read on the host for CPU tensors."""
-
-    @staticmethod
-    def forward(ctx, x, mean, std, weight, bias, nll_weight, side, kernels):
-        with _autocast_off(x):
-            out = _fused.native_forward(x, mean, std, weight, bias) if kernels == "native" else None
-            y, a, b, finite, mean_c, inv, scale = out or _train_maths(
-                x, mean, std, weight, bias, host_check=x.device.type == "cpu", fused=kernels == "compiled")
-        ctx.save_for_backward(x, mean_c, weight)
-        ctx.kernels = kernels
-        ctx.stats = inv, scale, a, b  # intermediates: no version counter to check
-        ctx.shared = mean.numel() != x.shape[1]
-        ctx.nll_weight = nll_weight
-        ctx.set_materialize_grads(False)
-        side += (a, b, finite)
-        return y
-
-    @staticmethod
-    def backward(ctx, gy):
-        x, mean_c, weight = ctx.saved_tensors
-        inv, scale, a, b = ctx.stats
-        return *_train_grads(gy, x, mean_c, inv, scale, weight, a, b, ctx.needs_input_grad, ctx.nll_weight,
-                             ctx.shared, ctx.kernels), None, None, None
+def nll_grads(a: Tensor, b: Tensor, inv: Tensor, nll_weight, *, shared: bool):
+    """``nll_weight * dNLL / d(mean, std)``: ``(-a, 1 - b) * inv / C`` per channel, summed over the
+    channels for a ``shared`` Gaussian (then of shape (1,))."""
+    k = inv * (nll_weight / a.numel())
+    gmean, gstd = torch.mul(a, k).neg_(), torch.addcmul(k, b, k, value=-1.0)
+    if shared:
+        return gmean.sum(0, keepdim=True), gstd.sum(0, keepdim=True)
+    return gmean, gstd
 
 
 def nll_from_moments(mean: Tensor, std: Tensor, a: Tensor, b: Tensor) -> Tensor:
-    """The gauged layer NLL as a differentiable function of ``mean`` and ``std`` (the input is constant).
+    """The gauged layer NLL as a differentiable function of ``mean`` and ``std`` (x constant).
 
     ``a``, ``b`` are the per-channel moments of x_hat taken at ``mean0 = mean.detach()``, ``std0 =
     std.detach()``; with ``d = mean0 - mean`` the expected squared deviation from ``mean`` is
-    ``std0**2 * b + 2 * d * std0 * a + d**2`` exactly, so value, gradient and curvature are the NLL's own.
+    ``std0**2 * b + 2 * d * std0 * a + d**2`` exactly, so value, gradient and curvature are the
+    NLL's own.
     """
     mean0, std0 = mean.detach(), std.detach()
     d = mean0 - mean
@@ -336,84 +181,311 @@ def nll_from_moments(mean: Tensor, std: Tensor, a: Tensor, b: Tensor) -> Tensor:
 
 
 def gauged_nll(b: Tensor) -> Tensor:
-    """The gauged NLL's value from the second moments alone: ``0.5 * (mean(b) - 1)`` (0 when x ~ N(mu, sigma^2))."""
+    """The gauged NLL's value from the second moments: ``0.5 * (mean(b) - 1)`` (0 when x ~ N(mu,
+    sigma^2))."""
     return 0.5 * (b.mean() - 1.0)
 
 
-def eval_forward(x: Tensor, mean: Tensor, std: Tensor, weight: Tensor | None, bias: Tensor | None) -> Tensor:
-    """Batchless normalisation of ``x`` (N, C, *) in evaluation, with per-channel (C,) or shared (1,)
-    ``mean``/``std``: the fixed affine map ``(x - mean) / std * weight + bias`` of an eval-mode BatchNorm."""
+def _ones_as(t: Tensor) -> Tensor:
+    """A plain (C,) tensor of ones like ``t`` (never batched under vmap), kept per C, dtype and
+    device so that the eager route does not allocate it at each call."""
+    if torch.compiler.is_compiling() or torch.is_inference_mode_enabled():  # (an inference tensor
+        return torch.ones_like(t)                                            # would break autograd)
+    key = (t.shape[0], t.dtype, t.device)
+    ones = STATE.ones.get(key)
+    if ones is None:
+        ones = STATE.ones[key] = torch.ones(t.shape[0], dtype=t.dtype, device=t.device)
+    return ones
+
+
+def affine(x: Tensor, mean: Tensor, scale: Tensor, bias: Tensor | None) -> Tensor:
+    """``(x - mean) * scale + bias`` per channel, in x's dtype and memory format, by one ATen op."""
+    bias = None if bias is None else _cast(bias, scale.dtype)
+    if x.dim() == 2 and x.dtype == scale.dtype:  # (N, C): addcmul costs less than batch_norm
+        shift = (mean * scale).neg_() if bias is None else torch.addcmul(bias, mean, scale,
+                                                                           value=-1.0)
+        return torch.addcmul(shift, x, scale)
+    # an eval-mode batch norm with running_var 1 and eps 0 computes exactly this
+    return torch.batch_norm(x, scale, bias, mean, _ones_as(scale), False, 0.0, 0.0,
+                            torch.backends.cudnn.enabled)
+
+
+_ROWS_MIN_NUMEL = 16384  # from here on, CPU row sums beat ATen's statistics kernel
+_SHIFT_MIN_N = 65536  # elements per channel from which that kernel's float32 sums need centring
+
+
+def channel_moments(x: Tensor, mean: Tensor, inv: Tensor) -> tuple[Tensor, Tensor]:
+    """Per-channel ``a = mean(x_hat)`` and ``b = mean(x_hat ** 2)`` of ``x_hat = (x - mean) * inv``
+    from the channel mean and variance of ``x`` by ATen, one read of ``x`` where possible: ATen's
+    statistics kernel (one Welford pass), or on CPU for contiguous (N, C, *) inputs of 16k elements
+    or more, where that kernel is slow (BENCHMARKS.md), float32 row sums and 2-norms combined in
+    float64 (the second moment then loses ~1e-7 * (mean_x / std_x)**2 in relative precision).
+    Half-precision inputs, and on CPU float32 inputs from 2^16 elements per channel, are centred
+    on ``mean`` first: the kernel rounds half-precision statistics to their dtype, and its float32
+    sums lose a badly centred channel's mean. An empty batch: a = 0, b = 1.
+    """
+    cd = compute_dtype(x)
+    n = x.numel() // x.shape[1]
+    if n == 0:
+        return torch.zeros_like(inv), torch.ones_like(inv)
+    on_cpu = x.device.type == "cpu"
+    by_rows = x.dim() > 2 and x.numel() >= _ROWS_MIN_NUMEL and x.is_contiguous() and on_cpu
+    centre = not by_rows and (x.dtype in (torch.bfloat16, torch.float16) or (
+        on_cpu and n >= _SHIFT_MIN_N and x.dtype == torch.float32))
+    if centre:
+        x = x - _cast(mean, cd).reshape(channel_view(x))  # (half precision x: in float32)
+    if by_rows:
+        rows = x.view(x.shape[0], x.shape[1], -1)
+        m = rows.sum(-1, dtype=cd).sum(0, dtype=torch.float64) / n
+        sq = torch.linalg.vector_norm(rows, dim=-1, dtype=cd).double().square().sum(0) / n
+        m, var = m.to(cd), (sq - m * m).to(cd).clamp_min(0.0)
+    else:
+        m, var = (_cast(t, cd) for t in _compat.batch_norm_stats(x))
+    a = m * inv if centre else (m - mean) * inv
+    return a, torch.addcmul(a * a, var, inv * inv)  # b = (var + (m - mean)**2) / std**2
+
+
+def _eager_forward(x: Tensor, f: Factors, bias: Tensor | None):
+    return affine(x, f.mean, f.scale, bias), *channel_moments(x, f.mean, f.inv)
+
+
+def _compiled_forward(x: Tensor, f: Factors, bias: Tensor | None):
+    y, a, b = _fused.compiled(affine_forward, _fused.canonical(x), *f, bias)
+    return _fused.uncanonical(y, x), a, b
+
+
+def _eager_output_grads(gy: Tensor, x: Tensor, f: Factors, weight: Tensor | None, needs):
+    """The eager route's backward: ``gy * scale`` and the weight/bias sums of ATen's batch-norm
+    backward, for ``needs = (x, weight, bias)``; the formula's ops where a graph is recorded, for an
+    empty batch (ATen's kernel divides by N) and for a torch.func gradient (no batching rule)."""
+    if torch.is_grad_enabled() or x.numel() == 0 or _compat.transformed(gy):
+        return output_grads(gy, x, f.mean, f.inv, weight)
+    need_x, need_weight, need_bias = needs
+    # (in bfloat16/float16 the factor is rounded to gy's dtype: <= 2**-8 relative error in gx)
+    gx = gy * _cast(f.scale, gy.dtype).reshape(channel_view(x)) if need_x else None
+    if not (need_weight or need_bias):
+        return gx, None, None
+    w = None if weight is None else _cast(weight, f.inv.dtype)
+    return gx, *_compat.batch_norm_sums(gy, x, w, f.mean, f.inv, need_weight, need_bias)
+
+
+def _compiled_output_grads(gy: Tensor, x: Tensor, f: Factors, weight: Tensor | None, needs):
+    """The compiled route's backward where x, weight and bias all need gradients and the gradient
+    shares x's canonical layout and dtype; else the eager route's."""
+    gv, xv = _fused.canonical(gy), _fused.canonical(x)
+    if (torch.is_grad_enabled() or not all(needs) or gy.dtype != x.dtype
+            or _compat.is_wrapped(gy) or gv is None or xv is None or gv.shape != xv.shape):
+        return _eager_output_grads(gy, x, f, weight, needs)
+    gx, gw, gb = _fused.compiled(affine_backward, gv, xv, f.mean, f.inv, f.scale)
+    return _fused.uncanonical(gx, x), gw, gb
+
+
+_KERNELS = {  # route: (forward, output gradients)
+    Route.EAGER: (_eager_forward, _eager_output_grads),
+    Route.COMPILED: (_compiled_forward, _compiled_output_grads),
+    Route.TRACEABLE: (lambda x, f, bias: affine_forward(x, *f, bias),
+                      lambda gy, x, f, weight, needs: output_grads(gy, x, f.mean, f.inv, weight)),
+}
+
+
+def _step_forward(route: Route, x: Tensor, mean: Tensor, std: Tensor, weight: Tensor | None,
+                  bias: Tensor | None) -> tuple[TrainOutput, Factors]:
+    """The forward of a Python route, mean/std constants. A channel whose input held NaN/Inf adds
+    no NLL (a = 0, b = 1); on CPU outside transforms one host read tells that all are finite."""
+    with _compat.autocast_off(x):
+        f = factors(mean, std, weight, x)
+        y, a, b = _KERNELS[route][0](x, f, bias)
+    if route is not Route.TRACEABLE and x.is_cpu and math.isfinite(b.sum().item()):
+        return TrainOutput(y, a, b, None), f
+    finite = torch.isfinite(b)  # (b is non-finite wherever a is)
+    return TrainOutput(y, a.where(finite, 0.0), b.where(finite, 1.0), finite), f
+
+
+def _step_backward(route: Route, gy: Tensor | None, x: Tensor, weight: Tensor | None, f: Factors,
+                   *, moments: tuple[Tensor, Tensor], nll_weight, shared: bool,
+                   needs_input_grad: tuple[bool, ...]):
+    """Gradients for ``(x, mean, std, weight, bias)``: the output's (mean/std constants) by the
+    route's kernels, ``nll_weight * dNLL`` for mean and std (none when ``nll_weight`` is None:
+    explicit mode; a constant in double backward)."""
+    need_x, _, _, need_weight, need_bias = needs_input_grad[:5]
+    needs = (need_x, need_weight, need_bias)
+    gx = gw = gb = gmean = gstd = None
+    if gy is not None:  # (None: the output is unused; only the NLL gradient remains)
+        out = _KERNELS[route][1](gy, x, f, weight, needs)
+        gx, gw, gb = (g if need else None for g, need in zip(out, needs, strict=True))
+        if weight is not None and weight.dtype != f.inv.dtype:
+            gw, gb = (None if g is None else g.to(weight.dtype) for g in (gw, gb))
+    if nll_weight is not None:
+        gmean, gstd = nll_grads(*moments, f.inv, resolve_weight(nll_weight), shared=shared)
+    return gx, gmean, gstd, gw, gb
+
+
+class _Train(torch.autograd.Function):
+    """The eager and compiled routes' training step: ``(y, a, b, finite)``, the backward of ``y``
+    giving x, weight and bias the output's gradients and, unless ``nll_weight`` is None, mean and
+    std ``nll_weight * dNLL``. The classic style, whose ``apply`` costs less than
+    setup_context's."""
+
+    @staticmethod
+    def forward(ctx, x, mean, std, weight, bias, nll_weight, route):
+        out, f = _step_forward(route, x, mean, std, weight, bias)
+        ctx.save_for_backward(x, weight)
+        ctx.factors, ctx.moments, ctx.route = f, (out.a, out.b), route  # (intermediates)
+        ctx.nll_weight, ctx.shared = nll_weight, mean.numel() != x.shape[1]
+        ctx.mark_non_differentiable(*(t for t in out[1:] if t is not None))
+        ctx.set_materialize_grads(False)
+        return tuple(out)
+
+    @staticmethod
+    def backward(ctx, gy, *_):
+        x, weight = ctx.saved_tensors
+        return *_step_backward(ctx.route, gy, x, weight, ctx.factors, moments=ctx.moments,
+                               nll_weight=ctx.nll_weight, shared=ctx.shared,
+                               needs_input_grad=ctx.needs_input_grad), None, None
+
+
+class _TrainTraceable(torch.autograd.Function):
+    """The same step for torch.compile and torch.func (setup_context style, vmap rule generated:
+    per-sample gradients), the formula as plain ops."""
+
+    generate_vmap_rule = True
+
+    @staticmethod
+    def forward(x, mean, std, weight, bias, nll_weight):
+        return tuple(_step_forward(Route.TRACEABLE, x, mean, std, weight, bias)[0])
+
+    @staticmethod
+    def setup_context(ctx, inputs, output):
+        x, mean, std, weight, _, nll_weight = inputs
+        _, a, b, finite = output
+        ctx.save_for_backward(x, mean, std, weight, a, b)
+        ctx.nll_weight, ctx.shared = nll_weight, mean.numel() != x.shape[1]
+        ctx.mark_non_differentiable(a, b, finite)
+        ctx.set_materialize_grads(False)
+
+    @staticmethod
+    def backward(ctx, gy, *_):
+        x, mean, std, weight, a, b = ctx.saved_tensors
+        return *_step_backward(Route.TRACEABLE, gy, x, weight, factors(mean, std, weight, x),
+                               moments=(a, b), nll_weight=ctx.nll_weight, shared=ctx.shared,
+                               needs_input_grad=ctx.needs_input_grad), None
+
+
+class _ImplicitNll(torch.autograd.Function):
+    """``y`` unchanged; its backward also gives mean and std ``nll_weight * dNLL``, the weight read
+    then (a tensor, a GradScaler's scale). Follows the native node, which has no such weights."""
+
+    @staticmethod
+    def forward(ctx, y, mean, std, a, b, nll_weight):
+        ctx.inv = factors(mean, std, None, y).inv
+        ctx.moments, ctx.nll_weight, ctx.shared = (a, b), nll_weight, mean.numel() != y.shape[1]
+        ctx.set_materialize_grads(False)
+        return y.view_as(y)
+
+    @staticmethod
+    def backward(ctx, gy):
+        weight = resolve_weight(ctx.nll_weight)
+        gmean, gstd = nll_grads(*ctx.moments, ctx.inv, weight, shared=ctx.shared)
+        return gy, gmean, gstd, None, None, None
+
+
+def _train_native(x, mean, raw_std, std_param, eps, weight, bias, nll_weight) -> TrainOutput:
+    kernels = _fused.native_kernels()
+    number = None if nll_weight is None else as_number(nll_weight)
+    if nll_weight is None or number is not None:
+        return TrainOutput._make(kernels.train(x, mean, raw_std, std_param, eps, weight, bias,
+                                               number))
+    out = TrainOutput(*kernels.train(x, mean.detach(), raw_std.detach(), std_param, eps, weight,
+                                     bias, None))
+    std = std_from_param(raw_std, std_param, eps)
+    return out._replace(y=_ImplicitNll.apply(out.y, mean, std, out.a, out.b, nll_weight))
+
+
+def _train_python(route):
+    def run(x, mean, raw_std, std_param, eps, weight, bias, nll_weight) -> TrainOutput:
+        std = std_from_param(raw_std, std_param, eps)
+        if route is Route.TRACEABLE:
+            return TrainOutput(*_TrainTraceable.apply(x, mean, std, weight, bias, nll_weight))
+        return TrainOutput(*_Train.apply(x, mean, std, weight, bias, nll_weight, route))
+
+    return run
+
+
+def _eval_native(x, mean, raw_std, std_param, eps, weight, bias) -> Tensor:
+    """The native node without an NLL (mean and std constants): frozen-statistics fine-tuning."""
+    kernels = _fused.native_kernels()
+    return kernels.train(x, mean.detach(), raw_std.detach(), std_param, eps, weight, bias, None)[0]
+
+
+def _eval_native_only(x, mean, raw_std, std_param, eps, weight, bias) -> Tensor:
+    return _fused.native_kernels().eval(x, mean, raw_std, std_param, eps, weight, bias)
+
+
+def _eval_eager(x, mean, raw_std, std_param, eps, weight, bias) -> Tensor:
+    with _compat.autocast_off(x):
+        f = factors(mean, std_from_param(raw_std, std_param, eps), weight, x)
+        return affine(x, f.mean, f.scale, bias)
+
+
+_TRAIN = {Route.NATIVE: _train_native, **{r: _train_python(r) for r in _KERNELS}}
+_EVAL = {Route.NATIVE: _eval_native, Route.NATIVE_EVAL: _eval_native_only, Route.EAGER: _eval_eager,
+         Route.TRACEABLE: _eval_eager}
+
+
+def _run(table: dict, route: Route, *args):
+    """``table[route](*args)``, inside ``record_function("batchless::<route>")`` when a profiler
+    records (outside torch.compile and torch.func: the traceable route)."""
+    if route is not Route.TRACEABLE and _compat.profiling():
+        with torch.profiler.record_function(f"batchless::{route.value}"):
+            return table[route](*args)
+    return table[route](*args)
+
+
+def eval_forward(x: Tensor, mean: Tensor, std: Tensor, weight: Tensor | None,
+                 bias: Tensor | None) -> Tensor:
+    """Batchless normalisation of ``x`` (N, C, *) in evaluation, with per-channel (C,) or shared
+    (1,) ``mean``/``std``: the affine map ``(x - mean) / std * weight + bias`` of an eval-mode
+    BatchNorm, differentiable in x, weight and bias (mean and std constants)."""
     return eval_forward_param(x, mean, std, "std", 0.0, weight, bias)
 
 
-def eval_forward_param(x: Tensor, mean: Tensor, raw_std: Tensor, std_param: str, eps: float, weight: Tensor | None,
-                       bias: Tensor | None) -> Tensor:
-    """:func:`eval_forward` with sigma given by its parameter: ``std_from_param(raw_std, std_param, eps)``
-    (``std_param`` ``"std"``: ``raw_std`` is sigma itself). The native CPU kernels take the parameter
-    directly: one C++ call where no gradient is needed, else the training node without an NLL (mean and
-    std constants, as here; frozen-statistics fine-tuning)."""
-    if _fused.path(x) == "native":
-        kind = _STD_KINDS[std_param]
-        if torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in (x, weight, bias)):
-            out = _fused.native_train(x, mean.detach(), raw_std.detach(), kind, eps, weight, bias, None)
-            y = out[0] if out else None
-        else:
-            y = _fused.native_eval(x, mean, raw_std, kind, eps, weight, bias)
-        if y is not None:
-            return y
-    with _autocast_off(x):
-        mean_c, std_c = _dense_stats(mean, _std(raw_std, std_param, eps), x)
-        return _affine(x, mean_c, _scale(std_c.reciprocal(), weight), bias)
+def eval_forward_param(x: Tensor, mean: Tensor, raw_std: Tensor, std_param: str, eps: float,
+                       weight: Tensor | None, bias: Tensor | None) -> Tensor:
+    """:func:`eval_forward` with sigma given by its parameter: ``std_from_param(raw_std, std_param,
+    eps)``."""
+    route = _fused.choose_route(x, mean, raw_std, weight, bias, training=False)
+    return _run(_EVAL, route, x, mean, raw_std, std_param, eps, weight, bias)
 
 
-def train_forward(x: Tensor, mean: Tensor, std: Tensor, weight: Tensor | None, bias: Tensor | None, nll_weight):
-    """Batchless normalisation of ``x`` in training: ``(y, a, b, finite)``.
+def train_forward(x: Tensor, mean: Tensor, std: Tensor, weight: Tensor | None, bias: Tensor | None,
+                  nll_weight) -> TrainOutput:
+    """Batchless normalisation of ``x`` in training: a :class:`TrainOutput` ``(y, a, b, finite)``.
 
-    ``y`` is :func:`eval_forward`'s output; ``a``, ``b`` are the per-channel moments of the normalised input
-    (:func:`channel_moments`), from which the gauged layer NLL follows (:func:`gauged_nll`, or
-    :func:`nll_from_moments` for a value differentiable in mean/std); ``finite`` (C,) is False for channels
-    whose input held NaN/Inf, which add nothing to the NLL, or None when every channel is known to be
-    finite. With ``nll_weight`` None (explicit mode) mean/std get no gradient through ``y`` (they stay inputs of
-    its autograd node when it has one, so DDP's ``find_unused_parameters`` counts them as used); otherwise
-    (implicit mode) the backward of ``y`` gives them ``nll_weight * dNLL``.
+    ``y`` is :func:`eval_forward`'s output; ``a``, ``b`` are the per-channel moments of the
+    normalised input, from which the gauged layer NLL follows (:func:`gauged_nll`, or
+    :func:`nll_from_moments` for a value differentiable in mean/std); ``finite`` (C,) is False for
+    channels whose input held NaN/Inf, which add nothing to the NLL, or None when every channel is
+    known to be finite. With ``nll_weight`` None (explicit mode) mean/std get no gradient through
+    ``y`` (they stay inputs of its autograd node when it has one, so DDP's
+    ``find_unused_parameters`` counts them as used); otherwise (implicit mode, a number, tensor,
+    GradScaler or tuple of these) the backward of ``y`` gives them ``nll_weight * dNLL``.
+
+    Example::
+
+        >>> import torch, batchless.functional as BF
+        >>> x, mean, std = torch.randn(8, 3) * 2 + 1, torch.zeros(3), torch.ones(3)
+        >>> out = BF.train_forward(x, mean, std, None, None, nll_weight=None)
+        >>> torch.allclose(out.y, x), BF.gauged_nll(out.b) > 0  # x is not N(0, 1)
+        (True, tensor(True))
     """
     return train_forward_param(x, mean, std, "std", 0.0, weight, bias, nll_weight)
 
 
-def train_forward_param(x: Tensor, mean: Tensor, raw_std: Tensor, std_param: str, eps: float, weight: Tensor | None,
-                        bias: Tensor | None, nll_weight):
-    """:func:`train_forward` with sigma given by its parameter, as in :func:`eval_forward_param`: on the native
-    CPU path the parametrization's gradient is part of the layer's one autograd node."""
+def train_forward_param(x: Tensor, mean: Tensor, raw_std: Tensor, std_param: str, eps: float,
+                        weight: Tensor | None, bias: Tensor | None, nll_weight) -> TrainOutput:
+    """:func:`train_forward` with sigma given by its parameter, as in :func:`eval_forward_param`
+    (on the native route the parametrization's gradient is part of the layer's one node)."""
     if nll_weight is None and not any(t is not None and t.requires_grad for t in (x, weight, bias)):
-        mean, raw_std = mean.detach(), raw_std.detach()  # explicit mode, nothing else to differentiate: no graph
-    eager = not torch.compiler.is_compiling() and not _transformed(x)
-    kernels = _fused.path(x) if eager else "eager"
-    if kernels == "native":  # one C++ autograd node for numeric NLL weights
-        weight_nll = _number(nll_weight)
-        out = None if weight_nll is False else _fused.native_train(
-            x, mean, raw_std, _STD_KINDS[std_param], eps, weight, bias, weight_nll)
-        if out:
-            return tuple(out)
-    std = _std(raw_std, std_param, eps)
-    if not eager:
-        return _BatchlessTrain.apply(x, mean, std, weight, bias, nll_weight)[:4]
-    side = []
-    y = _BatchlessTrainEager.apply(x, mean, std, weight, bias, nll_weight, side, kernels)
-    return y, *side
-
-
-_STD_KINDS = {"std": 0, "log": 1, "abs": 2, "inv": 3}  # the native kernels' codes (StdKind in the C++ source)
-
-
-def _std(raw_std: Tensor, std_param: str, eps: float) -> Tensor:
-    return raw_std if std_param == "std" else std_from_param(raw_std, std_param, eps)
-
-
-def _number(nll_weight) -> float | None | bool:
-    """An NLL weight as a float (None stays None), or False for weights read at backward time (tensors,
-    GradScalers)."""
-    if nll_weight is None or type(nll_weight) is float:
-        return nll_weight
-    if isinstance(nll_weight, tuple) and all(isinstance(w, numbers.Real) for w in nll_weight):
-        return float(math.prod(nll_weight))
-    return False
+        mean, raw_std = mean.detach(), raw_std.detach()  # nothing to differentiate: no graph
+    route = _fused.choose_route(x, mean, raw_std, weight, bias, training=True)
+    return _run(_TRAIN, route, x, mean, raw_std, std_param, eps, weight, bias, nll_weight)

@@ -1,73 +1,74 @@
-"""Fused training kernels: the layer's forward and backward in one pass over the activations each.
+"""Routes: which implementation runs a batchless layer's step, chosen once, up front.
 
-Batchless needs no statistics of the batch before it can normalise, so, unlike BatchNorm, its training
-forward is a single pass over the input: the output ``x * scale + shift`` and the two per-channel moments of
-``x_hat = (x - mean) / std`` read the same elements (BatchNorm needs one pass for its statistics and one for
-the output). The backward is one pass too: the input gradient ``gy * scale`` and the weight/bias gradients
-``sum(gy * x_hat)``, ``sum(gy)`` (BatchNorm's input gradient needs those sums first). Two implementations
-compute exactly what the eager path of :mod:`batchless.functional` does:
+A training step is one pass over the input forward and one over the gradient and the input
+backward (BatchNorm needs two each way). The maths is :mod:`batchless.functional`'s; the routes
+differ in what computes it:
 
-* ``"native"``: C++ kernels for CPU (float32 and bfloat16), compiled once per machine by
-  :func:`build_cpu_kernels` (``make install`` does it) and loaded from a cache afterwards; they also run
-  evaluation forwards (one affine pass where no gradient is needed, the training node without an NLL where
-  one is);
-* ``"compiled"``: kernels that ``torch.compile`` generates (Triton on CUDA, C++ on CPU), each compiled once
-  per canonical view, dtype and device type with dynamic sizes, so a model's many layer shapes do not
-  trigger a compilation each.
+* ``"native"``: one C++ autograd node around the native CPU kernels (float32 and bfloat16,
+  contiguous or channels-last), compiled once per machine by :func:`build_cpu_kernels` (``make
+  install`` does it). Also an evaluation forward that needs gradients (the node without an NLL).
+* ``"native-eval"``: the native affine kernel alone, for an evaluation forward without gradients.
+* ``"compiled"``: a Python autograd Function around kernels that ``torch.compile`` generates from
+  the formula (Triton on CUDA, C++ on CPU), one dynamic-shape graph per layout, dtype and device
+  type.
+* ``"eager"``: the same Function on PyTorch's own kernels; evaluation: one affine op.
+* ``"traceable"``: inside whole-model ``torch.compile`` and ``torch.func`` transforms, the formula
+  as plain ops in a ``setup_context`` Function (evaluation: one affine op); the compiler fuses it
+  with its neighbours.
 
-When they are used is set by :func:`set_fused` (initially by the environment variable ``BATCHLESS_FUSED``,
-if set); :func:`path` tells which one a tensor gets. By default
-(``"auto"``): ``"compiled"`` on CUDA, where eager PyTorch would launch one kernel per operation;
-``"native"`` on CPU once the kernels are built (until then, and where no C++ compiler exists, the eager
-path). Whole-model ``torch.compile`` and ``torch.func`` transforms never come here: the compiler fuses the
-layer with its neighbours itself. If ``torch.compile`` fails (no Triton, no C++ compiler, an unsupported
-Python), batchless warns once and continues on the eager path.
-
-Both take inputs in one of two canonical views, ``(N, C, L)`` for contiguous tensors and ``(M, C)`` for
-channels-last ones (and for (N, C) inputs). Other layouts, float64 (and, on the native path, float16) and
-empty inputs take the eager path, as do ``torch.jit.trace`` (which records only the dispatcher's ops) and
-forward-mode AD; so do backwards that record a graph (double backward) or get batched gradients
-(``is_grads_batched``), and those whose saved input a saved-tensor hook gives back in another layout.
+:func:`choose_route` decides. By default (mode ``"auto"``, see :func:`set_fused`) CPU steps take the
+native kernels once they are built and CUDA steps the compiled ones; float64, float16 on CPU, other
+layouts, empty inputs, ``torch.jit.trace`` (which records only the dispatcher's ops) and
+forward-mode AD take the eager route. :func:`route` tells which route a layer's forward takes; each
+route runs in ``torch.profiler.record_function("batchless::<route>")``, so a profile shows it. If
+``torch.compile`` fails (no Triton, no C++ compiler), batchless warns once and leaves the compiled
+route. A backward that records a graph (double backward) or gets batched gradients computes the
+formula as differentiable ops on every route.
 """
 
 from __future__ import annotations
 
+import enum
 import math
-import os
 import types
 import warnings
 
 import torch
 from torch import Tensor
-from torch.autograd import forward_ad
 
-from . import _cpu_kernels
+from . import _compat, _cpu_kernels
+from ._state import FUSED_MODES, STATE, UNLOADED
 from .errors import BatchlessError
 
-FUSED_MODES = ("auto", "compiled", "never")
+__all__ = ["FUSED_MODES", "Route", "build_cpu_kernels", "path", "route", "set_fused"]
+
 _FUSED_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
 
 
-def _initial_mode() -> str:
-    """The mode in ``$BATCHLESS_FUSED`` (e.g. ``never``, to run a script on the eager path), else auto."""
-    mode = os.environ.get("BATCHLESS_FUSED") or "auto"
-    if mode not in FUSED_MODES:
-        raise BatchlessError(f"the environment variable BATCHLESS_FUSED must be one of {FUSED_MODES}, got {mode!r}")
-    return mode
+class Route(str, enum.Enum):
+    """A route of a batchless layer's forward (and its backward); see :mod:`batchless.fused`."""
 
+    NATIVE = "native"
+    NATIVE_EVAL = "native-eval"
+    COMPILED = "compiled"
+    EAGER = "eager"
+    TRACEABLE = "traceable"
 
-_mode = _initial_mode()
-_failed = False  # a compilation failed: the eager path from then on
-_compiled: dict = {}
+    @property
+    def kernels(self) -> str:
+        """``"native"``, ``"compiled"`` or ``"eager"``: whose kernels the route runs."""
+        return {"native-eval": "native", "traceable": "eager"}.get(self.value, self.value)
 
 
 def set_fused(mode: str) -> str:
-    """Choose which kernels training forwards and backwards use; returns the previous mode.
+    """Choose the kernels of the training routes; returns the previous mode.
 
     Args:
-        mode: ``"auto"`` (default): the native CPU kernels on CPU once built (:func:`build_cpu_kernels`),
-            ``torch.compile``'s on CUDA; ``"compiled"``: ``torch.compile``'s on every device, CPU included
-            (each new input layout and dtype then compiles once, a few seconds); ``"never"``: the eager path.
+        mode: ``"auto"`` (default): the native kernels on CPU once built
+            (:func:`build_cpu_kernels`), ``torch.compile``'s on CUDA; ``"compiled"``:
+            ``torch.compile``'s on every device, CPU included (each new input layout and dtype then
+            compiles once, a few seconds); ``"never"``: the eager route. Initially
+            ``$BATCHLESS_FUSED``, if set.
 
     Example::
 
@@ -76,46 +77,91 @@ def set_fused(mode: str) -> str:
         >>> batchless.fused.set_fused(previous)
         'never'
     """
-    global _mode
     if mode not in FUSED_MODES:
         raise BatchlessError(f"set_fused expects one of {FUSED_MODES}, got {mode!r}")
-    previous, _mode = _mode, mode
+    previous, STATE.mode = STATE.mode, mode
     return previous
 
 
 def build_cpu_kernels(verbose: bool = False) -> bool:
-    """Compile the native CPU kernels (once per machine, ~30 s; later calls and processes load the cached
+    """Compile the native CPU kernels (once per machine; later calls and processes load the cached
     build); True when they are ready. Needs a C++ compiler and ``ninja``; on failure, warns with the
-    reason and returns False (training then stays on the eager path)."""
+    reason and returns False (training then stays on the eager route)."""
     try:
         from torch.utils import cpp_extension
 
         if not cpp_extension.is_ninja_available():
             raise RuntimeError("ninja is not installed (pip install ninja)")
-        return _cpu_kernels.load(build=True, verbose=verbose) is not None
-    except Exception as error:  # noqa: BLE001 - a missing compiler, a compile error: report, stay eager
+        STATE.kernels = _cpu_kernels.load(build=True, verbose=verbose)
+        return STATE.kernels is not None
+    except Exception as error:  # noqa: BLE001 - no compiler, a compile error: report, stay eager
         lines = str(error).strip().splitlines() or [""]
-        warnings.warn(f"batchless: could not build the CPU kernels ({type(error).__name__}: {lines[-1]}); "
-                      "training stays on the eager path", stacklevel=2)
+        warnings.warn(f"batchless: could not build the CPU kernels ({type(error).__name__}: "
+                      f"{lines[-1]}); training stays on the eager route", stacklevel=2)
         return False
 
 
+def native_kernels():
+    """The native kernels' module (``supports``, ``train``, ``eval``), None where not built."""
+    kernels = STATE.kernels
+    if kernels is UNLOADED:
+        kernels = STATE.kernels = _cpu_kernels.load()
+    return kernels
+
+
+def choose_route(x: Tensor, mean: Tensor, std: Tensor, weight: Tensor | None, bias: Tensor | None,
+                 *, training: bool) -> Route:
+    """The route of a forward of ``x`` (N, C, *) with these per-channel tensors, now: the one place
+    that decides (the fused mode, the compiler and torch.func state, what the native kernels
+    take)."""
+    if torch.compiler.is_compiling() or _compat.transforms_active() or _compat.is_wrapped(x):
+        return Route.TRACEABLE
+    mode = STATE.mode
+    if (mode == "never" or x.dtype not in _FUSED_DTYPES or x.numel() == 0 or _compat.jit_tracing()
+            or _compat.forward_ad_active()):
+        return Route.EAGER  # (a trace must record the ops; dual tensors need their rules)
+    if mode == "auto" and x.is_cpu:  # plain tensors only: not fake, traced or subclassed
+        kernels = native_kernels() if type(x) is Tensor else None
+        if kernels is None or not kernels.supports(x, mean, std, weight, bias):
+            return Route.EAGER
+        if training or torch.is_grad_enabled() and any(
+                t is not None and t.requires_grad for t in (x, weight, bias)):
+            return Route.NATIVE
+        return Route.NATIVE_EVAL
+    if (not training or STATE.compile_failed or (mode == "auto" and not x.is_cuda)
+            or canonical(x) is None):
+        return Route.EAGER
+    return Route.COMPILED
+
+
+def route(x: Tensor, layer=None) -> Route:
+    """The route ``layer(x)`` takes now (given the layer's mode and parameters, the fused mode, grad
+    mode and transforms); without ``layer``, a training step of a float32 layer with weight and bias
+    on x's device.
+
+    Example::
+
+        >>> import torch, batchless as bl
+        >>> bl.fused.route(torch.randn(8, 4, dtype=torch.float64), bl.BatchlessNorm1d(4))
+        <Route.EAGER: 'eager'>
+    """
+    if layer is None:
+        ones = torch.ones(x.shape[1], device=x.device)
+        return choose_route(x, ones, ones, ones, ones, training=True)
+    return choose_route(x, layer.mean, layer.raw_std, layer.weight, layer.bias,
+                        training=layer.training)
+
+
 def path(x: Tensor) -> str:
-    """Which kernels the training step of ``x`` takes: ``"native"``, ``"compiled"`` or ``"eager"`` (the native
-    kernels also serve evaluation forwards)."""
-    if (_mode == "never" or x.numel() == 0 or x.dtype not in _FUSED_DTYPES or torch.jit.is_tracing()
-            or forward_ad._current_level >= 0):  # (a trace must record the ops; dual tensors need their rules)
-        return "eager"
-    if _mode == "auto" and x.is_cpu:  # plain tensors only: not fake, traced, vmapped or subclassed
-        native = (x.dtype != torch.float16 and type(x) is Tensor and not torch.compiler.is_compiling()
-                  and not torch._C._are_functorch_transforms_active() and _cpu_kernels.load() is not None)
-        return "native" if native else "eager"  # (is_cpu, is_cuda: x.device builds an object, 5x slower)
-    return "eager" if _failed or (_mode == "auto" and not x.is_cuda) else "compiled"
+    """Whose kernels a training step of ``x`` runs: ``"native"``, ``"compiled"`` or ``"eager"``
+    (``route(x).kernels``; :func:`route` tells the route itself). A 0-d or 1-d ``x`` counts as one
+    instance of its elements."""
+    return route(x if x.dim() > 1 else x.reshape(1, -1)).kernels
 
 
-def _canonical(t: Tensor) -> Tensor | None:
-    """``t`` (N, C, *) as a contiguous (N, C, L) view, a contiguous (M, C) view (channel fastest), or None
-    (also for lazily negated views, whose sign the compiled kernels would not see)."""
+def canonical(t: Tensor) -> Tensor | None:
+    """``t`` (N, C, *) as a contiguous (N, C, L) view, a contiguous (M, C) view (channel fastest),
+    or None (also for lazily negated views, whose sign the compiled kernels would not see)."""
     if t.is_neg() or t.is_conj():
         return None
     if t.dim() > 2 and t.is_contiguous() and math.prod(t.shape[2:]) > 1:
@@ -124,105 +170,39 @@ def _canonical(t: Tensor) -> Tensor | None:
     return rows.view(-1, t.shape[1]) if rows.is_contiguous() else None
 
 
-def _uncanonical(y: Tensor, like: Tensor) -> Tensor:
-    """The inverse of :func:`_canonical` for an output computed from ``like``'s canonical view."""
-    if y.dim() == 3:  # (reshape: a view for the contiguous outputs the compiler gives, a copy otherwise)
+def uncanonical(y: Tensor, like: Tensor) -> Tensor:
+    """The inverse of :func:`canonical` for an output computed from ``like``'s canonical view."""
+    if y.dim() == 3:  # (reshape: a view for the contiguous outputs the compiler gives, else a copy)
         return y.reshape(like.shape)
     return y.reshape(like.movedim(1, -1).shape).movedim(-1, 1)
 
 
-def _forward_maths(x, mean, inv, scale, bias):
-    view, dims = (1, -1) + (1,) * (x.dim() - 2), [0, *range(2, x.dim())]
-    xf = x.to(inv.dtype)
-    shift = -mean * scale if bias is None else bias.to(inv.dtype) - mean * scale
-    y = (xf * scale.reshape(view) + shift.reshape(view)).to(x.dtype)
-    x_hat = (xf - mean.reshape(view)) * inv.reshape(view)
-    return y, x_hat.mean(dims), x_hat.square().mean(dims)
+def compiled(fn, *args):
+    """``fn(*args)`` by a ``torch.compile``'d copy of ``fn`` for its first argument's dim, dtype and
+    device type; ``fn`` itself once compiling has failed (which warns once).
 
-
-def _backward_maths(gy, x, mean, inv, scale):
-    view, dims = (1, -1) + (1,) * (x.dim() - 2), [0, *range(2, x.dim())]
-    g = gy.to(inv.dtype)
-    x_hat = (x.to(inv.dtype) - mean.reshape(view)) * inv.reshape(view)
-    return (g * scale.reshape(view)).to(gy.dtype), (g * x_hat).sum(dims), g.sum(dims)
-
-
-def _run(fn, x: Tensor, *args):
-    """``fn`` compiled for x's view, dtype and device type; None if compiling failed (then never again).
-
-    Each key gets its own copy of ``fn``'s code object: torch.compile caches (and limits recompilations)
-    per code object, so one copy per key keeps every key to a single dynamic-shape graph."""
-    global _failed
-    if _failed:  # (a graph recorded before the failure still comes here)
-        return None
-    # plain tensors only: dynamo keeps a Parameter's shape static, and C with it (a graph per channel count)
+    Each key gets its own copy of ``fn``'s code object: torch.compile caches (and limits
+    recompilations) per code object, so that every key keeps a single dynamic-shape graph."""
+    if STATE.compile_failed:  # (a graph recorded before the failure still comes here)
+        return fn(*args)
+    # plain tensors only: dynamo keeps a Parameter's shape static, and C with it
     args = [a.detach() if isinstance(a, torch.nn.Parameter) else a for a in args]
-    key = (fn.__name__, x.dim(), x.dtype, x.device.type)
-    compiled = _compiled.get(key)
-    if compiled is None:
+    key = (fn.__name__, args[0].dim(), args[0].dtype, args[0].device.type)
+    run = STATE.compiled.get(key)
+    if run is None:
         fresh = types.FunctionType(fn.__code__.replace(), fn.__globals__, fn.__name__)
-        compiled = _compiled[key] = torch.compile(fresh, dynamic=True)
+        run = STATE.compiled[key] = torch.compile(fresh, dynamic=True)
     try:
-        return compiled(x, *args)
+        return run(*args)
     except torch.cuda.OutOfMemoryError:  # (torch.OutOfMemoryError since 2.5; the same class)
         raise
-    except Exception as error:  # noqa: BLE001 - any compiler failure means: use the eager path
-        if "CUDA error" in str(error):  # a broken device (illegal address, ...), not a compiler failure:
-            raise                        # the eager path would run on a corrupted context
-        _failed = True
+    except Exception as error:  # noqa: BLE001 - any compiler failure means: use the formula as is
+        if "CUDA error" in str(error):  # a broken device, not a compiler failure
+            raise
+        STATE.compile_failed = True
         first_line = (str(error).strip().splitlines() or [""])[0]
         warnings.warn(
-            f"batchless: the fused training kernels failed to compile or run ({type(error).__name__}: {first_line}); "
-            "using the eager path from now on. batchless.fused.set_fused('never') skips the attempt.",
-            stacklevel=4,
-        )
-        return None
-
-
-def forward(x: Tensor, mean: Tensor, inv: Tensor, scale: Tensor, bias: Tensor | None):
-    """``(y, a, b)`` of a training forward in one fused pass, or None where the eager path must do it.
-
-    ``mean``, ``inv = 1 / std`` and ``scale = weight / std`` are (C,) float32 vectors; ``y = (x - mean) *
-    scale + bias`` in x's dtype and memory format; ``a``, ``b`` the per-channel means of ``x_hat`` and
-    ``x_hat ** 2`` in float32."""
-    view = _canonical(x)
-    if view is None:
-        return None
-    out = _run(_forward_maths, view, mean, inv, scale, bias)
-    return None if out is None else (_uncanonical(out[0], x), out[1], out[2])
-
-
-def native_train(x: Tensor, mean: Tensor, raw_std: Tensor, kind: int, eps: float, weight: Tensor | None,
-                 bias: Tensor | None, nll_weight: float | None):
-    """``(y, a, b, finite)`` of :func:`batchless.functional.train_forward_param` with a numeric NLL weight
-    (``kind``: the code of its ``std_param``), its backward one C++ autograd node, or an empty list where the
-    eager path must do it."""
-    return _cpu_kernels.load().train(x, mean, raw_std, kind, eps, weight, bias, nll_weight)
-
-
-def native_eval(x: Tensor, mean: Tensor, raw_std: Tensor, kind: int, eps: float, weight: Tensor | None,
-                bias: Tensor | None):
-    """:func:`batchless.functional.eval_forward_param`'s output from the native CPU kernels, without autograd,
-    or None where the eager path must do it."""
-    return _cpu_kernels.load().eval(x, mean, raw_std, kind, eps, weight, bias)
-
-
-def native_forward(x: Tensor, mean: Tensor, std: Tensor, weight: Tensor | None, bias: Tensor | None):
-    """``(y, a, b, finite, mean_c, inv, scale)`` as :func:`batchless.functional._train_maths` gives them
-    (host-checked ``finite``), from the native CPU kernels, or None where the eager path must do it."""
-    return _cpu_kernels.load().forward(x, mean, std, weight, bias) or None
-
-
-def backward(gy: Tensor, x: Tensor, mean: Tensor, inv: Tensor, scale: Tensor, kernels: str):
-    """``(gx, gweight, gbias)`` in one fused pass by the ``kernels`` of :func:`path` (gweight/gbias in
-    float32), or None where the eager path must do it (gy in another layout than x, or a backward that
-    records a graph)."""
-    if torch.is_grad_enabled() or gy.dtype != x.dtype or torch._C._functorch.is_functorch_wrapped_tensor(gy):
-        return None  # (a batched gradient: is_grads_batched, torch.func)
-    if kernels == "native":
-        return _cpu_kernels.load().backward(gy, x, mean, inv, scale) or None
-    gv, xv = _canonical(gy), _canonical(x)
-    if gv is None or xv is None or gv.shape != xv.shape:
-        return None
-    out = _run(_backward_maths, gv, xv, mean, inv, scale)
-    return None if out is None else (_uncanonical(out[0], x), out[1], out[2])
+            f"batchless: the fused training kernels failed to compile or run "
+            f"({type(error).__name__}: {first_line}); using the eager route from now on. "
+            "batchless.fused.set_fused('never') skips the attempt.", stacklevel=4)
+        return fn(*args)

@@ -11,8 +11,10 @@ from .errors import check_module
 from .modules import _BatchlessNorm
 
 
-def batchless_layers(model: nn.Module, where: str = "batchless_layers") -> Iterator[tuple[str, _BatchlessNorm]]:
-    """``(dotted name, layer)`` for every batchless layer in ``model`` (the root included), each once."""
+def batchless_layers(model: nn.Module,
+                     where: str = "batchless_layers") -> Iterator[tuple[str, _BatchlessNorm]]:
+    """``(dotted name, layer)`` for every batchless layer in ``model`` (the root included), each
+    once."""
     check_module(model, where)
     for name, module in model.named_modules():
         if isinstance(module, _BatchlessNorm):
@@ -22,12 +24,21 @@ def batchless_layers(model: nn.Module, where: str = "batchless_layers") -> Itera
 def nll_loss(model: nn.Module) -> Tensor:
     """Sum over the model's batchless layers of the gauged NLL of their last training forward.
 
-    In ``nll="explicit"`` mode the result is differentiable in the layers' ``mean``/``std``: add it to the
-    task loss (weight 1 reproduces the paper). In ``nll="implicit"`` mode the values are detached (the
-    gradient is already delivered by the task loss's backward), for monitoring. Layers that have not run a
-    training forward contribute nothing; a model without any gives a zero tensor. A layer that a forward
-    skips (a conditional branch) still reports its previous NLL: in explicit mode call ``nll_loss`` once
-    per forward and backward it with that forward's loss.
+    In ``nll="explicit"`` mode the result is differentiable in the layers' ``mean``/``std``: add it
+    to the task loss (weight 1 reproduces the paper). In ``nll="implicit"`` mode the values are
+    detached (the gradient is already delivered by the task loss's backward), for monitoring.
+    Layers that have not run a training forward contribute nothing; a model without any gives a
+    zero tensor. A layer that a forward skips (a conditional branch) still reports its previous
+    NLL: in explicit mode call ``nll_loss`` once per forward and backward it with that forward's
+    loss.
+
+    Example::
+
+        >>> import torch, batchless as bl
+        >>> model = torch.nn.Sequential(torch.nn.Linear(4, 3),
+        ...                             bl.BatchlessNorm1d(3, nll="explicit"))
+        >>> loss = model(torch.randn(8, 4)).square().mean() + bl.nll_loss(model)
+        >>> loss.backward()
     """
     total = None
     for _, layer in batchless_layers(model, "nll_loss"):
@@ -45,9 +56,12 @@ def statistics_parameters(model: nn.Module) -> Iterator[nn.Parameter]:
 
     For optimizer parameter groups, e.g. no weight decay and their own learning rate::
 
-        stats = set(bl.statistics_parameters(model))
-        rest = [p for p in model.parameters() if p not in stats]
-        opt = torch.optim.AdamW([{"params": rest}, {"params": list(stats), "weight_decay": 0.0}])
+        >>> import torch, batchless as bl
+        >>> model = torch.nn.Sequential(torch.nn.Linear(4, 3), bl.BatchlessNorm1d(3))
+        >>> stats = set(bl.statistics_parameters(model))
+        >>> rest = [p for p in model.parameters() if p not in stats]
+        >>> groups = [{"params": rest}, {"params": list(stats), "weight_decay": 0.0}]
+        >>> opt = torch.optim.AdamW(groups)
     """
     for _, layer in batchless_layers(model, "statistics_parameters"):
         yield layer.mean

@@ -1,8 +1,9 @@
 """``BatchlessNorm1d/2d/3d``: drop-in replacements for ``nn.BatchNorm1d/2d/3d``.
 
 The modules own the parameters, check arguments and inputs, and pick the mode; the maths lives in
-:mod:`batchless.functional`. They deliberately do not subclass ``torch.nn.modules.batchnorm._BatchNorm``:
-third-party code matches that class with ``isinstance`` and would rewrite or refuse these layers.
+:mod:`batchless.functional`. They deliberately do not subclass
+``torch.nn.modules.batchnorm._BatchNorm``: third-party code matches that class with ``isinstance``
+and would rewrite or refuse these layers.
 """
 
 from __future__ import annotations
@@ -13,64 +14,77 @@ import warnings
 import torch
 from torch import Tensor, nn
 
+from . import _compat
 from . import functional as BF
+from ._state import STATE
 from .errors import BatchlessError
 from .weighting import current_nll_weight
 
 NLL_MODES = ("implicit", "explicit")
 
 
-class _BatchlessNorm(nn.Module):
-    r"""Normalises each channel with a learned Gaussian: ``y = (x - mean) / std * weight + bias``.
+_CONTRACT = r"""Normalises each channel by a learned Gaussian, ``(x - mean) / std * weight + bias``.
 
-    ``mean`` and ``std`` (:math:`\mu, \sigma`) are trainable parameters, trained only by the negative log
-    likelihood (NLL) of the layer's input under :math:`\mathcal{N}(\mu, \sigma^2)`; the task loss never reaches
-    them and the NLL never reaches the input. The same formula holds in training and evaluation, so a batch's
-    output equals the concatenation of its instances' outputs and the layer works at batch size 1.
-    See Berger & Uc Cetina, "Batchless Normalization", arXiv:2212.14729.
+    ``mean`` and ``std`` (:math:`\mu, \sigma`) are trainable parameters, trained only by the
+    negative log likelihood (NLL) of the layer's input under :math:`\mathcal{N}(\mu, \sigma^2)`; the
+    task loss never reaches them and the NLL never reaches the input. The same formula holds in
+    training and evaluation, so a batch's output equals the concatenation of its instances' outputs
+    and the layer works at batch size 1. See Berger & Uc Cetina, "Batchless Normalization",
+    arXiv:2212.14729.
 
-    Statistics cover every dimension but the channel dimension (dim 1): the batch and all spatial positions;
-    with ``shared=True`` one Gaussian covers all channels too (the paper's cross-channel sharing; ``weight``
-    and ``bias`` stay per channel, as in ``nn.BatchNorm``).
+    Statistics cover every dimension but the channel dimension (dim 1): the batch and all spatial
+    positions; with ``shared=True`` one Gaussian covers all channels too (the paper's cross-channel
+    sharing; ``weight`` and ``bias`` stay per channel, as in ``nn.BatchNorm``).
 
-    Training vs evaluation: in training every forward computes the layer's gauged NLL from two per-channel
-    moments of the input (no copy of the activations is kept). With ``nll="implicit"`` (default) the backward
-    of whatever loss you compute from the output also delivers the NLL gradient (weight 1, or the weight set
-    by :func:`batchless.nll_weight`) to ``mean`` and ``std``: an unchanged training loop trains them.
-    With ``nll="explicit"`` add it yourself: ``loss = task_loss + batchless.nll_loss(model)``. In evaluation
-    no NLL is recorded and nothing is trained. Double backward (gradient penalties such as WGAN-GP or R1)
-    differentiates the output's gradients exactly, with mean/std constants as in the output; the implicit
-    NLL gradient is a constant there (explicit mode differentiates the NLL twice).
+    Training vs evaluation: in training every forward computes the layer's gauged NLL from two
+    per-channel moments of the input (no copy of the activations is kept). With ``nll="implicit"``
+    (default) the backward of whatever loss you compute from the output also delivers the NLL
+    gradient (weight 1, or the weight set by :func:`batchless.nll_weight`) to ``mean`` and ``std``:
+    an unchanged training loop trains them. With ``nll="explicit"`` add it yourself: ``loss =
+    task_loss + batchless.nll_loss(model)``. In evaluation no NLL is recorded and nothing is
+    trained. Double backward (gradient penalties such as WGAN-GP or R1) differentiates the output's
+    gradients exactly, with mean/std constants as in the output; the implicit NLL gradient is a
+    constant there (explicit mode differentiates the NLL twice).
 
-    Implicit mode delivers the NLL gradient with each backward pass through the output: two backward passes
-    over one forward (``retain_graph=True``, one per loss) deliver it twice, as ``(loss1 + loss2)`` would not;
-    sum the losses, or use ``nll="explicit"``. Explicit mode needs the forward to record a graph: under
-    ``torch.utils.checkpoint(..., use_reentrant=True)``, whose first forward runs without gradients, the
-    statistics get no gradient (use ``use_reentrant=False`` or implicit mode). NaN/Inf inputs are counted
-    and warned about (``nonfinite_batches``) in eager mode only, not inside ``torch.compile``.
+    Implicit mode delivers the NLL gradient with each backward pass through the output: two backward
+    passes over one forward (``retain_graph=True``, one per loss) deliver it twice, as ``(loss1 +
+    loss2)`` would not; sum the losses, or use ``nll="explicit"``. Explicit mode needs the forward
+    to record a graph: under ``torch.utils.checkpoint(..., use_reentrant=True)``, whose first
+    forward runs without gradients, the statistics get no gradient (use ``use_reentrant=False`` or
+    implicit mode). NaN/Inf inputs are counted and warned about (``nonfinite_batches``) in eager
+    mode only, not inside ``torch.compile``. Which implementation runs a step:
+    :func:`batchless.fused.route`.
 
     Args:
         num_features: number of channels ``C``.
-        eps: bounds ``std`` in the ``"abs"`` (std >= eps) and ``"inv"`` (std <= 1/eps) parametrizations.
-            Default: 1e-5. Unlike in BatchNorm it is not added to a variance.
+        eps: bounds ``std`` in the ``"abs"`` (std >= eps) and ``"inv"`` (std <= 1/eps)
+            parametrizations. Default: 1e-5. Unlike in BatchNorm it is not added to a variance.
         affine: learn ``weight`` and ``bias`` (gamma, beta). Default: True.
-        std_param: parametrization of ``std`` by the raw parameter ``raw_std``: ``"log"`` (exp(s), default),
-            ``"abs"`` (abs(s) + eps) or ``"inv"`` (s stores 1/std).
+        std_param: parametrization of ``std`` by the raw parameter ``raw_std``: ``"log"`` (exp(s),
+            default), ``"abs"`` (abs(s) + eps) or ``"inv"`` (s stores 1/std).
         init_mean, init_std: starting values of ``mean`` and ``std``. Default: 0 and 1. Prefer
             :func:`batchless.init_from_data` before training.
         nll: ``"implicit"`` or ``"explicit"``, see above. Default: ``"implicit"``.
         shared: one Gaussian for all channels instead of one per channel. Default: False.
+"""
 
-    Shape: input ``(N, C, *)``, output the same shape, dtype and memory format.
+
+def _doc(name: str, inputs: str, example: str) -> str:
+    """The docstring of ``name``, whose inputs are ``inputs``; ``example``: an input shape."""
+    return _CONTRACT + f"""
+    Shape: input {inputs}, output the same shape, dtype and memory format.
 
     Example::
 
         >>> import torch, batchless as bl
-        >>> layer = bl.BatchlessNorm2d(16)
-        >>> y = layer(torch.randn(1, 16, 8, 8))   # works at batch size 1
-        >>> y.shape
-        torch.Size([1, 16, 8, 8])
+        >>> layer = bl.{name}(16)
+        >>> layer(torch.randn({example})).shape  # works at batch size 1
+        torch.Size([{example}])
     """
+
+
+class _BatchlessNorm(nn.Module):
+    """The layer, whatever its input rank: the 1d/2d/3d classes differ only in ``_input_dims``."""
 
     _version = 1
     _input_dims: tuple[int, ...] = ()
@@ -129,47 +143,50 @@ class _BatchlessNorm(nn.Module):
 
     @torch.no_grad()
     def set_std(self, std: Tensor) -> None:
-        """Set ``raw_std`` so that ``std`` equals ``std`` (as closely as the parametrization allows)."""
+        """Set ``raw_std`` so that ``std`` equals ``std`` (as closely as the parametrization
+        allows)."""
         self.raw_std.copy_(BF.param_from_std(std.to(self.raw_std), self.std_param, self.eps))
 
     def _check_input(self, x: Tensor) -> None:
+        name = type(self).__name__
         if x.dim() not in self._input_dims:
-            raise BatchlessError(
-                f"{type(self).__name__} expects a {' or '.join(f'{d}D' for d in self._input_dims)} input "
-                f"(N, C, ...), got a {x.dim()}D input of shape {tuple(x.shape)}"
-            )
+            dims = " or ".join(f"{d}D" for d in self._input_dims)
+            raise BatchlessError(f"{name} expects a {dims} input (N, C, ...), got a {x.dim()}D "
+                                 f"input of shape {tuple(x.shape)}")
         if x.shape[1] != self.num_features:
-            raise BatchlessError(
-                f"{type(self).__name__}({self.num_features}) expects {self.num_features} channels in dim 1, "
-                f"got {x.shape[1]} (input shape {tuple(x.shape)})"
-            )
+            raise BatchlessError(f"{name}({self.num_features}) expects {self.num_features} "
+                                 f"channels in dim 1, got {x.shape[1]} (input shape "
+                                 f"{tuple(x.shape)})")
         if not x.is_floating_point():
-            raise BatchlessError(f"{type(self).__name__} expects a floating-point input, got {x.dtype}")
+            raise BatchlessError(f"{name} expects a floating-point input, got {x.dtype}")
 
     def forward(self, x: Tensor) -> Tensor:
         self._check_input(x)
+        last = self._last
         if not self.training:
-            if self.nll == "explicit":  # no NLL from this forward: nll_loss must not return an older one
-                self._last.nll, self._last.used = None, True
-            return BF.eval_forward_param(x, self.mean, self.raw_std, self.std_param, self.eps, self.weight, self.bias)
+            if self.nll == "explicit":  # no NLL from this forward: nll_loss must not give the last
+                last.nll, last.used = None, True
+            return BF.eval_forward_param(x, self.mean, self.raw_std, self.std_param, self.eps,
+                                         self.weight, self.bias)
         implicit = self.nll == "implicit"
         eager = not torch.compiler.is_compiling()
-        last = self._last
         if eager and not implicit and not last.used:
             _warn_unused_nll()
-        mean = self.mean
         weight_nll = None
-        if implicit:  # activation checkpointing re-runs the forward in the backward: with the original's weight
-            weight_nll = last.weight if eager and _in_backward() != -1 else current_nll_weight()
+        if implicit:  # activation checkpointing re-runs the forward in the backward: its weight
+            weight_nll = last.weight if eager and _compat.in_backward() else current_nll_weight()
             last.weight = weight_nll
-        y, a, b, finite = BF.train_forward_param(x, mean, self.raw_std, self.std_param, self.eps, self.weight,
-                                                 self.bias, weight_nll)
+        out = BF.train_forward_param(x, self.mean, self.raw_std, self.std_param, self.eps,
+                                     self.weight, self.bias, weight_nll)
         # implicit: the NLL is only reported, so it is computed when asked for (see _last_nll)
-        last.nll, last.b = (None, b) if implicit else (BF.nll_from_moments(mean, self.std, a, b), None)
+        if implicit:
+            last.nll, last.b = None, out.b
+        else:
+            last.nll, last.b = BF.nll_from_moments(self.mean, self.std, out.a, out.b), None
         last.used = implicit
-        if finite is not None and eager and not torch._C._functorch.is_functorch_wrapped_tensor(finite):
-            self._count_nonfinite(finite)
-        return y
+        if out.finite is not None and eager and not _compat.is_wrapped(out.finite):
+            self._count_nonfinite(out.finite)
+        return out.y
 
     @property
     def _last_nll(self) -> Tensor | None:
@@ -181,39 +198,41 @@ class _BatchlessNorm(nn.Module):
 
     @property
     def nonfinite_batches(self) -> int:
-        """How many training forwards had NaN/Inf input (their NLL was dropped, the statistics kept)."""
+        """How many training forwards had NaN/Inf input (their NLL dropped, the statistics kept)."""
         return 0 if self._nonfinite is None else int(self._nonfinite)
 
     def _count_nonfinite(self, finite: Tensor) -> None:
-        # A plain attribute, not a buffer: buffers would add a broadcast per step under DDP. No host-device
-        # sync: on accelerators the count is read one step late from an asynchronous copy.
+        # A plain attribute, not a buffer: buffers would add a broadcast per step under DDP. No
+        # host-device sync: on accelerators the count is read one step late from an asynchronous
+        # copy.
         bad = (~finite).any()
         self._nonfinite = bad.long() if self._nonfinite is None else self._nonfinite + bad
         if self._nonfinite.device.type == "cpu":
             seen = self._nonfinite
         else:
-            seen, self._nonfinite_host = self._nonfinite_host, self._nonfinite.to("cpu", non_blocking=True)
+            seen = self._nonfinite_host
+            self._nonfinite_host = self._nonfinite.to("cpu", non_blocking=True)
         if seen is not None and not self._warned_nonfinite and bool(seen):
             self._warned_nonfinite = True
             warnings.warn(
-                f"{type(self).__name__}({self.num_features}) received NaN/Inf input in training; the NLL of the "
-                "affected channels was dropped so the learned mean/std stay finite (count so far: "
-                "layer.nonfinite_batches). Check the data and the layers before this one.",
-                stacklevel=3,
-            )
+                f"{type(self).__name__}({self.num_features}) received NaN/Inf input in training; "
+                "the NLL of the affected channels was dropped so the learned mean/std stay finite "
+                "(count so far: layer.nonfinite_batches). Check the data and the layers before "
+                "this one.",
+                stacklevel=3)
 
     def extra_repr(self) -> str:
-        s = f"{self.num_features}, eps={self.eps}, affine={self.affine}, std_param={self.std_param!r}, nll={self.nll!r}"
+        s = (f"{self.num_features}, eps={self.eps}, affine={self.affine}, "
+             f"std_param={self.std_param!r}, nll={self.nll!r}")
         return s + (", shared=True" if self.shared else "")
 
     def _load_from_state_dict(self, state_dict, prefix, local_metadata, strict, missing_keys,
                               unexpected_keys, error_msgs):
         if prefix + "running_mean" in state_dict:
             raise BatchlessError(
-                f"the checkpoint holds a BatchNorm at {prefix[:-1] or 'the root'!r} (running_mean/running_var), "
-                f"but this is a {type(self).__name__}: load it into the original BatchNorm model and convert "
-                "it with batchless.convert_batchnorm(model)"
-            )
+                f"the checkpoint holds a BatchNorm at {prefix[:-1] or 'the root'!r} (running_mean/"
+                f"running_var), but this is a {type(self).__name__}: load it into the original "
+                "BatchNorm model and convert it with batchless.convert_batchnorm(model)")
         # _version 1 is the first format; later versions translate older keys here.
         super()._load_from_state_dict(state_dict, prefix, local_metadata, strict, missing_keys,
                                       unexpected_keys, error_msgs)
@@ -226,29 +245,28 @@ class _BatchlessNorm(nn.Module):
 
 
 class _LastForward:
-    """What the last training forward left behind: a plain object, as nn.Module's __setattr__ is slow."""
+    """What the last training forward left behind (a plain object: nn.Module's __setattr__ is
+    slow)."""
 
     def __init__(self) -> None:
         self.nll: Tensor | None = None  # the gauged NLL (explicit mode: differentiable in mean/std)
-        self.b: Tensor | None = None  # implicit mode: the moments the NLL is computed from when asked for
+        self.b: Tensor | None = None  # implicit mode: the moments the NLL is computed from if asked
         self.used = True  # whether nll_loss collected the NLL since (explicit mode)
         self.weight = 1.0  # the NLL weight of the last forward outside a backward (implicit mode)
 
 
 class BatchlessNorm1d(_BatchlessNorm):
-    __doc__ = _BatchlessNorm.__doc__.replace("BatchlessNorm2d(16)", "BatchlessNorm1d(16)").replace(
-        "randn(1, 16, 8, 8)", "randn(1, 16, 8)").replace("Size([1, 16, 8, 8])", "Size([1, 16, 8])")
+    __doc__ = _doc("BatchlessNorm1d", "(N, C) or (N, C, L)", "1, 16, 8")
     _input_dims = (2, 3)
 
 
 class BatchlessNorm2d(_BatchlessNorm):
-    __doc__ = _BatchlessNorm.__doc__
+    __doc__ = _doc("BatchlessNorm2d", "(N, C, H, W)", "1, 16, 8, 8")
     _input_dims = (4,)
 
 
 class BatchlessNorm3d(_BatchlessNorm):
-    __doc__ = _BatchlessNorm.__doc__.replace("BatchlessNorm2d(16)", "BatchlessNorm3d(16)").replace(
-        "randn(1, 16, 8, 8)", "randn(1, 16, 4, 8, 8)").replace("Size([1, 16, 8, 8])", "Size([1, 16, 4, 8, 8])")
+    __doc__ = _doc("BatchlessNorm3d", "(N, C, D, H, W)", "1, 16, 4, 8, 8")
     _input_dims = (5,)
 
 
@@ -261,30 +279,26 @@ def _real(value) -> bool:
 
 def _check_arguments(num_features, eps, std_param, init_mean, init_std, nll) -> None:
     if isinstance(num_features, bool) or not isinstance(num_features, int) or num_features <= 0:
-        raise BatchlessError(f"num_features must be a positive int (the channel count C), got {num_features!r}")
+        raise BatchlessError(f"num_features must be a positive int (the channel count C), got "
+                             f"{num_features!r}")
     if not _real(eps) or not eps >= 0:
         raise BatchlessError(f"eps must be a number >= 0, got {eps!r}")
     if std_param not in BF.STD_PARAMS:
         raise BatchlessError(f"std_param must be one of {BF.STD_PARAMS}, got {std_param!r}")
     if not _real(init_std) or not init_std > 0:
-        raise BatchlessError(f"init_std must be a number > 0 (a standard deviation), got {init_std!r}")
+        raise BatchlessError(f"init_std must be a number > 0 (a standard deviation), got "
+                             f"{init_std!r}")
     if not _real(init_mean):
         raise BatchlessError(f"init_mean must be a number, got {init_mean!r}")
     if nll not in NLL_MODES:
         raise BatchlessError(f"nll must be one of {NLL_MODES}, got {nll!r}")
 
 
-_in_backward = getattr(torch._C, "_current_graph_task_id", lambda: -1)  # -1: no backward running
-_warned_unused = False
-
-
 def _warn_unused_nll() -> None:
-    global _warned_unused
-    if not _warned_unused:
-        _warned_unused = True
+    if not STATE.warned_unused_nll:
+        STATE.warned_unused_nll = True
         warnings.warn(
-            "a BatchlessNorm layer with nll='explicit' ran a second training forward without its NLL being "
-            "collected, so its mean/std are not learning: add batchless.nll_loss(model) to the loss, e.g. "
-            "`loss = task_loss + batchless.nll_loss(model)`, or build the layers with nll='implicit'",
-            stacklevel=3,
-        )
+            "a BatchlessNorm layer with nll='explicit' ran a second training forward without its "
+            "NLL being collected, so its mean/std are not learning: add batchless.nll_loss(model) "
+            "to the loss, e.g. `loss = task_loss + batchless.nll_loss(model)`, or build the layers "
+            "with nll='implicit'", stacklevel=3)

@@ -1,0 +1,43 @@
+"""batchless's process-wide mutable state, in one object; :func:`reset` restores a fresh one."""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+
+from .errors import BatchlessError
+
+FUSED_MODES = ("auto", "compiled", "never")
+UNLOADED = object()  # the native kernels not looked up yet
+
+
+def _mode_from_environment() -> str:
+    mode = os.environ.get("BATCHLESS_FUSED") or "auto"
+    if mode not in FUSED_MODES:
+        raise BatchlessError(
+            f"the environment variable BATCHLESS_FUSED must be one of {FUSED_MODES}, got {mode!r}")
+    return mode
+
+
+@dataclasses.dataclass
+class State:
+    mode: str = dataclasses.field(default_factory=_mode_from_environment)  # set_fused's
+    compile_failed: bool = False  # a torch.compile failed: no compiled route from then on
+    compiled: dict = dataclasses.field(default_factory=dict)  # key -> compiled function
+    kernels: object = UNLOADED  # the native kernels' module, None where not built
+    ones: dict = dataclasses.field(default_factory=dict)  # (C, dtype, device) -> ones(C)
+    warned_unused_nll: bool = False  # explicit mode's warning given
+    nll_weights: list = dataclasses.field(default_factory=list)  # open nll_weight blocks
+
+
+STATE = State()
+
+
+def reset(*, keep_kernels: bool = True) -> None:
+    """Restore a fresh process's state (the mode from ``$BATCHLESS_FUSED``), keeping loaded
+    native kernels unless ``keep_kernels`` is False (for tests)."""
+    kernels, fresh = STATE.kernels, State()
+    for field in dataclasses.fields(State):
+        setattr(STATE, field.name, getattr(fresh, field.name))
+    if keep_kernels and kernels is not None:
+        STATE.kernels = kernels
