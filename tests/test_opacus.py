@@ -91,9 +91,6 @@ def test_statistics_are_clipped_with_the_rest_of_each_sample_and_noised():
         assert (residual[name] != 0).all() and residual[name].abs().max() < 6 * sigma
 
 
-@pytest.mark.xfail(strict=True, reason="needs a core change (modules.py): batchless layers must refuse torch's "
-                   "ExpandedWeights with a BatchlessError; today the native path leaves mean/raw_std without "
-                   "gradients, silently, and the eager path fails on exp")
 def test_expanded_weights_mode_is_refused_clearly():
     with pytest.raises(bl.BatchlessError, match="grad_sample_mode"):
         private_step(make_model(), noise_multiplier=0.0, mode="ew")

@@ -126,6 +126,16 @@ def test_vmap_model_ensemble_matches_separate_models(route):
     assert not any(torch._C._functorch.is_functorch_wrapped_tensor(t) for t in STATE.ones.values())
 
 
+def test_expanded_weights_are_refused(route):
+    """torch's ExpandedWeights (Opacus's grad_sample_mode="ew") run only the ops they know: a clear error,
+    not parameters left without gradients (the native route) or a failure deep inside (the others)."""
+    from torch.nn.utils._per_sample_grad import call_for_per_sample_grads
+
+    model = torch.nn.Sequential(torch.nn.Linear(3, 4), bl.BatchlessNorm1d(4))
+    with pytest.raises(bl.BatchlessError, match=r"ExpandedWeights.*grad_sample_mode=\"hooks\""):
+        call_for_per_sample_grads(model)(torch.randn(5, 3))
+
+
 @pytest.mark.parametrize("training", [True, False])
 def test_torch_func_with_the_layer_first(training, route):
     """A plain input and transformed parameters (functional_call under grad; an ensemble sharing the input):

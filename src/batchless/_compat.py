@@ -9,6 +9,12 @@ from torch import Tensor
 from torch.autograd import forward_ad
 from torch.nn.modules.batchnorm import _BatchNorm as BatchNormBase  # noqa: F401 - re-exported
 
+try:  # torch's per-sample-gradient parameters (Opacus's grad_sample_mode="ew")
+    from torch.nn.utils._expanded_weights import ExpandedWeight
+except ImportError:  # a torch without them: nothing can be one
+    class ExpandedWeight:  # noqa: D101
+        pass
+
 # Where an nn.Module keeps its forward hooks (and their flags).
 HOOK_DICTS = ("_forward_pre_hooks", "_forward_pre_hooks_with_kwargs", "_forward_hooks",
               "_forward_hooks_with_kwargs", "_forward_hooks_always_called")

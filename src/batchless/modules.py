@@ -160,8 +160,22 @@ class _BatchlessNorm(nn.Module):
         if not x.is_floating_point():
             raise BatchlessError(f"{name} expects a floating-point input, got {x.dtype}")
 
+    def _check_parameters(self) -> None:
+        # torch's ExpandedWeights run only the functions they know (linear, conv, the built-in
+        # norms): on the native route ours would get no gradient, silently; on the others they
+        # fail on the first op they do not know.
+        for p in self._parameters.values():
+            if isinstance(p, _compat.ExpandedWeight):
+                raise BatchlessError(
+                    f"{type(self).__name__} got torch's ExpandedWeights as parameters (Opacus's "
+                    "grad_sample_mode=\"ew\"), which cannot compute its per-sample gradients. "
+                    "Use Opacus's default grad_sample_mode=\"hooks\" or "
+                    "grad_sample_mode=\"functorch\", or torch.func.vmap over torch.func.grad: "
+                    "they give exact per-sample gradients")
+
     def forward(self, x: Tensor) -> Tensor:
         self._check_input(x)
+        self._check_parameters()
         last = self._last
         if not self.training:
             if self.nll == "explicit":  # no NLL from this forward: nll_loss must not give the last
