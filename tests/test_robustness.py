@@ -99,7 +99,6 @@ def test_vmap_per_sample_gradients(nll):
             torch.testing.assert_close(per_sample[name][i], want, msg=name)
 
 
-@pytest.mark.filterwarnings("ignore:There is a performance drop")
 def test_vmap_model_ensemble_matches_separate_models(route):
     """torch.func ensembling (parameters stacked, vmapped): gradients equal the separate models', and
     a plain call afterwards still works (nothing batched is kept across calls, even when the vmapped
@@ -124,6 +123,38 @@ def test_vmap_model_ensemble_matches_separate_models(route):
         for name, p in m.named_parameters():
             torch.testing.assert_close(grads[name][i], p.grad, msg=name)
     assert not any(torch._C._functorch.is_functorch_wrapped_tensor(t) for t in STATE.ones.values())
+
+
+@pytest.fixture
+def vmap_fallback_warnings():
+    """torch's "There is a performance drop because we have not yet implemented the batching rule"
+    warnings on (off by default in torch.func, always on in the vmap of is_grads_batched)."""
+    torch._C._debug_only_display_vmap_fallback_warnings(True)
+    yield
+    torch._C._debug_only_display_vmap_fallback_warnings(False)
+
+
+@pytest.mark.parametrize("shape", [(5, 3), (5, 3, 6, 6), (5, 3, 64, 64)])  # the last: CPU row sums
+@pytest.mark.parametrize("training", [True, False])
+def test_vmap_per_sample_gradients_run_without_fallbacks(route, training, shape, vmap_fallback_warnings):
+    """No op of ours lacks a batching rule under torch.func (ATen's batch_norm_update_stats, which the
+    eager route's moments call, has none: vmap ran it per sample and warned) nor, in training, for batched
+    gradients (in evaluation a 3-D or 4-D input's backward is torch.batch_norm's own, as for nn.BatchNorm)."""
+    model = torch.nn.Sequential(CLASSES[len(shape)](3), torch.nn.Flatten(), torch.nn.LazyLinear(1)).train(training)
+    x = torch.randn(shape)
+    model(x)  # (LazyLinear takes its shape)
+    params = {k: v.detach() for k, v in model.named_parameters()}
+
+    def loss(p, xi):
+        return torch.func.functional_call(model, p, (xi[None],)).square().sum()
+
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        torch.func.vmap(torch.func.grad(loss), in_dims=(None, 0))(params, x)
+        if training:
+            y = model(x.requires_grad_())
+            torch.autograd.grad(y, x, torch.randn(2, *y.shape), is_grads_batched=True)
+    assert [str(w.message) for w in caught] == []
 
 
 def test_expanded_weights_are_refused(route):

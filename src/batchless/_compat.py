@@ -21,6 +21,8 @@ HOOK_DICTS = ("_forward_pre_hooks", "_forward_pre_hooks_with_kwargs", "_forward_
 
 # C functions the router calls at every step, aliased directly
 is_wrapped = torch._C._functorch.is_functorch_wrapped_tensor  # a torch.func tensor (vmap, grad)?
+# a gradient batched by torch.autograd.grad(..., is_grads_batched=True) (torch's legacy vmap)?
+is_legacy_batched = getattr(torch._C._functorch, "is_legacy_batchedtensor", lambda t: False)
 transforms_active = torch._C._are_functorch_transforms_active  # a torch.func transform running?
 jit_tracing = torch._C._is_tracing  # torch.jit.trace recording?
 profiling = torch.autograd._profiler_enabled  # cheap (record_function is not); not traceable
@@ -33,8 +35,9 @@ def in_backward() -> bool:
 
 
 def transformed(t: Tensor) -> bool:
-    """Whether a torch.func transform is running (or ``t`` is one's tensor)."""
-    return transforms_active() or is_wrapped(t)
+    """Whether a torch.func transform is running, or ``t`` is one's tensor or a batched gradient:
+    where ATen's batch-norm kernels have no batching rule (vmap would run them per sample)."""
+    return transforms_active() or is_wrapped(t) or is_legacy_batched(t)
 
 
 def forward_ad_active() -> bool:

@@ -257,7 +257,8 @@ def _compiled_forward(x: Tensor, f: Factors, bias: Tensor | None):
 def _eager_output_grads(gy: Tensor, x: Tensor, f: Factors, weight: Tensor | None, needs):
     """The eager route's backward: ``gy * scale`` and the weight/bias sums of ATen's batch-norm
     backward, for ``needs = (x, weight, bias)``; the formula's ops where a graph is recorded, for an
-    empty batch (ATen's kernel divides by N) and for a torch.func gradient (no batching rule)."""
+    empty batch (ATen's kernel divides by N) and for a batched gradient (torch.func's, or
+    is_grads_batched's: that kernel has no batching rule)."""
     if torch.is_grad_enabled() or x.numel() == 0 or _compat.transformed(gy):
         return output_grads(gy, x, f.mean, f.inv, weight)
     need_x, need_weight, need_bias = needs
@@ -274,7 +275,7 @@ def _compiled_output_grads(gy: Tensor, x: Tensor, f: Factors, weight: Tensor | N
     shares x's canonical layout and dtype; else the eager route's."""
     gv, xv = _fused.canonical(gy), _fused.canonical(x)
     if (torch.is_grad_enabled() or not all(needs) or gy.dtype != x.dtype
-            or _compat.is_wrapped(gy) or gv is None or xv is None or gv.shape != xv.shape):
+            or _compat.transformed(gy) or gv is None or xv is None or gv.shape != xv.shape):
         return _eager_output_grads(gy, x, f, weight, needs)
     gx, gw, gb = _fused.compiled(affine_backward, gv, xv, f.mean, f.inv, f.scale)
     return _fused.uncanonical(gx, x), gw, gb
