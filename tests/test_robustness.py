@@ -3,6 +3,7 @@
 (Dtypes and memory layouts on every route: the property table, test_layer.py.)"""
 
 import copy
+import linecache
 import warnings
 
 import pytest
@@ -272,6 +273,22 @@ def test_non_finite_batch_keeps_statistics(nll, bad, route):
     assert layer.nonfinite_batches == 2
     layer(torch.randn(8, 3))
     assert layer.nonfinite_batches == 2
+
+
+def test_layer_warnings_point_at_the_callers_line(route):
+    """A warning from inside a layer names the user's line (here: this file), not torch's Module.__call__,
+    also through a container."""
+    model = torch.nn.Sequential(torch.nn.Identity(), bl.BatchlessNorm1d(3))
+    explicit = bl.BatchlessNorm1d(3, nll="explicit")
+    x = torch.randn(8, 3)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        explicit(x)
+        explicit(x)  # the explicit NLL was not collected
+        x[2, 1] = float("nan")
+        model(x)  # NaN input
+    assert [(w.filename, linecache.getline(w.filename, w.lineno).strip()) for w in caught] == [
+        (__file__, "explicit(x)  # the explicit NLL was not collected"), (__file__, "model(x)  # NaN input")]
 
 
 @settings(max_examples=30, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])

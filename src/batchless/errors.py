@@ -1,4 +1,16 @@
-"""The one exception type of batchless."""
+"""The one exception type of batchless, and the warnings that point at the user's line."""
+
+from __future__ import annotations
+
+import os
+import sys
+import warnings
+
+import torch
+
+# Frames in these directories are not the user's: batchless and torch (Module.__call__, autograd,
+# checkpointing), between a user's call and a warning raised inside a layer.
+_INTERNAL = tuple(os.path.dirname(path) + os.sep for path in (__file__, torch.__file__))
 
 
 class BatchlessError(ValueError):
@@ -15,3 +27,12 @@ def check_module(model, where: str) -> None:
 
     if not isinstance(model, nn.Module):
         raise BatchlessError(f"{where} expects a torch.nn.Module, got {type(model).__name__}")
+
+
+def warn(message: str) -> None:
+    """``warnings.warn(message)`` attributed to the first caller outside batchless and torch: the
+    user's line that called the layer or function, however deep inside them the warning arose."""
+    level, frame = 2, sys._getframe(1)  # (stacklevel 2: warn's caller)
+    while frame.f_back is not None and frame.f_code.co_filename.startswith(_INTERNAL):
+        level, frame = level + 1, frame.f_back
+    warnings.warn(message, stacklevel=level)

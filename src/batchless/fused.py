@@ -38,7 +38,7 @@ from torch import Tensor
 
 from . import _compat, _cpu_kernels
 from ._state import FUSED_MODES, STATE, UNLOADED
-from .errors import BatchlessError
+from .errors import BatchlessError, warn
 
 __all__ = ["FUSED_MODES", "Route", "build_cpu_kernels", "path", "route", "set_fused"]
 
@@ -201,8 +201,7 @@ def compiled(fn, *args):
             raise
         STATE.compile_failed = True
         first_line = (str(error).strip().splitlines() or [""])[0]
-        warnings.warn(
-            f"batchless: the fused training kernels failed to compile or run "
-            f"({type(error).__name__}: {first_line}); using the eager route from now on. "
-            "batchless.fused.set_fused('never') skips the attempt.", stacklevel=4)
+        warn(f"batchless: the fused training kernels failed to compile or run "
+             f"({type(error).__name__}: {first_line}); using the eager route from now on. "
+             "batchless.fused.set_fused('never') skips the attempt.")
         return fn(*args)

@@ -9,7 +9,6 @@ and would rewrite or refuse these layers.
 from __future__ import annotations
 
 import numbers
-import warnings
 
 import torch
 from torch import Tensor, nn
@@ -17,7 +16,7 @@ from torch import Tensor, nn
 from . import _compat
 from . import functional as BF
 from ._state import STATE
-from .errors import BatchlessError
+from .errors import BatchlessError, warn
 from .weighting import current_nll_weight
 
 NLL_MODES = ("implicit", "explicit")
@@ -228,12 +227,10 @@ class _BatchlessNorm(nn.Module):
             self._nonfinite_host = self._nonfinite.to("cpu", non_blocking=True)
         if seen is not None and not self._warned_nonfinite and bool(seen):
             self._warned_nonfinite = True
-            warnings.warn(
-                f"{type(self).__name__}({self.num_features}) received NaN/Inf input in training; "
-                "the NLL of the affected channels was dropped so the learned mean/std stay finite "
-                "(count so far: layer.nonfinite_batches). Check the data and the layers before "
-                "this one.",
-                stacklevel=3)
+            warn(f"{type(self).__name__}({self.num_features}) received NaN/Inf input in "
+                 "training; the NLL of the affected channels was dropped so the learned mean/std "
+                 "stay finite (count so far: layer.nonfinite_batches). Check the data and the "
+                 "layers before this one.")
 
     def extra_repr(self) -> str:
         s = (f"{self.num_features}, eps={self.eps}, affine={self.affine}, "
@@ -311,8 +308,7 @@ def _check_arguments(num_features, eps, std_param, init_mean, init_std, nll) -> 
 def _warn_unused_nll() -> None:
     if not STATE.warned_unused_nll:
         STATE.warned_unused_nll = True
-        warnings.warn(
-            "a BatchlessNorm layer with nll='explicit' ran a second training forward without its "
-            "NLL being collected, so its mean/std are not learning: add batchless.nll_loss(model) "
-            "to the loss, e.g. `loss = task_loss + batchless.nll_loss(model)`, or build the layers "
-            "with nll='implicit'", stacklevel=3)
+        warn("a BatchlessNorm layer with nll='explicit' ran a second training forward without its "
+             "NLL being collected, so its mean/std are not learning: add batchless.nll_loss(model) "
+             "to the loss, e.g. `loss = task_loss + batchless.nll_loss(model)`, or build the "
+             "layers with nll='implicit'")
