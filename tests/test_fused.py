@@ -266,26 +266,6 @@ def test_native_kernels_split_across_threads_alike(cpu_kernels, threads, shape, 
         assert_all_close(got, step(layer, x, g)[1], torch.float32)
 
 
-def test_build_failure_warns_and_stays_eager(monkeypatch, tmp_path):
-    monkeypatch.setenv("BATCHLESS_CACHE", str(tmp_path))
-    monkeypatch.setenv("CXX", str(tmp_path / "no-such-compiler"))
-    _state.reset(keep_kernels=False)
-    with pytest.warns(UserWarning, match="could not build the CPU kernels"):
-        assert not fused.build_cpu_kernels()
-    assert fused.path(torch.ones(2, 3)) == "eager"
-
-
-def test_damaged_cached_build_warns_and_stays_eager(monkeypatch, tmp_path):
-    monkeypatch.setenv("BATCHLESS_CACHE", str(tmp_path))
-    _state.reset(keep_kernels=False)
-    directory = bl._cpu_kernels._build_dir()
-    directory.mkdir(parents=True)
-    (directory / f"{directory.name}.so").write_bytes(b"not a shared library")
-    with pytest.warns(UserWarning, match="cached CPU kernels .* did not load"):
-        assert fused.path(torch.ones(2, 3)) == "eager"
-    F32.layer()(F32.input()).sum().backward()  # trains on the eager route
-
-
 def test_native_node_without_autograd_or_with_frozen_parameters(cpu_kernels):
     layer, x = Variant((2, 4, 3, 3), dtype=torch.float32).layer(), torch.randn(2, 4, 3, 3)
     with torch.inference_mode():

@@ -2,10 +2,14 @@
 
 The kernels are compiled on request, once per machine, by :func:`batchless.fused.build_cpu_kernels`
 (``make install`` calls it; it needs a C++ compiler and ``ninja``), and cached under
-``$BATCHLESS_CACHE`` (default ``~/.cache/batchless``) in a directory named after a hash of the
-source, the torch and Python versions and the CPU capability, so a changed source or an upgraded
-torch never loads a stale build. Later processes load the cached build without a compiler; where
-there is none, batchless stays on the eager route.
+``$BATCHLESS_CACHE`` (default ``~/.cache/batchless``) in a directory named after a hash of what the
+binary depends on: the source, torch's version and C++ ABI, the Python ABI, the CPU instruction
+sets it is compiled for and the OpenMP runtime it links. No path is part of it, so every venv
+with the same torch and Python shares one build, and a changed source or an upgraded torch never
+loads a stale one. Nor is the compiler: any compiler's build of that source for that torch is
+interchangeable (torch passes its ABI flag to every build), and a machine without a compiler
+must still find the build. Later processes load the cached build without a compiler; where there
+is none, batchless stays on the eager route.
 """
 
 from __future__ import annotations
@@ -14,6 +18,7 @@ import hashlib
 import importlib.util
 import os
 import sys
+import sysconfig
 import warnings
 from pathlib import Path
 
@@ -32,17 +37,27 @@ def _flags() -> list[str]:
     return ["-O3", "-fopenmp", *_ARCH_FLAGS.get(torch.backends.cpu.get_cpu_capability(), [])]
 
 
+def _bundled_openmp() -> Path | None:
+    """The OpenMP runtime that torch bundles (and has loaded), if any."""
+    found = sorted((Path(torch.__file__).parent / "lib").glob("libgomp*.so*"))
+    return found[0] if found else None
+
+
 def _link_flags() -> list[str]:
     """OpenMP from the runtime torch itself loaded (one thread pool in the process), else the
     compiler's."""
-    bundled = sorted((Path(torch.__file__).parent / "lib").glob("libgomp*.so*"))
-    return [f"-L{bundled[0].parent}", f"-l:{bundled[0].name}"] if bundled else ["-fopenmp"]
+    bundled = _bundled_openmp()
+    return [f"-L{bundled.parent}", f"-l:{bundled.name}"] if bundled else ["-fopenmp"]
 
 
 def _build_dir() -> Path:
-    """The cache directory of this source, torch, Python and CPU capability (the module's name)."""
+    """The cache directory of this build (its name is also the module's name)."""
+    bundled = _bundled_openmp()
     key = hashlib.sha256(SOURCE.read_bytes())
-    key.update(" ".join([torch.__version__, sys.version, *_flags(), *_link_flags()]).encode())
+    key.update(" ".join([
+        torch.__version__, torch.version.git_version, f"cxx11abi={torch.compiled_with_cxx11_abi()}",
+        sysconfig.get_config_var("EXT_SUFFIX") or sys.implementation.cache_tag, *_flags(),
+        f"openmp={bundled.name if bundled else 'compiler'}"]).encode())
     root = Path(os.environ.get("BATCHLESS_CACHE") or Path.home() / ".cache" / "batchless")
     return root / f"batchless_cpu_{key.hexdigest()[:16]}"
 

@@ -1,0 +1,68 @@
+"""The native CPU kernels' build and cache: what the cache is keyed by, what a failed or damaged build does.
+
+Only the ``cpu_kernels`` fixture compiles the real kernels (once per session); these tests point
+``$BATCHLESS_CACHE`` at a fresh directory to stay fast.
+"""
+
+import sys
+
+import pytest
+import torch
+
+from batchless import _cpu_kernels, _state, fused
+from variants import Variant
+
+F32 = Variant((4, 6, 5, 7), dtype=torch.float32)
+
+
+@pytest.fixture
+def fresh_cache(monkeypatch, tmp_path):
+    """An empty kernel cache, and a process that has not looked for the kernels yet."""
+    monkeypatch.setenv("BATCHLESS_CACHE", str(tmp_path / "cache"))
+    _state.reset(keep_kernels=False)
+    return tmp_path / "cache"
+
+
+def test_damaged_cached_build_warns_and_stays_eager(fresh_cache):
+    directory = _cpu_kernels._build_dir()
+    directory.mkdir(parents=True)
+    (directory / f"{directory.name}.so").write_bytes(b"not a shared library")
+    with pytest.warns(UserWarning, match="cached CPU kernels .* did not load"):
+        assert fused.path(torch.ones(2, 3)) == "eager"
+    F32.layer()(F32.input()).sum().backward()  # trains on the eager route
+
+
+def test_the_cache_is_shared_by_venvs_with_the_same_torch(monkeypatch, tmp_path):
+    """Another interpreter prefix (a second venv: its own python, its own copy of the same torch) finds the
+    same build; the source, torch's version and the CPU's instruction sets each change it."""
+    here = _cpu_kernels._build_dir()
+    site = tmp_path / "venv2" / "lib" / "python3" / "site-packages"
+    (site / "torch" / "lib").mkdir(parents=True)
+    bundled = _cpu_kernels._bundled_openmp()
+    if bundled is not None:  # the same torch wheel: the same bundled OpenMP runtime
+        (site / "torch" / "lib" / bundled.name).symlink_to(bundled)
+    link_flags = _cpu_kernels._link_flags()
+    for name in ("prefix", "exec_prefix", "executable"):
+        monkeypatch.setattr(sys, name, str(tmp_path / "venv2" / ("bin/python" if name == "executable" else "")))
+    monkeypatch.setattr(torch, "__file__", str(site / "torch" / "__init__.py"))
+    assert _cpu_kernels._link_flags() != link_flags or bundled is None  # the build would link from venv2
+    assert _cpu_kernels._build_dir() == here
+
+    monkeypatch.setattr(torch, "__version__", torch.__version__ + ".post1")
+    assert _cpu_kernels._build_dir() != here
+    monkeypatch.undo()
+    capability = torch.backends.cpu.get_cpu_capability()
+    monkeypatch.setattr(torch.backends.cpu, "get_cpu_capability", lambda: "AVX2" if capability != "AVX2" else "DEFAULT")
+    assert _cpu_kernels._build_dir() != here
+    monkeypatch.undo()
+    source = tmp_path / "_cpu_kernels.cpp"
+    source.write_bytes(_cpu_kernels.SOURCE.read_bytes() + b"// changed\n")
+    monkeypatch.setattr(_cpu_kernels, "SOURCE", source)
+    assert _cpu_kernels._build_dir() != here
+
+
+def test_build_failure_warns_and_stays_eager(fresh_cache, monkeypatch, tmp_path):
+    monkeypatch.setenv("CXX", str(tmp_path / "no-such-compiler"))
+    with pytest.warns(UserWarning, match="could not build the CPU kernels"):
+        assert not fused.build_cpu_kernels()
+    assert fused.path(torch.ones(2, 3)) == "eager"
