@@ -1,18 +1,23 @@
-"""The native CPU kernels' build and cache: what the cache is keyed by, what a failed or damaged build does.
+"""The native CPU kernels' build and cache: what the cache is keyed by, that a cached build is loaded
+rather than compiled, what a failed or damaged build does.
 
 Only the ``cpu_kernels`` fixture compiles the real kernels (once per session); these tests point
-``$BATCHLESS_CACHE`` at a fresh directory to stay fast.
+``$BATCHLESS_CACHE`` at a fresh directory, or replace the compiler call, to stay fast.
 """
 
 import sys
+import warnings
 
 import pytest
 import torch
+from torch.utils import cpp_extension
 
 from batchless import _cpu_kernels, _state, fused
-from variants import Variant
+from batchless.fused import Route
+from variants import CAN_BUILD, Variant
 
 F32 = Variant((4, 6, 5, 7), dtype=torch.float32)
+needs_compiler = pytest.mark.skipif(not CAN_BUILD, reason="no C++ compiler or ninja here")
 
 
 @pytest.fixture
@@ -21,6 +26,43 @@ def fresh_cache(monkeypatch, tmp_path):
     monkeypatch.setenv("BATCHLESS_CACHE", str(tmp_path / "cache"))
     _state.reset(keep_kernels=False)
     return tmp_path / "cache"
+
+
+@pytest.fixture
+def no_compiling(monkeypatch):
+    """Fail any call to the compiler; record the calls."""
+    calls = []
+
+    def refuse(name, *args, **kwargs):
+        calls.append(name)
+        raise AssertionError(f"compiled {name}")
+
+    monkeypatch.setattr(cpp_extension, "load", refuse)
+    return calls
+
+
+def test_a_cached_build_is_loaded_not_compiled(cpu_kernels, no_compiling):
+    _state.reset(keep_kernels=False)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        assert fused.build_cpu_kernels() and fused.build_cpu_kernels()
+    assert not no_compiling and fused.route(F32.input()) == Route.NATIVE
+
+
+@needs_compiler
+def test_a_damaged_cached_build_is_rebuilt(fresh_cache, no_compiling):
+    """build_cpu_kernels compiles where the cached build does not load, without a word about the
+    damaged file (here the compiler call fails on purpose, and says so)."""
+    directory = _cpu_kernels._build_dir()
+    directory.mkdir(parents=True)
+    (directory / f"{directory.name}.so").write_bytes(b"not a shared library")
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        assert not fused.build_cpu_kernels()
+    assert [str(w.message) for w in caught] == [
+        f"batchless: could not build the CPU kernels (AssertionError: compiled {directory.name}); training stays "
+        "on the eager route"]
+    assert no_compiling == [directory.name]
 
 
 def test_damaged_cached_build_warns_and_stays_eager(fresh_cache):

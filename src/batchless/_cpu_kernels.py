@@ -8,8 +8,9 @@ sets it is compiled for and the OpenMP runtime it links. No path is part of it, 
 with the same torch and Python shares one build, and a changed source or an upgraded torch never
 loads a stale one. Nor is the compiler: any compiler's build of that source for that torch is
 interchangeable (torch passes its ABI flag to every build), and a machine without a compiler
-must still find the build. Later processes load the cached build without a compiler; where there
-is none, batchless stays on the eager route.
+must still find the build. Later processes, and :func:`~batchless.fused.build_cpu_kernels`
+itself, load a cached build without compiling; where there is none, batchless stays on the eager
+route.
 """
 
 from __future__ import annotations
@@ -17,12 +18,15 @@ from __future__ import annotations
 import hashlib
 import importlib.util
 import os
+import shutil
 import sys
 import sysconfig
-import warnings
 from pathlib import Path
+from types import ModuleType
 
 import torch
+
+from .errors import warn
 
 SOURCE = Path(__file__).with_name("_cpu_kernels.cpp")
 # Instruction sets by the capability ATen itself dispatches to on this CPU (never -march=native: a
@@ -62,28 +66,41 @@ def _build_dir() -> Path:
     return root / f"batchless_cpu_{key.hexdigest()[:16]}"
 
 
-def load(build: bool = False, verbose: bool = False):
-    """The compiled module (``supports``, ``train``, ``eval``), or None when it is not built or its
-    cached build does not load (a warning says why). With ``build`` it is compiled first, showing
-    the compiler's output with ``verbose``; compiler errors propagate."""
+def load(build: bool = False, verbose: bool = False) -> ModuleType | None:
+    """The compiled module (``supports``, ``train``, ``eval``) from the cache, or None when it is
+    not built or its cached build does not load (a warning says why). With ``build``, a missing or
+    unloadable build is compiled, showing the compiler's output with ``verbose``; build errors
+    propagate."""
     directory = _build_dir()
     library = directory / f"{directory.name}.so"
-    if build:
-        from torch.utils import cpp_extension
-
-        directory.mkdir(parents=True, exist_ok=True)
-        return cpp_extension.load(directory.name, [str(SOURCE)], extra_cflags=_flags(),
-                                  extra_ldflags=_link_flags(), build_directory=str(directory),
-                                  verbose=verbose)
-    if not library.is_file():
+    if library.is_file():
+        module = _import(library, quiet=build)
+        if module is not None or not build:
+            return module
+    elif not build:
         return None
+    return _compile(directory, verbose)
+
+
+def _import(library: Path, quiet: bool) -> ModuleType | None:
     try:
-        spec = importlib.util.spec_from_file_location(directory.name, library)
+        spec = importlib.util.spec_from_file_location(library.stem, library)
         module = importlib.util.module_from_spec(spec)
         spec.loader.exec_module(module)
         return module
     except ImportError as error:  # e.g. a damaged file: training must not fail for a faster route
-        warnings.warn(f"batchless: the cached CPU kernels in {directory} did not load ({error}); "
-                      "using the eager route (batchless.fused.build_cpu_kernels() after deleting "
-                      "that directory rebuilds them)", stacklevel=2)
+        if not quiet:
+            warn(f"batchless: the cached CPU kernels in {library.parent} did not load ({error}); "
+                 "using the eager route (batchless.fused.build_cpu_kernels() rebuilds them)")
         return None
+
+
+def _compile(directory: Path, verbose: bool) -> ModuleType:
+    from torch.utils import cpp_extension
+
+    if not shutil.which("ninja"):
+        raise RuntimeError("ninja is not installed (pip install ninja)")
+    directory.mkdir(parents=True, exist_ok=True)
+    return cpp_extension.load(directory.name, [str(SOURCE)], extra_cflags=_flags(),
+                              extra_ldflags=_link_flags(), build_directory=str(directory),
+                              verbose=verbose)

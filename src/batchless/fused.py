@@ -84,17 +84,18 @@ def set_fused(mode: str) -> str:
 
 
 def build_cpu_kernels(verbose: bool = False) -> bool:
-    """Compile the native CPU kernels (once per machine; later calls and processes load the cached
-    build); True when they are ready. Needs a C++ compiler and ``ninja``; on failure, warns with the
-    reason and returns False (training then stays on the eager route)."""
-    try:
-        from torch.utils import cpp_extension
+    """Make the native CPU kernels ready; True when they are.
 
-        if not cpp_extension.is_ninja_available():
-            raise RuntimeError("ninja is not installed (pip install ninja)")
+    Loads the cached build for this source, torch, Python and CPU where there is one (instantly),
+    else compiles it into the cache (once per machine, about a minute; needs a C++ compiler and
+    ``ninja``; ``verbose`` shows the compiler's output). On failure, warns with the reason and
+    returns False (training then stays on the eager route).
+    """
+    try:
         STATE.kernels = _cpu_kernels.load(build=True, verbose=verbose)
-        return STATE.kernels is not None
+        return True
     except Exception as error:  # noqa: BLE001 - no compiler, a compile error: report, stay eager
+        STATE.kernels = None
         lines = str(error).strip().splitlines() or [""]
         warnings.warn(f"batchless: could not build the CPU kernels ({type(error).__name__}: "
                       f"{lines[-1]}); training stays on the eager route", stacklevel=2)
