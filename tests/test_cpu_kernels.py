@@ -1,5 +1,5 @@
-"""The native CPU kernels' build and cache: what the cache is keyed by, that a cached build is loaded
-rather than compiled, what a failed or damaged build does.
+"""The native CPU kernels' build and cache: what a first run says, what the cache is keyed by, that a
+cached build is loaded rather than compiled, what a failed or damaged build does.
 
 Only the ``cpu_kernels`` fixture compiles the real kernels (once per session); these tests point
 ``$BATCHLESS_CACHE`` at a fresh directory, or replace the compiler call, to stay fast.
@@ -41,6 +41,41 @@ def no_compiling(monkeypatch):
     return calls
 
 
+def training_steps():
+    """What a user's first CPU steps do: forward, backward, and asking for the route."""
+    layer, x = F32.layer(), F32.input()
+    for _ in range(2):
+        layer(x).sum().backward()
+    return fused.route(x, layer)
+
+
+@needs_compiler
+def test_unbuilt_kernels_warn_once_with_the_command(fresh_cache):
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        assert training_steps() == Route.EAGER
+    assert len(caught) == 1, [str(w.message) for w in caught]
+    message = str(caught[0].message)
+    assert "not built" in message and _cpu_kernels.build_command() in message
+    assert sys.executable in message and "build_cpu_kernels()" in message
+    assert caught[0].filename == __file__  # the user's line (the first step)
+
+
+def test_no_word_without_a_compiler(fresh_cache, monkeypatch, tmp_path):
+    monkeypatch.setenv("CXX", str(tmp_path / "no-such-compiler"))
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        assert training_steps() == Route.EAGER
+
+
+def test_no_word_when_built(cpu_kernels, no_compiling):
+    _state.reset(keep_kernels=False)  # a new process: finds the build in the cache
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        assert training_steps() == Route.NATIVE
+    assert not no_compiling
+
+
 def test_a_cached_build_is_loaded_not_compiled(cpu_kernels, no_compiling):
     _state.reset(keep_kernels=False)
     with warnings.catch_warnings():
@@ -69,8 +104,9 @@ def test_damaged_cached_build_warns_and_stays_eager(fresh_cache):
     directory = _cpu_kernels._build_dir()
     directory.mkdir(parents=True)
     (directory / f"{directory.name}.so").write_bytes(b"not a shared library")
-    with pytest.warns(UserWarning, match="cached CPU kernels .* did not load"):
+    with pytest.warns(UserWarning, match="cached CPU kernels .* did not load") as caught:
         assert fused.path(torch.ones(2, 3)) == "eager"
+    assert _cpu_kernels.build_command() in str(caught[0].message)
     F32.layer()(F32.input()).sum().backward()  # trains on the eager route
 
 

@@ -10,21 +10,19 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import itertools
-import os
-import shutil
 
 import pytest
 import torch
 
 import batchless as bl
-from batchless import fused
+from batchless import _cpu_kernels, fused
 from reference import naive_forward
 
 CLASSES = {2: bl.BatchlessNorm1d, 3: bl.BatchlessNorm1d, 4: bl.BatchlessNorm2d, 5: bl.BatchlessNorm3d}
 STD_PARAMS = ("log", "abs", "inv")
 NLL_MODES = ("implicit", "explicit")
 PARAMS = ("mean", "raw_std", "weight", "bias")
-CAN_BUILD = shutil.which(os.environ.get("CXX", "c++")) is not None and shutil.which("ninja") is not None
+CAN_BUILD = _cpu_kernels.can_build()
 CUDA = pytest.mark.skipif(not torch.cuda.is_available(), reason="no CUDA")
 # The set_fused mode, and the NLL weight block, that force each route (if the input allows it);
 # "native-weighted": the native node with an NLL weight read at backward time (a tensor, a GradScaler).

@@ -9,8 +9,11 @@ with the same torch and Python shares one build, and a changed source or an upgr
 loads a stale one. Nor is the compiler: any compiler's build of that source for that torch is
 interchangeable (torch passes its ABI flag to every build), and a machine without a compiler
 must still find the build. Later processes, and :func:`~batchless.fused.build_cpu_kernels`
-itself, load a cached build without compiling; where there is none, batchless stays on the eager
-route.
+itself, load a cached build without compiling.
+
+A process that could use the kernels but finds no build warns once, with the command that builds
+them, where a compiler and ``ninja`` exist (we do not compile unasked: a build takes about a
+minute, a surprise inside a training step); without them it stays on the eager route silently.
 """
 
 from __future__ import annotations
@@ -18,6 +21,7 @@ from __future__ import annotations
 import hashlib
 import importlib.util
 import os
+import shlex
 import shutil
 import sys
 import sysconfig
@@ -35,6 +39,7 @@ _ARCH_FLAGS = {
     "AVX512": ["-mavx512f", "-mavx512bw", "-mavx512vl", "-mavx512dq", "-mfma"],
     "AVX2": ["-mavx2", "-mfma"],
 }
+BUILD_COMMAND = "import batchless.fused; batchless.fused.build_cpu_kernels()"
 
 
 def _flags() -> list[str]:
@@ -66,11 +71,21 @@ def _build_dir() -> Path:
     return root / f"batchless_cpu_{key.hexdigest()[:16]}"
 
 
+def can_build() -> bool:
+    """Whether the C++ compiler torch would use (``$CXX``, else ``c++``) and ``ninja`` exist."""
+    return all(shutil.which(tool) for tool in (os.environ.get("CXX") or "c++", "ninja"))
+
+
+def build_command() -> str:
+    """The shell command that builds the kernels for this interpreter."""
+    return f"{shlex.quote(sys.executable)} -c {shlex.quote(BUILD_COMMAND)}"
+
+
 def load(build: bool = False, verbose: bool = False) -> ModuleType | None:
     """The compiled module (``supports``, ``train``, ``eval``) from the cache, or None when it is
-    not built or its cached build does not load (a warning says why). With ``build``, a missing or
-    unloadable build is compiled, showing the compiler's output with ``verbose``; build errors
-    propagate."""
+    not built (warning with the command that builds it, where a compiler and ninja exist) or its
+    cached build does not load (warning why). With ``build``, a missing or unloadable build is
+    compiled, showing the compiler's output with ``verbose``; build errors propagate."""
     directory = _build_dir()
     library = directory / f"{directory.name}.so"
     if library.is_file():
@@ -78,6 +93,10 @@ def load(build: bool = False, verbose: bool = False) -> ModuleType | None:
         if module is not None or not build:
             return module
     elif not build:
+        if can_build():
+            warn("batchless: the native CPU kernels are not built, so batchless layers run on the "
+                 "eager route (the same results, slower). Build them once per machine (about a "
+                 f"minute; cached in {directory.parent}): {build_command()}")
         return None
     return _compile(directory, verbose)
 
@@ -91,7 +110,7 @@ def _import(library: Path, quiet: bool) -> ModuleType | None:
     except ImportError as error:  # e.g. a damaged file: training must not fail for a faster route
         if not quiet:
             warn(f"batchless: the cached CPU kernels in {library.parent} did not load ({error}); "
-                 "using the eager route (batchless.fused.build_cpu_kernels() rebuilds them)")
+                 f"using the eager route ({build_command()} rebuilds them)")
         return None
 
 

@@ -6,7 +6,8 @@ differ in what computes it:
 
 * ``"native"``: one C++ autograd node around the native CPU kernels (float32 and bfloat16,
   contiguous or channels-last), compiled once per machine by :func:`build_cpu_kernels` (``make
-  install`` does it). Also an evaluation forward that needs gradients (the node without an NLL).
+  install`` does it; until then the first CPU layer warns with the command). Also an evaluation
+  forward that needs gradients (the node without an NLL).
 * ``"native-eval"``: the native affine kernel alone, for an evaluation forward without gradients.
 * ``"compiled"``: a Python autograd Function around kernels that ``torch.compile`` generates from
   the formula (Triton on CUDA, C++ on CPU), one dynamic-shape graph per layout, dtype and device
@@ -88,8 +89,9 @@ def build_cpu_kernels(verbose: bool = False) -> bool:
 
     Loads the cached build for this source, torch, Python and CPU where there is one (instantly),
     else compiles it into the cache (once per machine, about a minute; needs a C++ compiler and
-    ``ninja``; ``verbose`` shows the compiler's output). On failure, warns with the reason and
-    returns False (training then stays on the eager route).
+    ``ninja``; ``verbose`` shows the compiler's output). Until then, CPU layers run on the eager
+    route, and the first one warns with the command that calls this. On failure, warns with the
+    reason and returns False (training then stays on the eager route).
     """
     try:
         STATE.kernels = _cpu_kernels.load(build=True, verbose=verbose)
