@@ -5,6 +5,7 @@ Only the ``cpu_kernels`` fixture compiles the real kernels (once per session); t
 ``$BATCHLESS_CACHE`` at a fresh directory, or replace the compiler call, to stay fast.
 """
 
+import shutil
 import sys
 import warnings
 
@@ -96,7 +97,7 @@ def test_a_damaged_cached_build_is_rebuilt(fresh_cache, no_compiling):
         assert not fused.build_cpu_kernels()
     assert [str(w.message) for w in caught] == [
         f"batchless: could not build the CPU kernels (AssertionError: compiled {directory.name}); training stays "
-        "on the eager route"]
+        "on the eager route. batchless.fused.build_cpu_kernels(verbose=True) shows the whole output"]
     assert no_compiling == [directory.name]
 
 
@@ -139,8 +140,33 @@ def test_the_cache_is_shared_by_venvs_with_the_same_torch(monkeypatch, tmp_path)
     assert _cpu_kernels._build_dir() != here
 
 
-def test_build_failure_warns_and_stays_eager(fresh_cache, monkeypatch, tmp_path):
-    monkeypatch.setenv("CXX", str(tmp_path / "no-such-compiler"))
-    with pytest.warns(UserWarning, match="could not build the CPU kernels"):
+@needs_compiler
+def test_a_failed_build_shows_the_compilers_first_error(fresh_cache, monkeypatch, tmp_path):
+    source = tmp_path / "_cpu_kernels.cpp"  # fails at its first line (fast: no torch header is read)
+    source.write_bytes(b'#include "batchless_no_such_header.h"\n' + _cpu_kernels.SOURCE.read_bytes())
+    monkeypatch.setattr(_cpu_kernels, "SOURCE", source)
+    with pytest.warns(UserWarning, match=r"fatal error: batchless_no_such_header\.h: No such file") as caught:
         assert not fused.build_cpu_kernels()
+    assert "ninja: build stopped" not in str(caught[0].message)
     assert fused.path(torch.ones(2, 3)) == "eager"
+
+
+def test_a_missing_compiler_says_so(fresh_cache, monkeypatch, tmp_path):
+    compiler = tmp_path / "no-such-compiler"
+    monkeypatch.setenv("CXX", str(compiler))
+    with pytest.warns(UserWarning, match="could not build the CPU kernels") as caught:
+        assert not fused.build_cpu_kernels()
+    said = str(compiler) if shutil.which("ninja") else "ninja is not installed (pip install ninja)"
+    assert said in str(caught[0].message)  # (the shell's "...: not found" or "No such file or directory")
+    assert fused.path(torch.ones(2, 3)) == "eager"
+
+
+def test_the_first_error_line_of_build_outputs():
+    ninja = "Error building extension 'm': [1/2] c++ -c k.cpp -o k.o\nFAILED: [code=1] k.o\nc++ -c k.cpp -o k.o\n"
+    compiler = "k.cpp: In function 'f':\nk.cpp:3:5: error: 'y' was not declared\n    3 | y;\nk.cpp:4:5: error: again\n"
+    linker = "/usr/bin/ld: cannot find -lfoo\ncollect2: error: ld returned 1 exit status\n"
+    stop = "ninja: build stopped: subcommand failed.\n"
+    assert _cpu_kernels.first_error(ninja + compiler + stop) == "k.cpp:3:5: error: 'y' was not declared"
+    assert _cpu_kernels.first_error(ninja + linker + stop) == "/usr/bin/ld: cannot find -lfoo"
+    assert _cpu_kernels.first_error(ninja + "/bin/sh: 1: cc: not found\n" + stop) == "/bin/sh: 1: cc: not found"
+    assert _cpu_kernels.first_error("ninja is not installed\n") == "ninja is not installed"

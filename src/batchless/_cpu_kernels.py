@@ -123,3 +123,16 @@ def _compile(directory: Path, verbose: bool) -> ModuleType:
     return cpp_extension.load(directory.name, [str(SOURCE)], extra_cflags=_flags(),
                               extra_ldflags=_link_flags(), build_directory=str(directory),
                               verbose=verbose)
+
+
+def first_error(message: str) -> str:
+    """What went wrong, in one line, from a failed build's message: the compiler's first error
+    (ninja prints ``FAILED: target``, the command, then its output), else the message's last
+    line."""
+    lines = [line.strip() for line in message.splitlines() if line.strip()]
+    failed = next((i for i, line in enumerate(lines) if line.startswith("FAILED:")), None)
+    if failed is None:
+        return lines[-1] if lines else ""
+    output = [line for line in lines[failed + 2:] if not line.startswith("ninja: ")] or lines[-1:]
+    errors = (line for line in output if "error:" in line and not line.startswith("collect2:"))
+    return next(errors, output[0])

@@ -91,16 +91,17 @@ def build_cpu_kernels(verbose: bool = False) -> bool:
     else compiles it into the cache (once per machine, about a minute; needs a C++ compiler and
     ``ninja``; ``verbose`` shows the compiler's output). Until then, CPU layers run on the eager
     route, and the first one warns with the command that calls this. On failure, warns with the
-    reason and returns False (training then stays on the eager route).
+    compiler's first error line and returns False (training then stays on the eager route).
     """
     try:
         STATE.kernels = _cpu_kernels.load(build=True, verbose=verbose)
         return True
     except Exception as error:  # noqa: BLE001 - no compiler, a compile error: report, stay eager
         STATE.kernels = None
-        lines = str(error).strip().splitlines() or [""]
         warnings.warn(f"batchless: could not build the CPU kernels ({type(error).__name__}: "
-                      f"{lines[-1]}); training stays on the eager route", stacklevel=2)
+                      f"{_cpu_kernels.first_error(str(error))}); training stays on the eager "
+                      "route. batchless.fused.build_cpu_kernels(verbose=True) shows the whole "
+                      "output", stacklevel=2)
         return False
 
 
