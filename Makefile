@@ -16,7 +16,8 @@ $(BIN)/python:
 $(VENV)/.installed: $(BIN)/python pyproject.toml
 	# torch pinned on the same line: lightning and opacus depend on it, and pip must not replace it
 	$(BIN)/pip install torch==2.13.0 -e ".[experiments,dev,onnx,kernels]"
-	# The native CPU kernels, compiled once per machine (~30 s; without a C++ compiler: a warning, eager path)
+	# The native CPU kernels: compiled once per machine (30-70 s), loaded from the cache by later venvs
+	# (without a C++ compiler: a warning, eager route)
 	$(BIN)/python -c "import batchless.fused as f; f.build_cpu_kernels()"
 	touch $@
 
