@@ -79,6 +79,19 @@ def test_memory_quick_writes_json_and_plot(tmp_path, capsys):
     assert "Model state floor" in capsys.readouterr().out
 
 
+def test_memory_table_and_plot_when_batchnorm_adds_no_resident_page(tmp_path):
+    """At --quick's sizes a step grows the resident set by tens of KB, which the allocator may already
+    hold: BatchNorm's extra memory can be 0, and there is then no ratio to it (it divided by zero)."""
+    rows = [{"norm": "bn", "effective_batch": 2, "micro_batch": 2, "extra_mb": 0.0},
+            {"norm": "batchless", "effective_batch": 2, "micro_batch": 1, "extra_mb": 0.06}]
+    result = {"config": {"effective_batches": [2], "image": 8}, "rows": rows,
+              "summary": {"2": {"bn_extra_mb": 0.0, "batchless_m1_extra_mb": 0.06, "ratio_m1_to_bn": None}},
+              "floor_mb": {"params": 0.01, "grads": 0.01, "optimizer": 0.02, "floor": 0.04}}
+    assert bench_memory._ratio(0.06, 0.0) is None and bench_memory._ratio(0.06, 0.03) == pytest.approx(2.0)
+    assert "| BatchNorm | 2 | 2 | 0.0 | — |" in bench_memory.markdown_table(result)
+    bench_memory.plot(result, str(tmp_path / "memory.png"))
+
+
 def test_microbatch_claim_is_the_same_model_for_less_memory(tmp_path, capsys):
     out = tmp_path / "mb.json"
     assert cli.main(["bench", "microbatch", "--quick", "--silent", "--out", str(out)]) == 0

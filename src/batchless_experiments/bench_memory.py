@@ -163,18 +163,24 @@ def run(config: MemoryConfig, *, device: torch.device, log=print) -> dict:
         bn = next(r["extra_mb"] for r in rows if r["norm"] == "bn" and r["effective_batch"] == n)
         one = next(r["extra_mb"] for r in rows if r["norm"] == "batchless" and r["effective_batch"] == n
                    and r["micro_batch"] == 1)
-        summary[str(n)] = {"bn_extra_mb": bn, "batchless_m1_extra_mb": one, "ratio_m1_to_bn": one / bn}
+        summary[str(n)] = {"bn_extra_mb": bn, "batchless_m1_extra_mb": one, "ratio_m1_to_bn": _ratio(one, bn)}
     return {"benchmark": "memory", "machine": machine_info(device), "config": dataclasses.asdict(config),
             "rows": rows, "summary": summary, "floor_mb": rows[0]["state_mb"]}
+
+
+def _ratio(extra_mb: float, bn_extra_mb: float) -> float | None:
+    """``extra_mb / bn_extra_mb``; None where BatchNorm's step added no resident page (at --quick's sizes the
+    step's growth, tens of KB, can fit in memory the allocator already holds)."""
+    return extra_mb / bn_extra_mb if bn_extra_mb > 0 else None
 
 
 def markdown_table(result: dict) -> str:
     rows = ["| norm | effective batch | micro-batch | extra MB | ratio to BatchNorm |", "|---|---|---|---|---|"]
     for r in result["rows"]:
-        bn = result["summary"][str(r["effective_batch"])]["bn_extra_mb"]
+        ratio = _ratio(r["extra_mb"], result["summary"][str(r["effective_batch"])]["bn_extra_mb"])
         name = "BatchNorm" if r["norm"] == "bn" else "batchless"
         rows.append(f"| {name} | {r['effective_batch']} | {r['micro_batch']} | {r['extra_mb']:.1f} | "
-                    f"{r['extra_mb'] / bn:.3f} |")
+                    + ("—" if ratio is None else f"{ratio:.3f}") + " |")
     f = result["floor_mb"]
     rows.append(f"\nModel state floor: parameters {f['params']:.2f} MB + gradients {f['grads']:.2f} MB + "
                 f"Adam state {f['optimizer']:.2f} MB = {f['floor']:.2f} MB")
