@@ -16,3 +16,14 @@ $B report --results results/mnist1d_ablations.sqlite --json > $D/mnist1d_ablatio
 $B report --results results/synthetic.sqlite --metrics test_acc,val_acc_best \
   --plot $D/synthetic_batch_size.png > $D/synthetic.md
 $B report --results results/synthetic.sqlite --json > $D/synthetic.json
+# Fashion-MNIST (run_fashion.sh): the README's headline table, the lr choices, curves, JSON
+if [ -f results/fashion.sqlite ]; then
+  $B report --results results/fashion.sqlite --metrics test_acc,lr,val_acc_best,wall_s \
+    --plot $D/fashion_batch_size.png --curves $D/fashion_curves.png > $D/fashion.md
+  $B report --results results/fashion.sqlite --json > $D/fashion.json
+fi
+if [ -f results/fashion_resnet.sqlite ]; then
+  $B report --results results/fashion_resnet.sqlite --metrics test_acc,lr --curves $D/fashion_resnet_curves.png \
+    > $D/fashion_resnet.md
+  $B report --results results/fashion_resnet.sqlite --json > $D/fashion_resnet.json
+fi
