@@ -1,29 +1,49 @@
 #!/usr/bin/env bash
-# Tables, plots and JSON exports of EXPERIMENTS.md from the stores written by run_mnist1d.sh.
+# Tables, plots and JSON exports of EXPERIMENTS.md and README from the stores in results/ (written by
+# run_fashion.sh and run_mnist1d.sh); a store that is not there is skipped with a line saying so. Also keeps a
+# snapshot of each store in docs/experiments/stores/, so that a fresh clone can resume a sweep:
+#   mkdir -p results && cp docs/experiments/stores/*.sqlite results/
 set -euo pipefail
 cd "$(dirname "$0")/../.."
 B=".venv/bin/batchless"
 D=docs/experiments
-$B report --results results/mnist1d.sqlite --norms none,bn,gn,ln,batchless --base-only \
-  --metrics test_acc,val_acc_best --plot $D/mnist1d_batch_size.png > $D/mnist1d_headline.md
-$B report --results results/mnist1d.sqlite --norms none,bn,gn,ln,batchless \
-  --metrics test_acc,val_acc_best,test_acc_at_best_val,val_acc_best_epoch,wall_s,act_mem_mb \
-  --plot $D/mnist1d_batch_size_tuned.png > $D/mnist1d_all.md
-$B report --results results/mnist1d_ablations.sqlite --metrics test_acc,val_acc_best \
-  --plot $D/mnist1d_ablations.png > $D/mnist1d_ablations.md
-$B report --results results/mnist1d.sqlite --json > $D/mnist1d.json
-$B report --results results/mnist1d_ablations.sqlite --json > $D/mnist1d_ablations.json
-$B report --results results/synthetic.sqlite --metrics test_acc,val_acc_best \
-  --plot $D/synthetic_batch_size.png > $D/synthetic.md
-$B report --results results/synthetic.sqlite --json > $D/synthetic.json
-# Fashion-MNIST (run_fashion.sh): the README's headline table, the lr choices, curves, JSON
-if [ -f results/fashion.sqlite ]; then
-  $B report --results results/fashion.sqlite --metrics test_acc,lr,val_acc_best,wall_s \
+mkdir -p $D/stores
+
+have() {
+  if [ -f "results/$1.sqlite" ]; then
+    .venv/bin/python -c "import sqlite3, sys; s = sqlite3.connect(sys.argv[1]); d = sqlite3.connect(sys.argv[2]); \
+s.backup(d); d.close(); s.close()" "results/$1.sqlite" "$D/stores/$1.sqlite"
+    return 0
+  fi
+  echo "results/$1.sqlite is not here: skipped" >&2
+  return 1
+}
+
+if have fashion; then  # the README's headline table, the lr choices, curves, JSON
+  $B report --results results/fashion.sqlite --metrics test_acc,lr,val_acc_best,test_acc_at_best_val,wall_s \
     --plot $D/fashion_batch_size.png --curves $D/fashion_curves.png > $D/fashion.md
   $B report --results results/fashion.sqlite --json > $D/fashion.json
 fi
-if [ -f results/fashion_resnet.sqlite ]; then
+if have fashion_resnet; then
   $B report --results results/fashion_resnet.sqlite --metrics test_acc,lr --curves $D/fashion_resnet_curves.png \
     > $D/fashion_resnet.md
   $B report --results results/fashion_resnet.sqlite --json > $D/fashion_resnet.json
+fi
+if have mnist1d; then
+  $B report --results results/mnist1d.sqlite --norms none,bn,gn,ln,batchless --base-only \
+    --metrics test_acc,val_acc_best --plot $D/mnist1d_batch_size.png > $D/mnist1d_headline.md
+  $B report --results results/mnist1d.sqlite --norms none,bn,gn,ln,batchless \
+    --metrics test_acc,val_acc_best,test_acc_at_best_val,val_acc_best_epoch,wall_s,act_mem_mb \
+    --plot $D/mnist1d_batch_size_tuned.png > $D/mnist1d_all.md
+  $B report --results results/mnist1d.sqlite --json > $D/mnist1d.json
+fi
+if have mnist1d_ablations; then
+  $B report --results results/mnist1d_ablations.sqlite --metrics test_acc,val_acc_best \
+    --plot $D/mnist1d_ablations.png > $D/mnist1d_ablations.md
+  $B report --results results/mnist1d_ablations.sqlite --json > $D/mnist1d_ablations.json
+fi
+if have synthetic; then
+  $B report --results results/synthetic.sqlite --metrics test_acc,val_acc_best \
+    --plot $D/synthetic_batch_size.png > $D/synthetic.md
+  $B report --results results/synthetic.sqlite --json > $D/synthetic.json
 fi
