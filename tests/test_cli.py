@@ -268,7 +268,7 @@ def test_fair_protocol_sweep_in_two_processes_then_report(tmp_path, capsys):
     results = str(tmp_path / "r.sqlite")
     argv = ["sweep", "--dataset", "fashion-mnist", "--data-dir", str(tmp_path / "data"), "--norms", "none,batchless",
             "--batch-sizes", "8", "--seeds", "2", "--lr-grid", "0.5,2", "--schedule", "cosine", "--jobs", "2",
-            "--results", results, "--epochs", "2", "--init-samples", "20"]
+            "--results", results, "--epochs", "2", "--init-samples", "20", "--extend-grid", "0"]
     assert main(argv) == 0
     err = capsys.readouterr().err
     assert "stage 1: 4 runs" in err and "stage 2: 2 runs" in err
@@ -280,3 +280,19 @@ def test_fair_protocol_sweep_in_two_processes_then_report(tmp_path, capsys):
     out = capsys.readouterr().out
     assert "learning rate chosen per cell on validation accuracy from a grid of 2" in out
     assert re.search(r"\| none \| 0\.000(177|707)\* \| 2 \|", out)  # both runs at the chosen rate, an end
+
+
+def test_a_choice_at_an_end_of_the_grid_extends_it(tmp_path, capsys):
+    write_idx_dataset(tmp_path / "data", n_train=60, n_test=20)
+    results = str(tmp_path / "r.sqlite")
+    argv = ["sweep", "--dataset", "fashion-mnist", "--data-dir", str(tmp_path / "data"), "--norms", "gn",
+            "--batch-sizes", "8", "--seeds", "2", "--lr-grid", "0.5,2", "--extend-grid", "1",
+            "--results", results, "--epochs", "1"]
+    assert main(argv) == 0  # a grid of two: the choice is an end, whichever it is
+    err = capsys.readouterr().err
+    assert re.search(r"gn bs=8 chose lr=0\.000(177|707), an end of \[0\.000177, 0\.000707\]: trying "
+                     r"lr=(4\.43e-05|0\.00283)", err)  # a grid step: x4 here
+    with contextlib.closing(sqlite3.connect(results)) as db:
+        rates = sorted(json.loads(c)["lr"] for (c,) in db.execute("SELECT config FROM cells WHERE seed = 0"))
+    assert len(rates) == 3 and {0.000177, 0.000707} < set(rates)
+    assert _count(results) == 4  # 2 grid + 1 beyond its end + seed 1 at the choice

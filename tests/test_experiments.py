@@ -267,6 +267,10 @@ def test_lr_grid_follows_the_batch_size_by_the_scaling_rules():
     assert tuning.grid(0.1, 16, "sgd", [1]) == [0.025]  # linear for SGD
 
 
+def test_beyond_steps_past_either_end():
+    assert tuning.beyond([1e-3, 3e-3, 9e-3], 9e-3) == 0.027 and tuning.beyond([1e-3, 3e-3], 1e-3) == 0.000333
+
+
 def test_choose_compares_common_seeds_and_flags_the_grid_ends():
     c = tuning.choose({1e-3: {0: 0.8, 1: 0.9}, 3e-3: {0: 0.85}, 1e-2: {0: 0.84}})
     assert c == tuning.Choice(3e-3, False, 3)  # seed 0 only: 0.8 < 0.85 > 0.84

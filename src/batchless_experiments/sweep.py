@@ -45,9 +45,10 @@ def grid_plan(config: TrainConfig, norms: Iterable[str], batch_sizes: Iterable[i
             for lr in tuning.grid(config.lr, c.batch_size, config.optimizer, factors)]
 
 
-def chosen_plan(grid_cells: list[Cell], store: ResultStore, seeds: Iterable[int]) -> list[Cell]:
-    """The second stage: the other ``seeds`` of each cell at the learning rate its grid chose (the grid's
-    cells must be in ``store``)."""
+def _choices(grid_cells: list[Cell], store: ResultStore) -> dict[tuple[str, int], tuple[TrainConfig, tuning.Choice,
+                                                                                        list[float]]]:
+    """Per (norm, batch size) of ``grid_cells`` (which must be in ``store``): a config, the choice among its
+    learning rates and the rates tried."""
     groups: dict[tuple[str, int], dict[float, dict[int, float]]] = {}
     configs = {}
     for c in grid_cells:
@@ -56,14 +57,30 @@ def chosen_plan(grid_cells: list[Cell], store: ResultStore, seeds: Iterable[int]
             raise ValueError(f"the grid run {describe_cell(c)} is not in {store.path}; rerun the sweep")
         groups.setdefault((c.norm, c.batch_size), {})[c.config.lr] = {c.seed: row["history"][-1]["val_acc"]}
         configs[(c.norm, c.batch_size)] = c.config
+    return {k: (configs[k], tuning.choose(v), sorted(v)) for k, v in groups.items()}
+
+
+def edge_plan(grid_cells: list[Cell], store: ResultStore) -> list[Cell]:
+    """One more learning rate, a grid step beyond the end, for each cell whose choice is an end of its grid:
+    the grid may not bracket the optimum there."""
     cells = []
-    for (norm, batch_size), val_acc in groups.items():
-        choice = tuning.choose(val_acc)
+    for (norm, batch_size), (config, choice, rates) in _choices(grid_cells, store).items():
         if choice.edge:
-            log_line(f"  note: {norm} bs={batch_size} chose lr={choice.lr:g}, an end of its grid "
-                     f"{sorted(val_acc)}")
-        config = dataclasses.replace(configs[(norm, batch_size)], lr=choice.lr)
-        cells += [Cell(config, norm, batch_size, s) for s in seeds]
+            lr = tuning.beyond(rates, choice.lr)
+            log_line(f"  {norm} bs={batch_size} chose lr={choice.lr:g}, an end of {rates}: trying lr={lr:g}")
+            seed = next(c.seed for c in grid_cells if (c.norm, c.batch_size) == (norm, batch_size))
+            cells.append(Cell(dataclasses.replace(config, lr=lr), norm, batch_size, seed))
+    return cells
+
+
+def chosen_plan(grid_cells: list[Cell], store: ResultStore, seeds: Iterable[int]) -> list[Cell]:
+    """The second stage: the other ``seeds`` of each cell at the learning rate its grid chose (the grid's
+    cells must be in ``store``)."""
+    cells = []
+    for (norm, batch_size), (config, choice, rates) in _choices(grid_cells, store).items():
+        if choice.edge:
+            log_line(f"  note: {norm} bs={batch_size} chose lr={choice.lr:g}, still an end of {rates}")
+        cells += [Cell(dataclasses.replace(config, lr=choice.lr), norm, batch_size, s) for s in seeds]
     return cells
 
 
@@ -123,6 +140,12 @@ def run(args: argparse.Namespace) -> int:
             grid_cells = grid_plan(config, args.norms, args.batch_sizes, seeds[0], args.lr_grid)
             log_line(f"stage 1: {len(grid_cells)} runs, seed {seeds[0]} at each learning rate of the grids")
             run_cells(grid_cells, store, splits, **kwargs)
+            for _ in range(args.extend_grid):
+                extra = edge_plan(grid_cells, store)
+                if not extra:
+                    break
+                run_cells(extra, store, splits, **kwargs)
+                grid_cells += extra
             second = chosen_plan(grid_cells, store, seeds[1:])
             log_line(f"stage 2: {len(second)} runs, seeds {seeds[1:]} at each cell's chosen learning rate")
             run_cells(second, store, splits, **kwargs)
@@ -153,6 +176,9 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
                    help="the fair protocol: factors of each cell's learning-rate grid, e.g. 0.333,1,3, around "
                         "--lr scaled from batch size 64 (square root; linear for sgd); the first seed trains at "
                         "each, the others at the value with the best final validation accuracy")
+    p.add_argument("--extend-grid", type=int, default=2,
+                   help="with --lr-grid: where a cell's choice is an end of its grid, try one more value a grid "
+                        "step beyond it, up to this many times (default 2; 0: the grid only)")
     p.add_argument("--jobs", type=positive_int, default=1,
                    help="cells trained at a time, each in its own process with one thread (default 1)")
     add_training_options(p, epochs=10, num_samples=None)

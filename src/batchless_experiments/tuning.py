@@ -6,7 +6,8 @@ by the usual scaling rules from ``lr`` at batch size 64: the square root for Ada
 2022, "On the SDEs and scaling rules for adaptive gradient algorithms"), linear for SGD. The first seed
 trains at every grid value; the value with the best final-epoch validation accuracy is then trained with
 the other seeds, and only that value's runs are reported (on the test set, which the choice never sees). A
-choice at either end of the grid is flagged: the grid may not bracket the optimum there.
+choice at either end of the grid may not bracket the optimum: the sweep then tries a value one grid step
+beyond it (:func:`beyond`, ``--extend-grid`` times at most), and a choice still at an end is flagged.
 """
 
 from __future__ import annotations
@@ -26,6 +27,13 @@ def grid(lr: float, batch_size: int, optimizer: str, factors: list[float]) -> li
     """The learning rates of a cell, rounded to 3 significant digits (they become part of the cell's key)."""
     c = centre(lr, batch_size, optimizer)
     return sorted({float(f"{c * f:.3g}") for f in factors})
+
+
+def beyond(rates: list[float], end: float) -> float:
+    """The learning rate one grid step past ``end``, the smallest or largest of ``rates`` (sorted, >= 2 of
+    them, equally spaced in log scale), rounded like :func:`grid`."""
+    step = rates[1] / rates[0]
+    return float(f"{end * step if end == rates[-1] else end / step:.3g}")
 
 
 @dataclass(frozen=True)
