@@ -21,6 +21,7 @@ from variants import (
     ROUTED,
     ROUTED_CUDA,
     STD_PARAMS,
+    STD_SPEEDS,
     Variant,
     assert_all_close,
     assert_close,
@@ -96,7 +97,7 @@ def test_double_backward_matches_the_reference(v):
 
     with forced(v.route):
         got = penalty_grads(lambda x: layer(conv(x)))
-    args = (layer.mean, layer.raw_std, layer.weight, layer.bias, v.std_param, layer.eps)
+    args = (layer.mean, layer.raw_std, layer.weight, layer.bias, v.std_param, layer.eps, layer.std_speed)
     want = penalty_grads(lambda x: naive_forward(conv(x), *args)[0])
     assert want[-2].abs().min() > 0  # the weight's share, which a constant gx would miss
     # the penalty's backward passes the layer once: (implicit mode) the NLL gradient, once
@@ -224,15 +225,45 @@ def test_eval_records_no_nll_and_trains_nothing(route):
 
 
 @pytest.mark.parametrize("std_param", STD_PARAMS)
-def test_init_values_and_parameter_set(std_param):
-    layer = bl.BatchlessNorm2d(5, std_param=std_param, init_mean=2.0, init_std=3.0)
+@pytest.mark.parametrize("std_speed", STD_SPEEDS)
+def test_init_values_and_parameter_set(std_param, std_speed):
+    layer = bl.BatchlessNorm2d(5, std_param=std_param, init_mean=2.0, init_std=3.0, std_speed=std_speed)
     torch.testing.assert_close(layer.mean.detach(), torch.full((5,), 2.0))
     torch.testing.assert_close(layer.std.detach(), torch.full((5,), 3.0))
+    layer.set_std(torch.tensor([0.5, 1.0, 2.0, 7.0, 100.0]))
+    torch.testing.assert_close(layer.std.detach(), torch.tensor([0.5, 1.0, 2.0, 7.0, 100.0]))
     assert [n for n, _ in layer.named_parameters()] == ["mean", "raw_std", "weight", "bias"]
     assert list(bl.statistics_parameters(layer)) == [layer.mean, layer.raw_std]
     no_affine = bl.BatchlessNorm2d(5, affine=False)
     assert no_affine.weight is None and no_affine.bias is None
     assert bl.BatchlessNorm2d(5, shared=True).mean.shape == (1,)
+
+
+@pytest.mark.parametrize("std_param", STD_PARAMS)
+@pytest.mark.parametrize("optimizer", ["Adam", "SGD"])
+def test_std_speed_scales_the_steps_on_std_only(std_param, optimizer):
+    """sigma is std_param's function of ``std_speed * raw_std``: an optimizer whose step does not depend on the
+    gradient's scale (Adam) moves sigma's parametrization ``std_speed`` times as far as at 1, SGD ``std_speed**2``
+    times; the mean's steps are the same."""
+    x = torch.randn(16, 3, dtype=torch.float64) * 3 + 1
+    moved = {}
+    for speed in (1.0, 0.1):
+        layer = Variant((16, 3), std_param, std_speed=speed, affine=False).layer()
+        before = (layer.mean.detach().clone(), layer.std_speed * layer.raw_std.detach().clone())
+        opt = getattr(torch.optim, optimizer)(bl.statistics_parameters(layer), lr=1e-3)
+        (layer(x) * 0).sum().backward()
+        opt.step()
+        after = (layer.mean.detach(), layer.std_speed * layer.raw_std.detach())
+        moved[speed] = [a - b for a, b in zip(after, before, strict=True)]
+    assert moved[1.0][1].abs().min() > 0
+    torch.testing.assert_close(moved[0.1][0], moved[1.0][0], rtol=1e-12, atol=0)
+    ratio = 0.1 if optimizer == "Adam" else 0.01
+    torch.testing.assert_close(moved[0.1][1], ratio * moved[1.0][1], rtol=1e-6, atol=0)
+
+
+def test_repr_shows_the_options():
+    assert repr(bl.BatchlessNorm2d(4, std_speed=0.5, shared=True)) == (
+        "BatchlessNorm2d(4, eps=1e-05, affine=True, std_param='log', nll='implicit', shared=True, std_speed=0.5)")
 
 
 def test_round_trips_state_dict_deepcopy_pickle():
@@ -340,9 +371,9 @@ def test_torch_compile_matches_eager(route):
 @settings(max_examples=40, deadline=None)
 @given(n=st.integers(0, 4), c=st.integers(1, 4), spatial=st.lists(st.integers(1, 4), max_size=3),
        std_param=st.sampled_from(STD_PARAMS), nll=st.sampled_from(NLL_MODES), affine=st.booleans(),
-       shared=st.booleans())
-def test_any_shape_matches_the_reference(n, c, spatial, std_param, nll, affine, shared):
-    v = Variant((n, c, *spatial), std_param, nll, shared, affine)
+       shared=st.booleans(), std_speed=st.sampled_from(STD_SPEEDS))
+def test_any_shape_matches_the_reference(n, c, spatial, std_param, nll, affine, shared, std_speed):
+    v = Variant((n, c, *spatial), std_param, nll, shared, affine, std_speed)
     layer, x = v.layer(), v.input()
     y, got = step(layer, x)
     y_ref, nll_ref, want = reference_step(layer, x)
