@@ -1,5 +1,6 @@
 """The layer's semantics against the reference, on every route, and the properties that make it useful."""
 
+import collections
 import contextlib
 import copy
 import gc
@@ -175,7 +176,7 @@ def test_statistics_converge_at_batch_size_one(std_param, nll, route):
     torch.manual_seed(0)
     true_mean = torch.tensor([-3.0, 0.5, 4.0])
     true_std = torch.tensor([0.5, 2.0, 6.0])
-    layer = bl.BatchlessNorm1d(3, std_param=std_param, nll=nll, affine=False)
+    layer = bl.BatchlessNorm1d(3, std_param=std_param, nll=nll, affine=False, std_speed=1.0)  # the paper's
     opt = torch.optim.Adam(bl.statistics_parameters(layer), lr=0.1)
     sched = torch.optim.lr_scheduler.StepLR(opt, 600, 0.3)
     for _ in range(2400):
@@ -282,7 +283,39 @@ def test_round_trips_state_dict_deepcopy_pickle():
         other.eval()
         torch.testing.assert_close(other(x), want, rtol=0, atol=0)
     assert list(layer.state_dict()) == ["mean", "raw_std", "weight", "bias"]
-    assert layer.state_dict()._metadata[""]["version"] == type(layer)._version == 1
+    assert layer.state_dict()._metadata[""]["version"] == type(layer)._version == 2
+
+
+@pytest.mark.parametrize("std_param", STD_PARAMS)
+@pytest.mark.parametrize("metadata", [{"": {"version": 1}}, None], ids=["version-1", "no-version"])
+def test_a_checkpoint_from_before_std_speed_loads_with_its_function(std_param, metadata):
+    """Version 1 stored sigma's parametrization itself in raw_std (gain 1): a default layer (std_speed 0.1)
+    loads it as raw_std / std_speed, the same function up to float rounding; version 2 loads as it is."""
+    v = Variant((4, 3, 5), std_param, dtype=torch.float32, std_speed=1.0)
+    old_layer, x = v.layer().eval(), v.input(requires_grad=False)  # what a version-1 layer computed
+    old = collections.OrderedDict((k, t.detach().clone()) for k, t in old_layer.state_dict().items())
+    if metadata is not None:
+        old._metadata = metadata
+    layer = bl.BatchlessNorm1d(3, std_param=std_param).eval()
+    layer.load_state_dict(old)
+    assert layer.std_speed == 0.1 and not torch.equal(layer.raw_std, old_layer.raw_std)
+    with torch.no_grad():
+        torch.testing.assert_close(layer(x), old_layer(x), rtol=1e-6, atol=1e-6)
+    torch.testing.assert_close(layer.std, old_layer.std, rtol=1e-6, atol=0)
+    assert torch.equal(old["raw_std"], old_layer.raw_std)  # the caller's checkpoint is left as it was
+    again = bl.BatchlessNorm1d(3, std_param=std_param)
+    again.load_state_dict(layer.state_dict())
+    assert torch.equal(again.raw_std, layer.raw_std)
+
+
+def test_a_layer_pickled_before_std_speed_keeps_its_function():
+    v = Variant((4, 3, 5), std_speed=1.0)
+    layer, x = v.layer().eval(), v.input(requires_grad=False)
+    old = copy.deepcopy(layer)
+    del old.std_speed  # what an earlier version pickled
+    loaded = pickle.loads(pickle.dumps(old))
+    assert loaded.std_speed == 1.0
+    torch.testing.assert_close(loaded(x), layer(x), rtol=0, atol=0)
 
 
 def test_loading_a_batchnorm_checkpoint_points_to_convert():
@@ -336,7 +369,7 @@ def test_grad_scaler_training_converges(route):
     # Plain SGD: its steps scale with the gradient, so an NLL gradient left unscaled by the scaler
     # (divided by 2**16 in unscale_) would leave the statistics where they started.
     torch.manual_seed(0)
-    layer = bl.BatchlessNorm1d(2, affine=False)
+    layer = bl.BatchlessNorm1d(2, affine=False, std_speed=1.0)  # the paper's method
     opt = torch.optim.SGD(layer.parameters(), lr=0.1)
     sched = torch.optim.lr_scheduler.StepLR(opt, 500, 0.3)
     scaler = torch.amp.GradScaler("cpu", init_scale=2.0**16)

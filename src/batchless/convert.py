@@ -120,7 +120,7 @@ def register_conversion(cls: type, fn: Conversion | None) -> None:
           (0): Conv2d(3, 8, kernel_size=(3, 3), stride=(1, 1))
           (1): Sequential(
             (0): BatchlessNorm2d(8, eps=1e-05, affine=True, std_param='log', nll='implicit',
-                                 std_speed=1.0)
+                                 std_speed=0.1)
             (1): ReLU()
           )
         )

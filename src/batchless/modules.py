@@ -32,6 +32,19 @@ _CONTRACT = r"""Normalises each channel by a learned Gaussian, ``(x - mean) / st
     and the layer works at batch size 1. See Berger & Uc Cetina, "Batchless Normalization",
     arXiv:2212.14729.
 
+    How fast ``std`` learns: it is stored as ``raw_std`` behind a gain,
+    :math:`\sigma = f(\text{std\_speed} \cdot \text{raw\_std})` with ``f`` the ``std_param``
+    parametrization (``exp`` by default), so the NLL gradient of ``raw_std`` carries the factor
+    ``std_speed`` and an optimizer's step on it moves ``std`` (its parametrization) ``std_speed``
+    times as far as at 1 under Adam or AdamW, whose steps do not depend on the gradient's scale, and
+    ``std_speed ** 2`` times as far under SGD. ``mean`` has no gain. The default, 0.1, lets ``std``
+    learn 10x slower than the other parameters: on a Fashion-MNIST CNN under Adam this raised test
+    accuracy at every batch size measured (4: 82.8 -> 87.2 %, 64: 85.7 -> 86.9 %, 256: 82.2 -> 84.3
+    %), all of it from the slower ``std`` (a slower ``mean`` alone did not help); see the README.
+    ``std_speed=1`` is the paper's method. A slow ``std`` makes the starting value matter: call
+    :func:`batchless.init_from_data` before training (or convert a trained BatchNorm model with
+    :func:`batchless.convert_batchnorm`).
+
     Statistics cover every dimension but the channel dimension (dim 1): the batch and all spatial
     positions; with ``shared=True`` one Gaussian covers all channels too (the paper's cross-channel
     sharing; ``weight`` and ``bias`` stay per channel, as in ``nn.BatchNorm``).
@@ -68,7 +81,7 @@ _CONTRACT = r"""Normalises each channel by a learned Gaussian, ``(x - mean) / st
         shared: one Gaussian for all channels instead of one per channel. Default: False.
         std_speed: a gain on ``std``'s parametrization, ``std = f(std_speed * raw_std)``: under
             Adam or AdamW ``std`` learns ``std_speed`` times as fast as at 1 (under SGD
-            ``std_speed ** 2`` times). Default: 1, the paper's method.
+            ``std_speed ** 2`` times), see above. Default: 0.1; 1 is the paper's method.
 """
 
 
@@ -89,7 +102,7 @@ def _doc(name: str, inputs: str, example: str) -> str:
 class _BatchlessNorm(nn.Module):
     """The layer, whatever its input rank: the 1d/2d/3d classes differ only in ``_input_dims``."""
 
-    _version = 1
+    _version = 2  # 2: raw_std is stored behind the gain std_speed (1: without one, i.e. gain 1)
     _input_dims: tuple[int, ...] = ()
 
     def __init__(
@@ -102,7 +115,7 @@ class _BatchlessNorm(nn.Module):
         init_std: float = 1.0,
         nll: str = "implicit",
         shared: bool = False,
-        std_speed: float = 1.0,
+        std_speed: float = 0.1,
         device=None,
         dtype=None,
     ) -> None:
@@ -251,7 +264,11 @@ class _BatchlessNorm(nn.Module):
                 f"the checkpoint holds a BatchNorm at {prefix[:-1] or 'the root'!r} (running_mean/"
                 f"running_var), but this is a {type(self).__name__}: load it into the original "
                 "BatchNorm model and convert it with batchless.convert_batchnorm(model)")
-        # _version 1 is the first format; later versions translate older keys here.
+        raw_std, version = prefix + "raw_std", local_metadata.get("version")
+        if (version is None or version < 2) and raw_std in state_dict:
+            # saved before std_speed existed, with gain 1: the same std takes raw_std / std_speed
+            # (load_state_dict passes a copy of the user's dict: replacing an entry is safe)
+            state_dict[raw_std] = state_dict[raw_std] / self.std_speed
         super()._load_from_state_dict(state_dict, prefix, local_metadata, strict, missing_keys,
                                       unexpected_keys, error_msgs)
 
@@ -260,6 +277,10 @@ class _BatchlessNorm(nn.Module):
         state["_last"] = _LastForward()  # an autograd graph is neither picklable nor worth keeping
         state["_nonfinite_host"] = None
         return state
+
+    def __setstate__(self, state):
+        state.setdefault("std_speed", 1.0)  # pickled before std_speed existed: it had gain 1
+        super().__setstate__(state)
 
 
 class _LastForward:
