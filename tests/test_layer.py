@@ -6,6 +6,7 @@ import copy
 import gc
 import io
 import pickle
+import warnings
 import weakref
 
 import pytest
@@ -14,7 +15,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 import batchless as bl
-from batchless import fused
+from batchless import _state, fused
 from reference import naive_forward
 from variants import (
     FORMULA,
@@ -331,6 +332,81 @@ def test_explicit_mode_warns_when_nll_is_never_collected(route):
     layer(x)  # the previous NLL was collected: no warning
     with pytest.warns(UserWarning, match="nll_loss"):
         layer(x)
+
+
+def two_layer_model() -> torch.nn.Module:
+    return torch.nn.Sequential(bl.BatchlessNorm1d(3), torch.nn.Linear(3, 4), bl.BatchlessNorm1d(4, init_std=2.0))
+
+
+def training_forwards(model: torch.nn.Module, x: torch.Tensor) -> list:
+    """The warnings of two training forwards of ``model``, and of one of a fresh model."""
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        model(x)
+        model(x)
+        two_layer_model()(x)
+    return caught
+
+
+def test_training_from_the_initial_statistics_warns_once_with_the_fix(route):
+    caught = training_forwards(two_layer_model(), torch.randn(8, 3))
+    assert len(caught) == 1 and caught[0].filename == __file__  # the user's line
+    message = str(caught[0].message)
+    assert message.startswith("BatchlessNorm1d(3) started training with its mean and std still at init_mean=0.0 and "
+                              "init_std=1.0")
+    assert "std_speed=0.1" in message and "batchless.init_from_data(model, batches)" in message
+    assert "batchless.convert_batchnorm(model)" in message
+
+
+def test_each_layer_checks_its_first_training_forward_only():
+    model, x = two_layer_model(), torch.randn(8, 3)
+    model.eval()(x)  # evaluation: nothing to check
+    with torch.no_grad():
+        model[0].mean.add_(1.0)  # set by hand: not at the initial values
+    assert [str(w.message)[:18] for w in training_forwards(model.train(), x)] == ["BatchlessNorm1d(4)"]
+    _state.reset()  # a process that has not warned yet: the layers checked already
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        model(x)
+
+
+def set_by_set_std(model, x):
+    for layer in (model[0], model[2]):
+        layer.set_std(torch.full_like(layer.std, layer.init_std))  # even to the initial value: the user's choice
+    return model
+
+
+def set_by_a_checkpoint(model, x):
+    model.load_state_dict(two_layer_model().state_dict())  # even one of the initial statistics
+    return model
+
+
+SETTERS = {
+    "init_from_data": lambda model, x: bl.init_from_data(model, [x]),
+    "convert_batchnorm": lambda model, x: bl.convert_batchnorm(bl.to_batchnorm(model)).train(),
+    "set_std": set_by_set_std,
+    "load_state_dict": set_by_a_checkpoint,
+}
+
+
+@pytest.mark.parametrize("setter", SETTERS)
+def test_statistics_set_by_the_library_or_a_checkpoint_do_not_warn(setter):
+    x = torch.randn(8, 3)
+    model = SETTERS[setter](two_layer_model(), x)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        model(x).sum().backward()
+
+
+def test_torch_func_and_compile_do_not_check():
+    model, x = two_layer_model(), torch.randn(8, 3)
+    params = {k: v.detach() for k, v in model.named_parameters()}
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        torch.func.grad(lambda p: torch.func.functional_call(model, p, (x,)).sum())(params)
+        torch.compile(model, backend="eager", fullgraph=True)(x)
+    assert not [w for w in caught if "started training" in str(w.message)]
+    assert len(training_forwards(model, x)) == 1  # the first eager forward still does
 
 
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])

@@ -283,11 +283,12 @@ def test_layer_warnings_point_at_the_callers_line(route):
     x = torch.randn(8, 3)
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
-        explicit(x)
+        explicit(x)  # training from the initial statistics
         explicit(x)  # the explicit NLL was not collected
         x[2, 1] = float("nan")
         model(x)  # NaN input
     assert [(w.filename, linecache.getline(w.filename, w.lineno).strip()) for w in caught] == [
+        (__file__, "explicit(x)  # training from the initial statistics"),
         (__file__, "explicit(x)  # the explicit NLL was not collected"), (__file__, "model(x)  # NaN input")]
 
 

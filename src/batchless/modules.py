@@ -35,15 +35,17 @@ _CONTRACT = r"""Normalises each channel by a learned Gaussian, ``(x - mean) / st
     How fast ``std`` learns: it is stored as ``raw_std`` behind a gain,
     :math:`\sigma = f(\text{std\_speed} \cdot \text{raw\_std})` with ``f`` the ``std_param``
     parametrization (``exp`` by default), so the NLL gradient of ``raw_std`` carries the factor
-    ``std_speed`` and an optimizer's step on it moves ``std`` (its parametrization) ``std_speed``
-    times as far as at 1 under Adam or AdamW, whose steps do not depend on the gradient's scale, and
+    ``std_speed``, and an optimizer's step on it moves ``std``'s parametrization ``std_speed`` times
+    as far as at 1 under Adam or AdamW (whose steps do not depend on the gradient's scale),
     ``std_speed ** 2`` times as far under SGD. ``mean`` has no gain. The default, 0.1, lets ``std``
     learn 10x slower than the other parameters: on a Fashion-MNIST CNN under Adam this raised test
-    accuracy at every batch size measured (4: 82.8 -> 87.2 %, 64: 85.7 -> 86.9 %, 256: 82.2 -> 84.3
-    %), all of it from the slower ``std`` (a slower ``mean`` alone did not help); see the README.
-    ``std_speed=1`` is the paper's method. A slow ``std`` makes the starting value matter: call
-    :func:`batchless.init_from_data` before training (or convert a trained BatchNorm model with
-    :func:`batchless.convert_batchnorm`).
+    accuracy at each batch size measured (4: 82.8 -> 87.2 %, 64: 85.7 -> 86.9 %, 256: 82.2 ->
+    84.3 %), the slower ``std`` alone giving the whole gain (slowing ``mean`` alone: 84.4 % at batch
+    size 4); see the README. ``std_speed=1`` is the paper's method. A slow ``std`` stays near its
+    starting value for long: call :func:`batchless.init_from_data` before training (or convert a
+    trained BatchNorm model with :func:`batchless.convert_batchnorm`); a layer whose first training
+    forward (in eager mode) finds ``mean`` and ``std`` still at ``init_mean`` and ``init_std``
+    warns, once per process.
 
     Statistics cover every dimension but the channel dimension (dim 1): the batch and all spatial
     positions; with ``shared=True`` one Gaussian covers all channels too (the paper's cross-channel
@@ -153,6 +155,9 @@ class _BatchlessNorm(nn.Module):
             if self.affine:
                 nn.init.ones_(self.weight)
                 nn.init.zeros_(self.bias)
+        # whether the first eager training forward checks that the statistics left their initial
+        # values (set_std, init_from_data, convert_batchnorm and load_state_dict set them)
+        self._check_statistics = True
 
     @property
     def std(self) -> Tensor:
@@ -165,6 +170,7 @@ class _BatchlessNorm(nn.Module):
         allows)."""
         raw = BF.param_from_std(std.to(self.raw_std), self.std_param, self.eps, self.std_speed)
         self.raw_std.copy_(raw)
+        self._check_statistics = False
 
     def _check_input(self, x: Tensor) -> None:
         name = type(self).__name__
@@ -203,6 +209,8 @@ class _BatchlessNorm(nn.Module):
                                          self.std_speed, self.weight, self.bias)
         implicit = self.nll == "implicit"
         eager = not torch.compiler.is_compiling()
+        if eager and self._check_statistics:
+            self._warn_if_initial_statistics()
         if eager and not implicit and not last.used:
             _warn_unused_nll()
         weight_nll = None
@@ -220,6 +228,31 @@ class _BatchlessNorm(nn.Module):
         if out.finite is not None and eager and not _compat.is_wrapped(out.finite):
             self._count_nonfinite(out.finite)
         return out.y
+
+    def _warn_if_initial_statistics(self) -> None:
+        """At the first eager training forward: warn (once per process) if ``mean`` and ``std``
+        still hold ``init_mean`` and ``init_std``, which a slow ``std`` takes many steps to leave.
+        Not under torch.func transforms or a trace, whose tensors hold no values to compare (the
+        next plain forward checks)."""
+        if (_compat.transforms_active() or _compat.jit_tracing() or _compat.is_wrapped(self.mean)
+                or self.mean.is_meta):
+            return
+        self._check_statistics = False
+        if STATE.warned_initial_statistics:
+            return
+        with torch.no_grad():
+            initial_raw = BF.param_from_std(torch.full_like(self.raw_std, self.init_std),
+                                            self.std_param, self.eps, self.std_speed)
+            initial = (torch.equal(self.raw_std, initial_raw)
+                       and bool((self.mean == self.init_mean).all()))
+        if initial:
+            STATE.warned_initial_statistics = True
+            warn(f"{type(self).__name__}({self.num_features}) started training with its mean and "
+                 f"std still at init_mean={self.init_mean} and init_std={self.init_std}, not at "
+                 f"its input's statistics, which its std (std_speed={self.std_speed}) takes many "
+                 "steps to reach: call batchless.init_from_data(model, batches) with a few "
+                 "training batches before training (or, for a model trained with BatchNorm, "
+                 "batchless.convert_batchnorm(model), which carries its statistics over)")
 
     @property
     def _last_nll(self) -> Tensor | None:
@@ -271,6 +304,8 @@ class _BatchlessNorm(nn.Module):
             state_dict[raw_std] = state_dict[raw_std] / self.std_speed
         super()._load_from_state_dict(state_dict, prefix, local_metadata, strict, missing_keys,
                                       unexpected_keys, error_msgs)
+        if raw_std in state_dict or prefix + "mean" in state_dict:
+            self._check_statistics = False  # loaded statistics are the user's
 
     def __getstate__(self):
         state = super().__getstate__()
@@ -280,6 +315,7 @@ class _BatchlessNorm(nn.Module):
 
     def __setstate__(self, state):
         state.setdefault("std_speed", 1.0)  # pickled before std_speed existed: it had gain 1
+        state.setdefault("_check_statistics", False)
         super().__setstate__(state)
 
 
