@@ -219,7 +219,8 @@ def _conversion_problem(module: _BatchNorm, layer_kwargs: dict) -> str | None:
 
 def _unrepresentable_std(bn: _BatchNorm, std_param: str, eps: float) -> str | None:
     """Why the ``std_param``/``eps`` parametrization cannot hold ``bn``'s std
-    ``sqrt(running_var + eps)``, or None: ``"abs"`` keeps std >= eps, ``"inv"`` std <= 1 / eps."""
+    ``sqrt(running_var + eps)``, or None: ``"abs"`` keeps std >= eps, ``"inv"`` std <= 1 / eps,
+    whatever ``std_speed`` (a gain on the raw parameter moves no bound)."""
     if bn.running_var.is_meta or std_param not in ("abs", "inv") or not eps > 0:
         return None
     std = (bn.running_var.double() + bn.eps).sqrt()
