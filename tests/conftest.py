@@ -20,6 +20,12 @@ with warnings.catch_warnings():
     import torch.utils.mkldnn  # noqa: F401
 
 
+def pytest_configure(config):
+    # Tests build layers from their defaults on purpose, and so would each get the warning that a layer starts
+    # training from its initial statistics; its own tests (test_layer.py) turn it back on.
+    config.addinivalue_line("filterwarnings", "ignore:.* started training with its mean and std still at:UserWarning")
+
+
 @pytest.fixture(scope="session")
 def cpu_kernels():
     """The native CPU kernels, built here where a C++ compiler and ninja exist (a failed build

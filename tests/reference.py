@@ -3,15 +3,17 @@
 import torch
 
 
-def naive_std(raw, std_param, eps):
-    return {"log": lambda: torch.exp(raw), "abs": lambda: torch.abs(raw) + eps,
-            "inv": lambda: 1.0 / (torch.abs(raw) + eps)}[std_param]()
+def naive_std(raw, std_param, eps, gain):
+    s = gain * raw
+    return {"log": lambda: torch.exp(s), "abs": lambda: torch.abs(s) + eps,
+            "inv": lambda: 1.0 / (torch.abs(s) + eps)}[std_param]()
 
 
-def naive_forward(x, mean, raw, weight, bias, std_param, eps):
-    """Returns (y, gauged nll) with the method's stop-gradients, elementwise, channel dim 1."""
+def naive_forward(x, mean, raw, weight, bias, std_param, eps, gain):
+    """Returns (y, gauged nll) with the method's stop-gradients, elementwise, channel dim 1; sigma is
+    ``std_param``'s function of ``gain * raw``."""
     shape = (1, -1) + (1,) * (x.dim() - 2)
-    sigma = naive_std(raw, std_param, eps).expand(x.shape[1]).reshape(shape)
+    sigma = naive_std(raw, std_param, eps, gain).expand(x.shape[1]).reshape(shape)
     mu = mean.expand(x.shape[1]).reshape(shape)
     y = (x - mu.detach()) / sigma.detach()
     if weight is not None:

@@ -2,7 +2,6 @@
 
 import copy
 import functools
-import math
 
 import pytest
 import torch
@@ -10,7 +9,7 @@ from torch import nn
 
 import batchless as bl
 from batchless.modules import _BatchlessNorm
-from variants import STD_PARAMS, assert_close
+from variants import STD_PARAMS, STD_SPEEDS, assert_close
 
 
 def trained_bn_model():
@@ -40,10 +39,11 @@ def _trained_bn_model(seed=0):
 
 
 @pytest.mark.parametrize("std_param", STD_PARAMS)
-def test_convert_trained_model_keeps_eval_output(std_param):
+@pytest.mark.parametrize("std_speed", STD_SPEEDS)
+def test_convert_trained_model_keeps_eval_output(std_param, std_speed):
     bn_model = trained_bn_model()
     before = {k: v.clone() for k, v in bn_model.state_dict().items()}
-    model = bl.convert_batchnorm(bn_model, std_param=std_param)
+    model = bl.convert_batchnorm(bn_model, std_param=std_param, std_speed=std_speed)
     x = torch.randn(10, 3, 8, 8) * 3 + 2
     with torch.no_grad():
         assert_close(model(x), bn_model(x), torch.float32)
@@ -51,7 +51,7 @@ def test_convert_trained_model_keeps_eval_output(std_param):
     assert kinds.count(bl.BatchlessNorm2d) == 2 and kinds.count(bl.BatchlessNorm1d) == 1
     assert not any(isinstance(m, nn.modules.batchnorm._BatchNorm) for m in model.modules())
     assert all(not m.training for m in model.modules())
-    assert model[4].weight is None and model[1].std_param == std_param
+    assert model[4].weight is None and model[1].std_param == std_param and model[8].std_speed == std_speed
     # the original is untouched
     assert isinstance(bn_model[1], nn.BatchNorm2d)
     assert all(torch.equal(before[k], v) for k, v in bn_model.state_dict().items())
@@ -227,7 +227,8 @@ def test_to_batchnorm_keeps_eval_output(shared):
             if layer.affine:
                 layer.weight.uniform_(-2, 2)
                 layer.bias.uniform_(-1, 1)
-        model[2].raw_std[0] = math.log(1e-3)  # std**2 = 1e-6 < eps: this BatchNorm needs eps 0
+        model[2].set_std(torch.cat([torch.tensor([1e-3]), model[2].std[1:]]))  # std**2 = 1e-6 < eps: this
+        # BatchNorm needs eps 0
     bn_model = bl.to_batchnorm(model)
     assert bn_model[2].eps == 0.0 and bn_model[5].eps == 1e-5
     assert [type(bn_model[i]) for i in (0, 2, 5)] == [nn.BatchNorm2d, nn.BatchNorm2d, nn.BatchNorm1d]

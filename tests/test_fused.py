@@ -17,7 +17,7 @@ from batchless import _state, fused
 from batchless import functional as BF
 from batchless.fused import Route
 from reference import naive_forward
-from variants import STD_PARAMS, Variant, assert_all_close, assert_close, forced, reference_step, step
+from variants import STD_PARAMS, STD_SPEEDS, Variant, assert_all_close, assert_close, forced, reference_step, step
 
 F32 = Variant((4, 6, 5, 7), dtype=torch.float32)
 
@@ -197,21 +197,23 @@ def test_native_kernels_say_what_they_support(cpu_kernels):
     for mean in (c[:2], c.double().to("meta")):
         assert not cpu_kernels.supports(x, mean, c, None, None)
     with pytest.raises(RuntimeError, match="unsupported"):
-        cpu_kernels.train(x.double(), c, c, "log", 0.0, None, None, 1.0)
+        cpu_kernels.train(x.double(), c, c, "log", 0.0, 1.0, None, None, 1.0)
 
 
 @pytest.mark.parametrize("std_param", STD_PARAMS)
 @pytest.mark.parametrize("shared", [False, True], ids=["per-channel", "shared"])
-def test_native_node_against_the_python_formula(cpu_kernels, std_param, shared):
+@pytest.mark.parametrize("std_speed", STD_SPEEDS)
+def test_native_node_against_the_python_formula(cpu_kernels, std_param, shared, std_speed):
     """The C++ node computes the Python formulas (functional.affine_forward, affine_backward,
-    nll_grads, std_from_param; negative raw values included), and so the reference."""
-    v = Variant((8, 5, 3), std_param=std_param, shared=shared, dtype=torch.float32)
+    nll_grads, std_from_param with its gain; negative raw values included), and so the reference."""
+    v = Variant((8, 5, 3), std_param=std_param, shared=shared, std_speed=std_speed, dtype=torch.float32)
     layer, x = v.layer(), v.input()
     with torch.no_grad():
-        layer.raw_std.uniform_(-0.5, 0.5) if std_param == "log" else layer.raw_std.uniform_(-1.5, -0.5)
+        low, high = (-0.5, 0.5) if std_param == "log" else (-1.5, -0.5)
+        layer.raw_std.uniform_(low / std_speed, high / std_speed)  # (std itself in the same range)
     g = torch.linspace(-1, 1, x.numel()).view_as(x)
     y, got = step(layer, x, g)
-    std = BF.std_from_param(layer.raw_std, std_param, layer.eps)
+    std = BF.std_from_param(layer.raw_std, std_param, layer.eps, std_speed)
     f = BF.factors(layer.mean, std, layer.weight, x)
     y_formula, a, b = BF.affine_forward(x.detach(), *f, layer.bias.detach())
     gx, gweight, gbias = BF.affine_backward(g, x.detach(), *f)
@@ -363,7 +365,7 @@ def test_double_backward_under_torch_func_matches_the_formula():
 
     def formula(params, x):
         return naive_forward(x, params["mean"], params["raw_std"], params["weight"], params["bias"],
-                             "log", layer.eps)[0]
+                             "log", layer.eps, layer.std_speed)[0]
 
     got, want = (torch.func.grad(penalty)(params, f) for f in (ours, formula))
     assert want["weight"].abs().min() > 0

@@ -1,10 +1,12 @@
 """The layer's semantics against the reference, on every route, and the properties that make it useful."""
 
+import collections
 import contextlib
 import copy
 import gc
 import io
 import pickle
+import warnings
 import weakref
 
 import pytest
@@ -13,7 +15,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 import batchless as bl
-from batchless import fused
+from batchless import _state, fused
 from reference import naive_forward
 from variants import (
     FORMULA,
@@ -21,6 +23,7 @@ from variants import (
     ROUTED,
     ROUTED_CUDA,
     STD_PARAMS,
+    STD_SPEEDS,
     Variant,
     assert_all_close,
     assert_close,
@@ -96,7 +99,7 @@ def test_double_backward_matches_the_reference(v):
 
     with forced(v.route):
         got = penalty_grads(lambda x: layer(conv(x)))
-    args = (layer.mean, layer.raw_std, layer.weight, layer.bias, v.std_param, layer.eps)
+    args = (layer.mean, layer.raw_std, layer.weight, layer.bias, v.std_param, layer.eps, layer.std_speed)
     want = penalty_grads(lambda x: naive_forward(conv(x), *args)[0])
     assert want[-2].abs().min() > 0  # the weight's share, which a constant gx would miss
     # the penalty's backward passes the layer once: (implicit mode) the NLL gradient, once
@@ -174,7 +177,7 @@ def test_statistics_converge_at_batch_size_one(std_param, nll, route):
     torch.manual_seed(0)
     true_mean = torch.tensor([-3.0, 0.5, 4.0])
     true_std = torch.tensor([0.5, 2.0, 6.0])
-    layer = bl.BatchlessNorm1d(3, std_param=std_param, nll=nll, affine=False)
+    layer = bl.BatchlessNorm1d(3, std_param=std_param, nll=nll, affine=False, std_speed=1.0)  # the paper's
     opt = torch.optim.Adam(bl.statistics_parameters(layer), lr=0.1)
     sched = torch.optim.lr_scheduler.StepLR(opt, 600, 0.3)
     for _ in range(2400):
@@ -224,15 +227,45 @@ def test_eval_records_no_nll_and_trains_nothing(route):
 
 
 @pytest.mark.parametrize("std_param", STD_PARAMS)
-def test_init_values_and_parameter_set(std_param):
-    layer = bl.BatchlessNorm2d(5, std_param=std_param, init_mean=2.0, init_std=3.0)
+@pytest.mark.parametrize("std_speed", STD_SPEEDS)
+def test_init_values_and_parameter_set(std_param, std_speed):
+    layer = bl.BatchlessNorm2d(5, std_param=std_param, init_mean=2.0, init_std=3.0, std_speed=std_speed)
     torch.testing.assert_close(layer.mean.detach(), torch.full((5,), 2.0))
     torch.testing.assert_close(layer.std.detach(), torch.full((5,), 3.0))
+    layer.set_std(torch.tensor([0.5, 1.0, 2.0, 7.0, 100.0]))
+    torch.testing.assert_close(layer.std.detach(), torch.tensor([0.5, 1.0, 2.0, 7.0, 100.0]))
     assert [n for n, _ in layer.named_parameters()] == ["mean", "raw_std", "weight", "bias"]
     assert list(bl.statistics_parameters(layer)) == [layer.mean, layer.raw_std]
     no_affine = bl.BatchlessNorm2d(5, affine=False)
     assert no_affine.weight is None and no_affine.bias is None
     assert bl.BatchlessNorm2d(5, shared=True).mean.shape == (1,)
+
+
+@pytest.mark.parametrize("std_param", STD_PARAMS)
+@pytest.mark.parametrize("optimizer", ["Adam", "SGD"])
+def test_std_speed_scales_the_steps_on_std_only(std_param, optimizer):
+    """sigma is std_param's function of ``std_speed * raw_std``: an optimizer whose step does not depend on the
+    gradient's scale (Adam) moves sigma's parametrization ``std_speed`` times as far as at 1, SGD ``std_speed**2``
+    times; the mean's steps are the same."""
+    x = torch.randn(16, 3, dtype=torch.float64) * 3 + 1
+    moved = {}
+    for speed in (1.0, 0.1):
+        layer = Variant((16, 3), std_param, std_speed=speed, affine=False).layer()
+        before = (layer.mean.detach().clone(), layer.std_speed * layer.raw_std.detach().clone())
+        opt = getattr(torch.optim, optimizer)(bl.statistics_parameters(layer), lr=1e-3)
+        (layer(x) * 0).sum().backward()
+        opt.step()
+        after = (layer.mean.detach(), layer.std_speed * layer.raw_std.detach())
+        moved[speed] = [a - b for a, b in zip(after, before, strict=True)]
+    assert moved[1.0][1].abs().min() > 0
+    torch.testing.assert_close(moved[0.1][0], moved[1.0][0], rtol=1e-12, atol=0)
+    ratio = 0.1 if optimizer == "Adam" else 0.01
+    torch.testing.assert_close(moved[0.1][1], ratio * moved[1.0][1], rtol=1e-6, atol=0)
+
+
+def test_repr_shows_the_options():
+    assert repr(bl.BatchlessNorm2d(4, std_speed=0.5, shared=True)) == (
+        "BatchlessNorm2d(4, eps=1e-05, affine=True, std_param='log', nll='implicit', shared=True, std_speed=0.5)")
 
 
 def test_round_trips_state_dict_deepcopy_pickle():
@@ -251,7 +284,39 @@ def test_round_trips_state_dict_deepcopy_pickle():
         other.eval()
         torch.testing.assert_close(other(x), want, rtol=0, atol=0)
     assert list(layer.state_dict()) == ["mean", "raw_std", "weight", "bias"]
-    assert layer.state_dict()._metadata[""]["version"] == type(layer)._version == 1
+    assert layer.state_dict()._metadata[""]["version"] == type(layer)._version == 2
+
+
+@pytest.mark.parametrize("std_param", STD_PARAMS)
+@pytest.mark.parametrize("metadata", [{"": {"version": 1}}, None], ids=["version-1", "no-version"])
+def test_a_checkpoint_from_before_std_speed_loads_with_its_function(std_param, metadata):
+    """Version 1 stored sigma's parametrization itself in raw_std (gain 1): a default layer (std_speed 0.1)
+    loads it as raw_std / std_speed, the same function up to float rounding; version 2 loads as it is."""
+    v = Variant((4, 3, 5), std_param, dtype=torch.float32, std_speed=1.0)
+    old_layer, x = v.layer().eval(), v.input(requires_grad=False)  # what a version-1 layer computed
+    old = collections.OrderedDict((k, t.detach().clone()) for k, t in old_layer.state_dict().items())
+    if metadata is not None:
+        old._metadata = metadata
+    layer = bl.BatchlessNorm1d(3, std_param=std_param).eval()
+    layer.load_state_dict(old)
+    assert layer.std_speed == 0.1 and not torch.equal(layer.raw_std, old_layer.raw_std)
+    with torch.no_grad():
+        torch.testing.assert_close(layer(x), old_layer(x), rtol=1e-6, atol=1e-6)
+    torch.testing.assert_close(layer.std, old_layer.std, rtol=1e-6, atol=0)
+    assert torch.equal(old["raw_std"], old_layer.raw_std)  # the caller's checkpoint is left as it was
+    again = bl.BatchlessNorm1d(3, std_param=std_param)
+    again.load_state_dict(layer.state_dict())
+    assert torch.equal(again.raw_std, layer.raw_std)
+
+
+def test_a_layer_pickled_before_std_speed_keeps_its_function():
+    v = Variant((4, 3, 5), std_speed=1.0)
+    layer, x = v.layer().eval(), v.input(requires_grad=False)
+    old = copy.deepcopy(layer)
+    del old.std_speed  # what an earlier version pickled
+    loaded = pickle.loads(pickle.dumps(old))
+    assert loaded.std_speed == 1.0
+    torch.testing.assert_close(loaded(x), layer(x), rtol=0, atol=0)
 
 
 def test_loading_a_batchnorm_checkpoint_points_to_convert():
@@ -267,6 +332,81 @@ def test_explicit_mode_warns_when_nll_is_never_collected(route):
     layer(x)  # the previous NLL was collected: no warning
     with pytest.warns(UserWarning, match="nll_loss"):
         layer(x)
+
+
+def two_layer_model() -> torch.nn.Module:
+    return torch.nn.Sequential(bl.BatchlessNorm1d(3), torch.nn.Linear(3, 4), bl.BatchlessNorm1d(4, init_std=2.0))
+
+
+def training_forwards(model: torch.nn.Module, x: torch.Tensor) -> list:
+    """The warnings of two training forwards of ``model``, and of one of a fresh model."""
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        model(x)
+        model(x)
+        two_layer_model()(x)
+    return caught
+
+
+def test_training_from_the_initial_statistics_warns_once_with_the_fix(route):
+    caught = training_forwards(two_layer_model(), torch.randn(8, 3))
+    assert len(caught) == 1 and caught[0].filename == __file__  # the user's line
+    message = str(caught[0].message)
+    assert message.startswith("BatchlessNorm1d(3) started training with its mean and std still at init_mean=0.0 and "
+                              "init_std=1.0")
+    assert "std_speed=0.1" in message and "batchless.init_from_data(model, batches)" in message
+    assert "batchless.convert_batchnorm(model)" in message
+
+
+def test_each_layer_checks_its_first_training_forward_only():
+    model, x = two_layer_model(), torch.randn(8, 3)
+    model.eval()(x)  # evaluation: nothing to check
+    with torch.no_grad():
+        model[0].mean.add_(1.0)  # set by hand: not at the initial values
+    assert [str(w.message)[:18] for w in training_forwards(model.train(), x)] == ["BatchlessNorm1d(4)"]
+    _state.reset()  # a process that has not warned yet: the layers checked already
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        model(x)
+
+
+def set_by_set_std(model, x):
+    for layer in (model[0], model[2]):
+        layer.set_std(torch.full_like(layer.std, layer.init_std))  # even to the initial value: the user's choice
+    return model
+
+
+def set_by_a_checkpoint(model, x):
+    model.load_state_dict(two_layer_model().state_dict())  # even one of the initial statistics
+    return model
+
+
+SETTERS = {
+    "init_from_data": lambda model, x: bl.init_from_data(model, [x]),
+    "convert_batchnorm": lambda model, x: bl.convert_batchnorm(bl.to_batchnorm(model)).train(),
+    "set_std": set_by_set_std,
+    "load_state_dict": set_by_a_checkpoint,
+}
+
+
+@pytest.mark.parametrize("setter", SETTERS)
+def test_statistics_set_by_the_library_or_a_checkpoint_do_not_warn(setter):
+    x = torch.randn(8, 3)
+    model = SETTERS[setter](two_layer_model(), x)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        model(x).sum().backward()
+
+
+def test_torch_func_and_compile_do_not_check():
+    model, x = two_layer_model(), torch.randn(8, 3)
+    params = {k: v.detach() for k, v in model.named_parameters()}
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        torch.func.grad(lambda p: torch.func.functional_call(model, p, (x,)).sum())(params)
+        torch.compile(model, backend="eager", fullgraph=True)(x)
+    assert not [w for w in caught if "started training" in str(w.message)]
+    assert len(training_forwards(model, x)) == 1  # the first eager forward still does
 
 
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
@@ -305,7 +445,7 @@ def test_grad_scaler_training_converges(route):
     # Plain SGD: its steps scale with the gradient, so an NLL gradient left unscaled by the scaler
     # (divided by 2**16 in unscale_) would leave the statistics where they started.
     torch.manual_seed(0)
-    layer = bl.BatchlessNorm1d(2, affine=False)
+    layer = bl.BatchlessNorm1d(2, affine=False, std_speed=1.0)  # the paper's method
     opt = torch.optim.SGD(layer.parameters(), lr=0.1)
     sched = torch.optim.lr_scheduler.StepLR(opt, 500, 0.3)
     scaler = torch.amp.GradScaler("cpu", init_scale=2.0**16)
@@ -340,9 +480,9 @@ def test_torch_compile_matches_eager(route):
 @settings(max_examples=40, deadline=None)
 @given(n=st.integers(0, 4), c=st.integers(1, 4), spatial=st.lists(st.integers(1, 4), max_size=3),
        std_param=st.sampled_from(STD_PARAMS), nll=st.sampled_from(NLL_MODES), affine=st.booleans(),
-       shared=st.booleans())
-def test_any_shape_matches_the_reference(n, c, spatial, std_param, nll, affine, shared):
-    v = Variant((n, c, *spatial), std_param, nll, shared, affine)
+       shared=st.booleans(), std_speed=st.sampled_from(STD_SPEEDS))
+def test_any_shape_matches_the_reference(n, c, spatial, std_param, nll, affine, shared, std_speed):
+    v = Variant((n, c, *spatial), std_param, nll, shared, affine, std_speed)
     layer, x = v.layer(), v.input()
     y, got = step(layer, x)
     y_ref, nll_ref, want = reference_step(layer, x)

@@ -283,11 +283,12 @@ def test_layer_warnings_point_at_the_callers_line(route):
     x = torch.randn(8, 3)
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
-        explicit(x)
+        explicit(x)  # training from the initial statistics
         explicit(x)  # the explicit NLL was not collected
         x[2, 1] = float("nan")
         model(x)  # NaN input
     assert [(w.filename, linecache.getline(w.filename, w.lineno).strip()) for w in caught] == [
+        (__file__, "explicit(x)  # training from the initial statistics"),
         (__file__, "explicit(x)  # the explicit NLL was not collected"), (__file__, "model(x)  # NaN input")]
 
 
@@ -329,6 +330,12 @@ def test_properties(n, spatial, std_param, affine, init_mean, init_std, scale, d
     (lambda: bl.BatchlessNorm2d(3, init_std=None), "init_std must be a number > 0"),
     (lambda: bl.BatchlessNorm2d(3, init_mean="0"), "init_mean must be a number, got '0'"),
     (lambda: bl.BatchlessNorm2d(3, nll="auto"), "nll must be one of"),
+    (lambda: bl.BatchlessNorm2d(3, std_speed=0), r"std_speed must be a finite number > 0 \(1: the paper's .*got 0$"),
+    (lambda: bl.BatchlessNorm2d(3, std_speed=-0.1), "std_speed must be a finite number > 0 .*got -0.1$"),
+    (lambda: bl.BatchlessNorm2d(3, std_speed=float("inf")), "std_speed must be a finite number > 0 .*got inf$"),
+    (lambda: bl.BatchlessNorm2d(3, std_speed=float("nan")), "std_speed must be a finite number > 0 .*got nan$"),
+    (lambda: bl.BatchlessNorm2d(3, std_speed="0.1"), "std_speed must be a finite number > 0 .*got '0.1'$"),
+    (lambda: bl.BatchlessNorm2d(3, std_speed=True), "std_speed must be a finite number > 0 .*got True$"),
     (lambda: bl.BatchlessNorm2d(3)(torch.randn(2, 3, 4)), "expects a 4D input.*got a 3D input"),
     (lambda: bl.BatchlessNorm1d(3)(torch.randn(2, 3, 4, 4)), "expects a 2D or 3D input.*got a 4D"),
     (lambda: bl.BatchlessNorm3d(3)(torch.randn(2, 3, 4, 4)), "expects a 5D input"),

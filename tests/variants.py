@@ -1,7 +1,7 @@
 """The layer's variants as data, in the style of PyTorch's ModuleInfo (common_modules.py).
 
 One description of a layer and its input (:class:`Variant`: rank, std_param, nll mode, shared, affine,
-dtype, memory layout, route) that the property tests iterate; one way to build both, to run a step and
+std_speed, dtype, memory layout, route) that the property tests iterate; one way to build both, to run a step and
 the reference's step (tests/reference.py, the one reference); shared tolerances; the routes.
 """
 
@@ -20,6 +20,7 @@ from reference import naive_forward
 
 CLASSES = {2: bl.BatchlessNorm1d, 3: bl.BatchlessNorm1d, 4: bl.BatchlessNorm2d, 5: bl.BatchlessNorm3d}
 STD_PARAMS = ("log", "abs", "inv")
+STD_SPEEDS = (1.0, 0.1)  # the paper's method, the library's default
 NLL_MODES = ("implicit", "explicit")
 PARAMS = ("mean", "raw_std", "weight", "bias")
 CAN_BUILD = _cpu_kernels.can_build()
@@ -52,6 +53,7 @@ class Variant:
     nll: str = "implicit"
     shared: bool = False
     affine: bool = True
+    std_speed: float = 0.1
     dtype: torch.dtype = torch.float64  # the input's
     layout: torch.memory_format = torch.contiguous_format
     route: str = "eager"
@@ -60,7 +62,8 @@ class Variant:
 
     def __str__(self) -> str:
         fields = [self.route, "x".join(map(str, self.shape)), str(self.dtype)[6:], self.std_param,
-                  self.nll, "shared" * self.shared, "no-affine" * (not self.affine), self.device,
+                  self.nll, "shared" * self.shared, "no-affine" * (not self.affine),
+                  f"speed{self.std_speed:g}", self.device,
                   {torch.channels_last: "cl", torch.channels_last_3d: "cl3d"}.get(self.layout, "")]
         return "-".join(f for f in fields if f)
 
@@ -69,8 +72,8 @@ class Variant:
         torch.manual_seed(seed)
         dtype = self.param_dtype or (torch.float32 if self.dtype.itemsize == 2 else self.dtype)
         layer = CLASSES[len(self.shape)](self.shape[1], std_param=self.std_param, nll=self.nll,
-                                         shared=self.shared, affine=self.affine, dtype=dtype,
-                                         device=self.device)
+                                         shared=self.shared, affine=self.affine, std_speed=self.std_speed,
+                                         dtype=dtype, device=self.device)
         with torch.no_grad():
             layer.mean.uniform_(-1, 1)
             layer.set_std(torch.rand_like(layer.mean) + 0.5)
@@ -100,10 +103,12 @@ def variants(*, base: Variant = Variant(), **axes) -> list[Variant]:
             for values in itertools.product(*axes.values())]
 
 
-# The property table: the formula in float64 over every option (the eager route: exact), and every
-# route over dtypes and memory layouts in float32 and bfloat16.
+# The property table: the formula in float64 over every option (the eager route: exact; the paper's
+# std_speed 1 on one shape: the gain does not depend on it), and every route over dtypes and memory layouts in
+# float32 and bfloat16.
 FORMULA = variants(shape=[(5, 3), (4, 3, 7), (3, 3, 4, 5), (2, 3, 2, 3, 4), (4, 3, 1400), (4, 3, 40, 40)],
                    std_param=STD_PARAMS, nll=NLL_MODES, shared=[False, True])
+FORMULA += variants(base=Variant(std_speed=1.0), std_param=STD_PARAMS, nll=NLL_MODES, shared=[False, True])
 LAYOUTS = [  # (shape, dtype, memory layout, affine, shared)
     ((4, 6, 5, 7), torch.float32, torch.contiguous_format, True, False),
     ((4, 6, 5, 7), torch.float32, torch.channels_last, True, False),
@@ -115,7 +120,9 @@ LAYOUTS = [  # (shape, dtype, memory layout, affine, shared)
 ROUTED = [Variant(shape, dtype=dtype, layout=layout, affine=affine, shared=shared, route=route)
           for route in ("native", "native-weighted", "eager", "compiled")
           for shape, dtype, layout, affine, shared in LAYOUTS]
-ROUTED += [  # float16 (not native), parameters in the input's dtype, float64 channels-last
+ROUTED += [  # std_speed 1 on the routes with kernels of their own, float16 (not native), parameters in the
+    # input's dtype, float64 channels-last
+    *variants(base=Variant((4, 6, 5, 7), dtype=torch.float32, std_speed=1.0), route=["native", "compiled"]),
     Variant((3, 4, 5, 5), dtype=torch.float16), Variant((16, 4), dtype=torch.float16),
     *variants(base=Variant((3, 4, 5, 5), dtype=torch.bfloat16, param_dtype=torch.bfloat16),
               route=["native", "eager"]),
@@ -149,7 +156,7 @@ def reference_step(layer, x: torch.Tensor, g: torch.Tensor | None = None, traini
     leaves.update((n, p.detach().double().requires_grad_(p.requires_grad))
                   for n, p in layer.named_parameters())
     y, nll = naive_forward(leaves["x"], leaves["mean"], leaves["raw_std"], leaves.get("weight"),
-                           leaves.get("bias"), layer.std_param, layer.eps)
+                           leaves.get("bias"), layer.std_param, layer.eps, layer.std_speed)
     g = torch.ones_like(y) if g is None else g.double()
     loss = (y * g).sum() + (nll if training and x.shape[0] else 0)
     wanted = {n: t for n, t in leaves.items() if t.requires_grad}

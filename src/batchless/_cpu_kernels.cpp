@@ -290,8 +290,8 @@ at::Tensor as_float(const at::Tensor& t) {  // t itself when it is contiguous fl
   return t.detach().to(at::kFloat).contiguous();
 }
 
-// How the std argument s gives sigma: batchless.functional.std_from_param's parametrizations, by
-// name.
+// How the std argument gives sigma: batchless.functional.std_from_param's parametrizations, by
+// name, of s = gain * (the std argument).
 enum class StdParam { kStd, kLog, kAbs, kInv };
 
 StdParam std_param_of(const std::string& name) {
@@ -303,11 +303,11 @@ StdParam std_param_of(const std::string& name) {
 }
 
 // The per-channel factors as one (5, C) float32 tensor, rows: mean, inv = 1 / std, scale = weight /
-// std, shift = bias - mean * scale, and d std / d s. mean and std are (C,) or shared (1,); one
-// plain loop, as a handful of ATen calls on (C,) vectors costs more than the whole layer on small
-// inputs.
+// std, shift = bias - mean * scale, and d std / d (the std argument), gain included. mean and std
+// are (C,) or shared (1,); one plain loop, as a handful of ATen calls on (C,) vectors costs more
+// than the whole layer on small inputs.
 at::Tensor factors_of(const at::Tensor& mean, const at::Tensor& std_, const std::string& std_param,
-                      double eps, const c10::optional<at::Tensor>& weight,
+                      double eps, double gain, const c10::optional<at::Tensor>& weight,
                       const c10::optional<at::Tensor>& bias, int64_t C) {
   const StdParam kind = std_param_of(std_param);
   const at::Tensor m = as_float(mean), s = as_float(std_);
@@ -317,11 +317,11 @@ at::Tensor factors_of(const at::Tensor& mean, const at::Tensor& std_, const std:
   const float* wp = w.defined() ? w.data_ptr<float>() : nullptr;
   const float* bp = b.defined() ? b.data_ptr<float>() : nullptr;
   const bool m1 = m.numel() != C, s1 = s.numel() != C;
-  const float e = static_cast<float>(eps);
+  const float e = static_cast<float>(eps), g = static_cast<float>(gain);
   auto f = at::empty({5, C}, m.options());
   float* fp = f.data_ptr<float>();
   for (int64_t c = 0; c < C; ++c) {
-    const float mu = mp[m1 ? 0 : c], raw = sp[s1 ? 0 : c];
+    const float mu = mp[m1 ? 0 : c], raw = g * sp[s1 ? 0 : c];  // (as float32 torch: raw * gain)
     const float sign = raw > 0 ? 1.f : (raw < 0 ? -1.f : 0.f);
     float sd = raw, d = 1.f;
     if (kind == StdParam::kLog) sd = std::exp(raw), d = sd;
@@ -329,19 +329,19 @@ at::Tensor factors_of(const at::Tensor& mean, const at::Tensor& std_, const std:
     if (kind == StdParam::kInv) sd = 1.f / (std::fabs(raw) + e), d = -sign * sd * sd;
     const float inv = 1.f / sd, scale = wp ? wp[c] * inv : inv;
     fp[c] = mu, fp[C + c] = inv, fp[2 * C + c] = scale;
-    fp[3 * C + c] = (bp ? bp[c] : 0.f) - mu * scale, fp[4 * C + c] = d;
+    fp[3 * C + c] = (bp ? bp[c] : 0.f) - mu * scale, fp[4 * C + c] = d * g;
   }
   return f;
 }
 
 // Evaluation forward, y = (x - mean) / std * weight + bias, without autograd.
 at::Tensor batchless_eval(const at::Tensor& x, const at::Tensor& mean, const at::Tensor& std_,
-                          const std::string& std_param, double eps,
+                          const std::string& std_param, double eps, double gain,
                           const c10::optional<at::Tensor>& weight,
                           const c10::optional<at::Tensor>& bias) {
   TORCH_CHECK(supports(x, mean, std_, weight, bias), "batchless: eval: unsupported tensors");
   const Layout v = layout_of(x);
-  const auto f = factors_of(mean, std_, std_param, eps, weight, bias, v.C);
+  const auto f = factors_of(mean, std_, std_param, eps, gain, weight, bias, v.C);
   const float* fp = f.data_ptr<float>();
   auto y = at::empty_like(x);
   dispatch(x, [&](auto zero) {
@@ -408,20 +408,20 @@ std::vector<at::Tensor> formula_backward(const at::Tensor& gy, const at::Tensor&
 }
 
 // The training step as one autograd node, for a float NLL weight (or none: explicit mode, or the
-// weight is read at backward time by the caller); sigma's parametrization is inside the node too.
-// Gradients: x, weight, bias by the kernel above (the gradient copied into x's layout when it
-// arrives in another); mean and the std argument: nll_weight * dNLL, dNLL/d(mean, std) = (-a, 1 -
-// b) / (C std) (batchless.functional.nll_grads), chained through d std / d s and summed over
-// channels for a shared Gaussian. Mean and std are constants in the output, and the NLL gradient is
-// one in double backward.
+// weight is read at backward time by the caller); sigma's parametrization (gain included) is inside
+// the node too. Gradients: x, weight, bias by the kernel above (the gradient copied into x's layout
+// when it arrives in another); mean and the std argument: nll_weight * dNLL, dNLL/d(mean, std) =
+// (-a, 1 - b) / (C std) (batchless.functional.nll_grads), chained through d std / d (the std
+// argument) and summed over channels for a shared Gaussian. Mean and std are constants in the
+// output, and the NLL gradient is one in double backward.
 struct Train : public torch::autograd::Function<Train> {
   static torch::autograd::variable_list forward(
       torch::autograd::AutogradContext* ctx, const at::Tensor& x, const at::Tensor& mean,
-      const at::Tensor& std_, const std::string& std_param, double eps,
+      const at::Tensor& std_, const std::string& std_param, double eps, double gain,
       const c10::optional<at::Tensor>& weight, const c10::optional<at::Tensor>& bias,
       c10::optional<double> nll_weight) {
     const Layout v = layout_of(x);
-    const auto f = factors_of(mean, std_, std_param, eps, weight, bias, v.C);
+    const auto f = factors_of(mean, std_, std_param, eps, gain, weight, bias, v.C);
     auto out = forward_with(x, v, f);  // y, a, b, finite (an output: empty, not undefined)
     if (!out[3].defined()) out[3] = at::empty({0}, x.options().dtype(at::kBool));
     ctx->save_for_backward({x, weight ? *weight : at::Tensor()});
@@ -476,19 +476,22 @@ struct Train : public torch::autograd::Function<Train> {
       if (shared[0]) gm[0] = sum_m;
       if (shared[1]) gs[0] = sum_s;
     }
-    return {gx, gmean, gstd, at::Tensor(), at::Tensor(), gweight, gbias, at::Tensor()};
+    // (no gradient for std_param, eps, gain and nll_weight)
+    return {gx, gmean, gstd, at::Tensor(), at::Tensor(), at::Tensor(), gweight, gbias,
+            at::Tensor()};
   }
 };
 
-// train(x, mean, std, std_param, eps, weight, bias, nll_weight) -> [y, a, b, finite] through the
-// Train node; finite is None when every channel is finite.
+// train(x, mean, std, std_param, eps, gain, weight, bias, nll_weight) -> [y, a, b, finite] through
+// the Train node; finite is None when every channel is finite.
 torch::autograd::variable_list train(const at::Tensor& x, const at::Tensor& mean,
                                      const at::Tensor& std_, const std::string& std_param,
-                                     double eps, const c10::optional<at::Tensor>& weight,
+                                     double eps, double gain,
+                                     const c10::optional<at::Tensor>& weight,
                                      const c10::optional<at::Tensor>& bias,
                                      c10::optional<double> nll_weight) {
   TORCH_CHECK(supports(x, mean, std_, weight, bias), "batchless: train: unsupported tensors");
-  auto out = Train::apply(x, mean, std_, std_param, eps, weight, bias, nll_weight);
+  auto out = Train::apply(x, mean, std_, std_param, eps, gain, weight, bias, nll_weight);
   if (out[3].numel() == 0) out[3] = at::Tensor();
   return out;
 }

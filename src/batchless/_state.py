@@ -27,6 +27,7 @@ class State:
     kernels: object = UNLOADED  # the native kernels' module, None where not built
     ones: dict = dataclasses.field(default_factory=dict)  # (C, dtype, device) -> ones(C)
     warned_unused_nll: bool = False  # explicit mode's warning given
+    warned_initial_statistics: bool = False  # the warning of a layer training from init_mean/std
     nll_weights: list = dataclasses.field(default_factory=list)  # open nll_weight blocks
 
 

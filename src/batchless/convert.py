@@ -57,7 +57,7 @@ _TO_BATCHNORM: dict[type, type[nn.Module]] = {
     BatchlessNorm3d: nn.BatchNorm3d,
     _BatchlessNormXd: nn.SyncBatchNorm,
 }
-_CONVERT_KWARGS = ("eps", "std_param", "nll")
+_CONVERT_KWARGS = ("eps", "std_param", "nll", "std_speed")
 
 Conversion = Callable[[nn.Module, _BatchlessNorm], nn.Module]
 # BatchNorm subclass -> its conversion: what users taught with register_conversion ...
@@ -114,11 +114,13 @@ def register_conversion(cls: type, fn: Conversion | None) -> None:
         >>> def conversion(module, layer):
         ...     return nn.Sequential(layer, nn.ReLU())
         >>> bl.register_conversion(BatchNormReLU2d, conversion)
-        >>> bl.convert_batchnorm(nn.Sequential(nn.Conv2d(3, 8, 3), BatchNormReLU2d(8)))
+        >>> model = bl.convert_batchnorm(nn.Sequential(nn.Conv2d(3, 8, 3), BatchNormReLU2d(8)))
+        >>> model  # doctest: +NORMALIZE_WHITESPACE
         Sequential(
           (0): Conv2d(3, 8, kernel_size=(3, 3), stride=(1, 1))
           (1): Sequential(
-            (0): BatchlessNorm2d(8, eps=1e-05, affine=True, std_param='log', nll='implicit')
+            (0): BatchlessNorm2d(8, eps=1e-05, affine=True, std_param='log', nll='implicit',
+                                 std_speed=0.1)
             (1): ReLU()
           )
         )
@@ -217,7 +219,8 @@ def _conversion_problem(module: _BatchNorm, layer_kwargs: dict) -> str | None:
 
 def _unrepresentable_std(bn: _BatchNorm, std_param: str, eps: float) -> str | None:
     """Why the ``std_param``/``eps`` parametrization cannot hold ``bn``'s std
-    ``sqrt(running_var + eps)``, or None: ``"abs"`` keeps std >= eps, ``"inv"`` std <= 1 / eps."""
+    ``sqrt(running_var + eps)``, or None: ``"abs"`` keeps std >= eps, ``"inv"`` std <= 1 / eps,
+    whatever ``std_speed`` (a gain on the raw parameter moves no bound)."""
     if bn.running_var.is_meta or std_param not in ("abs", "inv") or not eps > 0:
         return None
     std = (bn.running_var.double() + bn.eps).sqrt()
@@ -259,7 +262,8 @@ def convert_batchnorm(model: nn.Module, *, inplace: bool = False, **layer_kwargs
         inplace: convert ``model`` itself instead of a deep copy. Default: False. The returned
             module is the converted model either way (a BatchNorm at the root cannot be replaced in
             place).
-        **layer_kwargs: ``std_param``, ``nll`` or ``eps`` for the new layers.
+        **layer_kwargs: ``std_param``, ``nll``, ``eps`` or ``std_speed`` for the new layers (the
+            function stays the same whatever their values, within the checks above).
 
     Example::
 

@@ -13,8 +13,16 @@ The output treats :math:`\mu, \sigma` as constants, the NLL treats ``x`` as one,
 only two per-channel moments of the input, ``a = mean_c(x_hat)`` and ``b = mean_c(x_hat ** 2)``:
 ``dNLL/dmu_c = -a_c / (C sigma_c)``, ``dNLL/dsigma_c = (1 - b_c) / (C sigma_c)``.
 
+A layer stores sigma as a raw parameter ``r`` behind a gain ``g`` (its ``std_speed``):
+:math:`\sigma = f(g\,r)`, ``f`` one of :func:`std_from_param`'s parametrizations (``exp`` for
+``"log"``), so ``dNLL/dr = g f'(g r) dNLL/dsigma``. The gain changes no value, only how far an
+optimizer's step on ``r`` moves sigma: ``g`` times as far as at ``g = 1`` under Adam-like
+optimizers (their steps do not depend on the gradient's scale), ``g ** 2`` times under SGD.
+``g = 1`` is the paper's method. The mean has no gain.
+
 Each formula exists once, here: :func:`affine_forward`, :func:`affine_backward`
-(:func:`output_grads`), :func:`nll_grads`, :func:`std_from_param`. The routes of
+(:func:`output_grads`), :func:`nll_grads`, :func:`std_from_param` (and its inverse
+:func:`param_from_std`). The routes of
 :mod:`batchless.fused` run them as plain ops or compiled, or run kernels tested against them
 (ATen's batch-norm kernels on the eager route, C++ on the native one). Statistics are computed in
 float32 (float64 for float64 inputs); outputs come back in the input dtype.
@@ -55,36 +63,41 @@ class Factors(NamedTuple):
     scale: Tensor  #: weight / std (``inv`` without weight)
 
 
-def std_from_param(raw: Tensor, std_param: str, eps: float) -> Tensor:
-    """sigma as a differentiable function of the raw parameter ``s``.
+def std_from_param(raw: Tensor, std_param: str, eps: float, gain: float) -> Tensor:
+    """sigma as a differentiable function of the raw parameter ``raw``, through ``s = gain * raw``.
 
     ``"log"``: ``exp(s)``; ``"abs"``: ``|s| + eps``; ``"inv"``: ``s`` stores ``1/sigma``, so
-    ``1 / (|s| + eps)``; ``"std"``: ``s`` is sigma.
+    ``1 / (|s| + eps)``; ``"std"``: ``s`` is sigma. ``gain`` (> 0, a layer's ``std_speed``) scales
+    how far an optimizer step on ``raw`` moves ``s``: Adam's steps, whose size does not depend on
+    the gradient's scale, by ``gain``; SGD's by ``gain ** 2``. At 1, ``s = raw``.
     """
+    s = raw if gain == 1.0 else raw * gain
     if std_param == "log":
-        return raw.exp()
+        return s.exp()
     if std_param == "abs":
-        return raw.abs() + eps
+        return s.abs() + eps
     if std_param == "inv":
-        return (raw.abs() + eps).reciprocal()
+        return (s.abs() + eps).reciprocal()
     if std_param == "std":
-        return raw
+        return s
     raise BatchlessError(f"std_param must be one of {('std', *STD_PARAMS)}, got {std_param!r}")
 
 
-def param_from_std(std: Tensor, std_param: str, eps: float) -> Tensor:
+def param_from_std(std: Tensor, std_param: str, eps: float, gain: float) -> Tensor:
     """The raw parameter whose :func:`std_from_param` is ``std`` (clamped where ``eps`` makes it
-    unreachable)."""
+    unreachable), up to float rounding."""
     std = torch.as_tensor(std)
     if std_param == "log":
-        return std.log()
-    if std_param == "abs":
-        return (std - eps).clamp_min(0.0)
-    if std_param == "inv":
-        return (std.reciprocal() - eps).clamp_min(0.0)
-    if std_param == "std":
-        return std
-    raise BatchlessError(f"std_param must be one of {('std', *STD_PARAMS)}, got {std_param!r}")
+        s = std.log()
+    elif std_param == "abs":
+        s = (std - eps).clamp_min(0.0)
+    elif std_param == "inv":
+        s = (std.reciprocal() - eps).clamp_min(0.0)
+    elif std_param == "std":
+        s = std
+    else:
+        raise BatchlessError(f"std_param must be one of {('std', *STD_PARAMS)}, got {std_param!r}")
+    return s if gain == 1.0 else s / gain
 
 
 def compute_dtype(x: Tensor) -> torch.dtype:
@@ -390,21 +403,21 @@ class _ImplicitNll(torch.autograd.Function):
         return gy, gmean, gstd, None, None, None
 
 
-def _train_native(x, mean, raw_std, std_param, eps, weight, bias, nll_weight) -> TrainOutput:
+def _train_native(x, mean, raw_std, std_param, eps, gain, weight, bias, nll_weight) -> TrainOutput:
     kernels = _fused.native_kernels()
     number = None if nll_weight is None else as_number(nll_weight)
     if nll_weight is None or number is not None:
-        return TrainOutput._make(kernels.train(x, mean, raw_std, std_param, eps, weight, bias,
-                                               number))
-    out = TrainOutput(*kernels.train(x, mean.detach(), raw_std.detach(), std_param, eps, weight,
-                                     bias, None))
-    std = std_from_param(raw_std, std_param, eps)
+        return TrainOutput._make(kernels.train(x, mean, raw_std, std_param, eps, gain, weight,
+                                               bias, number))
+    out = TrainOutput(*kernels.train(x, mean.detach(), raw_std.detach(), std_param, eps, gain,
+                                     weight, bias, None))
+    std = std_from_param(raw_std, std_param, eps, gain)
     return out._replace(y=_ImplicitNll.apply(out.y, mean, std, out.a, out.b, nll_weight))
 
 
 def _train_python(route):
-    def run(x, mean, raw_std, std_param, eps, weight, bias, nll_weight) -> TrainOutput:
-        std = std_from_param(raw_std, std_param, eps)
+    def run(x, mean, raw_std, std_param, eps, gain, weight, bias, nll_weight) -> TrainOutput:
+        std = std_from_param(raw_std, std_param, eps, gain)
         if route is Route.TRACEABLE:
             return TrainOutput(*_TrainTraceable.apply(x, mean, std, weight, bias, nll_weight))
         return TrainOutput(*_Train.apply(x, mean, std, weight, bias, nll_weight, route))
@@ -412,19 +425,20 @@ def _train_python(route):
     return run
 
 
-def _eval_native(x, mean, raw_std, std_param, eps, weight, bias) -> Tensor:
+def _eval_native(x, mean, raw_std, std_param, eps, gain, weight, bias) -> Tensor:
     """The native node without an NLL (mean and std constants): frozen-statistics fine-tuning."""
     kernels = _fused.native_kernels()
-    return kernels.train(x, mean.detach(), raw_std.detach(), std_param, eps, weight, bias, None)[0]
+    return kernels.train(x, mean.detach(), raw_std.detach(), std_param, eps, gain, weight, bias,
+                         None)[0]
 
 
-def _eval_native_only(x, mean, raw_std, std_param, eps, weight, bias) -> Tensor:
-    return _fused.native_kernels().eval(x, mean, raw_std, std_param, eps, weight, bias)
+def _eval_native_only(x, mean, raw_std, std_param, eps, gain, weight, bias) -> Tensor:
+    return _fused.native_kernels().eval(x, mean, raw_std, std_param, eps, gain, weight, bias)
 
 
-def _eval_eager(x, mean, raw_std, std_param, eps, weight, bias) -> Tensor:
+def _eval_eager(x, mean, raw_std, std_param, eps, gain, weight, bias) -> Tensor:
     with _compat.autocast_off(x):
-        f = factors(mean, std_from_param(raw_std, std_param, eps), weight, x)
+        f = factors(mean, std_from_param(raw_std, std_param, eps, gain), weight, x)
         return affine(x, f.mean, f.scale, bias)
 
 
@@ -447,15 +461,15 @@ def eval_forward(x: Tensor, mean: Tensor, std: Tensor, weight: Tensor | None,
     """Batchless normalisation of ``x`` (N, C, *) in evaluation, with per-channel (C,) or shared
     (1,) ``mean``/``std``: the affine map ``(x - mean) / std * weight + bias`` of an eval-mode
     BatchNorm, differentiable in x, weight and bias (mean and std constants)."""
-    return eval_forward_param(x, mean, std, "std", 0.0, weight, bias)
+    return eval_forward_param(x, mean, std, "std", 0.0, 1.0, weight, bias)
 
 
 def eval_forward_param(x: Tensor, mean: Tensor, raw_std: Tensor, std_param: str, eps: float,
-                       weight: Tensor | None, bias: Tensor | None) -> Tensor:
+                       gain: float, weight: Tensor | None, bias: Tensor | None) -> Tensor:
     """:func:`eval_forward` with sigma given by its parameter: ``std_from_param(raw_std, std_param,
-    eps)``."""
+    eps, gain)``."""
     route = _fused.choose_route(x, mean, raw_std, weight, bias, training=False)
-    return _run(_EVAL, route, x, mean, raw_std, std_param, eps, weight, bias)
+    return _run(_EVAL, route, x, mean, raw_std, std_param, eps, gain, weight, bias)
 
 
 def train_forward(x: Tensor, mean: Tensor, std: Tensor, weight: Tensor | None, bias: Tensor | None,
@@ -479,14 +493,15 @@ def train_forward(x: Tensor, mean: Tensor, std: Tensor, weight: Tensor | None, b
         >>> torch.allclose(out.y, x), BF.gauged_nll(out.b) > 0  # x is not N(0, 1)
         (True, tensor(True))
     """
-    return train_forward_param(x, mean, std, "std", 0.0, weight, bias, nll_weight)
+    return train_forward_param(x, mean, std, "std", 0.0, 1.0, weight, bias, nll_weight)
 
 
 def train_forward_param(x: Tensor, mean: Tensor, raw_std: Tensor, std_param: str, eps: float,
-                        weight: Tensor | None, bias: Tensor | None, nll_weight) -> TrainOutput:
+                        gain: float, weight: Tensor | None, bias: Tensor | None,
+                        nll_weight) -> TrainOutput:
     """:func:`train_forward` with sigma given by its parameter, as in :func:`eval_forward_param`
     (on the native route the parametrization's gradient is part of the layer's one node)."""
     if nll_weight is None and not any(t is not None and t.requires_grad for t in (x, weight, bias)):
         mean, raw_std = mean.detach(), raw_std.detach()  # nothing to differentiate: no graph
     route = _fused.choose_route(x, mean, raw_std, weight, bias, training=True)
-    return _run(_TRAIN, route, x, mean, raw_std, std_param, eps, weight, bias, nll_weight)
+    return _run(_TRAIN, route, x, mean, raw_std, std_param, eps, gain, weight, bias, nll_weight)

@@ -8,6 +8,7 @@ and would rewrite or refuse these layers.
 
 from __future__ import annotations
 
+import math
 import numbers
 
 import torch
@@ -30,6 +31,21 @@ _CONTRACT = r"""Normalises each channel by a learned Gaussian, ``(x - mean) / st
     training and evaluation, so a batch's output equals the concatenation of its instances' outputs
     and the layer works at batch size 1. See Berger & Uc Cetina, "Batchless Normalization",
     arXiv:2212.14729.
+
+    How fast ``std`` learns: it is stored as ``raw_std`` behind a gain,
+    :math:`\sigma = f(\text{std\_speed} \cdot \text{raw\_std})` with ``f`` the ``std_param``
+    parametrization (``exp`` by default), so the NLL gradient of ``raw_std`` carries the factor
+    ``std_speed``, and an optimizer's step on it moves ``std``'s parametrization ``std_speed`` times
+    as far as at 1 under Adam or AdamW (whose steps do not depend on the gradient's scale),
+    ``std_speed ** 2`` times as far under SGD. ``mean`` has no gain. The default, 0.1, lets ``std``
+    learn 10x slower than the other parameters: on a Fashion-MNIST CNN under Adam this raised test
+    accuracy at each batch size measured (4: 82.8 -> 87.2 %, 64: 85.7 -> 86.9 %, 256: 82.2 ->
+    84.3 %), the slower ``std`` alone giving the whole gain (slowing ``mean`` alone: 84.4 % at batch
+    size 4); see the README. ``std_speed=1`` is the paper's method. A slow ``std`` stays near its
+    starting value for long: call :func:`batchless.init_from_data` before training (or convert a
+    trained BatchNorm model with :func:`batchless.convert_batchnorm`); a layer whose first training
+    forward (in eager mode) finds ``mean`` and ``std`` still at ``init_mean`` and ``init_std``
+    warns, once per process.
 
     Statistics cover every dimension but the channel dimension (dim 1): the batch and all spatial
     positions; with ``shared=True`` one Gaussian covers all channels too (the paper's cross-channel
@@ -65,6 +81,9 @@ _CONTRACT = r"""Normalises each channel by a learned Gaussian, ``(x - mean) / st
             :func:`batchless.init_from_data` before training.
         nll: ``"implicit"`` or ``"explicit"``, see above. Default: ``"implicit"``.
         shared: one Gaussian for all channels instead of one per channel. Default: False.
+        std_speed: a gain on ``std``'s parametrization, ``std = f(std_speed * raw_std)``: under
+            Adam or AdamW ``std`` learns ``std_speed`` times as fast as at 1 (under SGD
+            ``std_speed ** 2`` times), see above. Default: 0.1; 1 is the paper's method.
 """
 
 
@@ -85,7 +104,7 @@ def _doc(name: str, inputs: str, example: str) -> str:
 class _BatchlessNorm(nn.Module):
     """The layer, whatever its input rank: the 1d/2d/3d classes differ only in ``_input_dims``."""
 
-    _version = 1
+    _version = 2  # 2: raw_std is stored behind the gain std_speed (1: without one, i.e. gain 1)
     _input_dims: tuple[int, ...] = ()
 
     def __init__(
@@ -98,10 +117,11 @@ class _BatchlessNorm(nn.Module):
         init_std: float = 1.0,
         nll: str = "implicit",
         shared: bool = False,
+        std_speed: float = 0.1,
         device=None,
         dtype=None,
     ) -> None:
-        _check_arguments(num_features, eps, std_param, init_mean, init_std, nll)
+        _check_arguments(num_features, eps, std_param, init_mean, init_std, nll, std_speed)
         super().__init__()
         factory = {"device": device, "dtype": dtype}
         self.num_features = num_features
@@ -112,6 +132,7 @@ class _BatchlessNorm(nn.Module):
         self.init_std = init_std
         self.nll = nll
         self.shared = shared
+        self.std_speed = float(std_speed)  # (a Python number: a constant of the native node)
         stat_shape = (1,) if shared else (num_features,)
         self.mean = nn.Parameter(torch.empty(stat_shape, **factory))
         self.raw_std = nn.Parameter(torch.empty(stat_shape, **factory))
@@ -134,17 +155,22 @@ class _BatchlessNorm(nn.Module):
             if self.affine:
                 nn.init.ones_(self.weight)
                 nn.init.zeros_(self.bias)
+        # whether the first eager training forward checks that the statistics left their initial
+        # values (set_std, init_from_data, convert_batchnorm and load_state_dict set them)
+        self._check_statistics = True
 
     @property
     def std(self) -> Tensor:
         """sigma: a differentiable function of ``raw_std`` (always > 0)."""
-        return BF.std_from_param(self.raw_std, self.std_param, self.eps)
+        return BF.std_from_param(self.raw_std, self.std_param, self.eps, self.std_speed)
 
     @torch.no_grad()
     def set_std(self, std: Tensor) -> None:
         """Set ``raw_std`` so that ``std`` equals ``std`` (as closely as the parametrization
         allows)."""
-        self.raw_std.copy_(BF.param_from_std(std.to(self.raw_std), self.std_param, self.eps))
+        raw = BF.param_from_std(std.to(self.raw_std), self.std_param, self.eps, self.std_speed)
+        self.raw_std.copy_(raw)
+        self._check_statistics = False
 
     def _check_input(self, x: Tensor) -> None:
         name = type(self).__name__
@@ -180,9 +206,11 @@ class _BatchlessNorm(nn.Module):
             if self.nll == "explicit":  # no NLL from this forward: nll_loss must not give the last
                 last.nll, last.used = None, True
             return BF.eval_forward_param(x, self.mean, self.raw_std, self.std_param, self.eps,
-                                         self.weight, self.bias)
+                                         self.std_speed, self.weight, self.bias)
         implicit = self.nll == "implicit"
         eager = not torch.compiler.is_compiling()
+        if eager and self._check_statistics:
+            self._warn_if_initial_statistics()
         if eager and not implicit and not last.used:
             _warn_unused_nll()
         weight_nll = None
@@ -190,7 +218,7 @@ class _BatchlessNorm(nn.Module):
             weight_nll = last.weight if eager and _compat.in_backward() else current_nll_weight()
             last.weight = weight_nll
         out = BF.train_forward_param(x, self.mean, self.raw_std, self.std_param, self.eps,
-                                     self.weight, self.bias, weight_nll)
+                                     self.std_speed, self.weight, self.bias, weight_nll)
         # implicit: the NLL is only reported, so it is computed when asked for (see _last_nll)
         if implicit:
             last.nll, last.b = None, out.b
@@ -200,6 +228,31 @@ class _BatchlessNorm(nn.Module):
         if out.finite is not None and eager and not _compat.is_wrapped(out.finite):
             self._count_nonfinite(out.finite)
         return out.y
+
+    def _warn_if_initial_statistics(self) -> None:
+        """At the first eager training forward: warn (once per process) if ``mean`` and ``std``
+        still hold ``init_mean`` and ``init_std``, which a slow ``std`` takes many steps to leave.
+        Not under torch.func transforms or a trace, whose tensors hold no values to compare (the
+        next plain forward checks)."""
+        if (_compat.transforms_active() or _compat.jit_tracing() or _compat.is_wrapped(self.mean)
+                or self.mean.is_meta):
+            return
+        self._check_statistics = False
+        if STATE.warned_initial_statistics:
+            return
+        with torch.no_grad():
+            initial_raw = BF.param_from_std(torch.full_like(self.raw_std, self.init_std),
+                                            self.std_param, self.eps, self.std_speed)
+            initial = (torch.equal(self.raw_std, initial_raw)
+                       and bool((self.mean == self.init_mean).all()))
+        if initial:
+            STATE.warned_initial_statistics = True
+            warn(f"{type(self).__name__}({self.num_features}) started training with its mean and "
+                 f"std still at init_mean={self.init_mean} and init_std={self.init_std}, not at "
+                 f"its input's statistics, which its std (std_speed={self.std_speed}) takes many "
+                 "steps to reach: call batchless.init_from_data(model, batches) with a few "
+                 "training batches before training (or, for a model trained with BatchNorm, "
+                 "batchless.convert_batchnorm(model), which carries its statistics over)")
 
     @property
     def _last_nll(self) -> Tensor | None:
@@ -235,7 +288,7 @@ class _BatchlessNorm(nn.Module):
     def extra_repr(self) -> str:
         s = (f"{self.num_features}, eps={self.eps}, affine={self.affine}, "
              f"std_param={self.std_param!r}, nll={self.nll!r}")
-        return s + (", shared=True" if self.shared else "")
+        return s + (", shared=True" if self.shared else "") + f", std_speed={self.std_speed}"
 
     def _load_from_state_dict(self, state_dict, prefix, local_metadata, strict, missing_keys,
                               unexpected_keys, error_msgs):
@@ -244,15 +297,26 @@ class _BatchlessNorm(nn.Module):
                 f"the checkpoint holds a BatchNorm at {prefix[:-1] or 'the root'!r} (running_mean/"
                 f"running_var), but this is a {type(self).__name__}: load it into the original "
                 "BatchNorm model and convert it with batchless.convert_batchnorm(model)")
-        # _version 1 is the first format; later versions translate older keys here.
+        raw_std, version = prefix + "raw_std", local_metadata.get("version")
+        if (version is None or version < 2) and raw_std in state_dict:
+            # saved before std_speed existed, with gain 1: the same std takes raw_std / std_speed
+            # (load_state_dict passes a copy of the user's dict: replacing an entry is safe)
+            state_dict[raw_std] = state_dict[raw_std] / self.std_speed
         super()._load_from_state_dict(state_dict, prefix, local_metadata, strict, missing_keys,
                                       unexpected_keys, error_msgs)
+        if raw_std in state_dict or prefix + "mean" in state_dict:
+            self._check_statistics = False  # loaded statistics are the user's
 
     def __getstate__(self):
         state = super().__getstate__()
         state["_last"] = _LastForward()  # an autograd graph is neither picklable nor worth keeping
         state["_nonfinite_host"] = None
         return state
+
+    def __setstate__(self, state):
+        state.setdefault("std_speed", 1.0)  # pickled before std_speed existed: it had gain 1
+        state.setdefault("_check_statistics", False)
+        super().__setstate__(state)
 
 
 class _LastForward:
@@ -288,7 +352,7 @@ def _real(value) -> bool:
     return isinstance(value, numbers.Real) and not isinstance(value, bool)
 
 
-def _check_arguments(num_features, eps, std_param, init_mean, init_std, nll) -> None:
+def _check_arguments(num_features, eps, std_param, init_mean, init_std, nll, std_speed) -> None:
     if isinstance(num_features, bool) or not isinstance(num_features, int) or num_features <= 0:
         raise BatchlessError(f"num_features must be a positive int (the channel count C), got "
                              f"{num_features!r}")
@@ -303,6 +367,9 @@ def _check_arguments(num_features, eps, std_param, init_mean, init_std, nll) -> 
         raise BatchlessError(f"init_mean must be a number, got {init_mean!r}")
     if nll not in NLL_MODES:
         raise BatchlessError(f"nll must be one of {NLL_MODES}, got {nll!r}")
+    if not _real(std_speed) or not (math.isfinite(std_speed) and std_speed > 0):
+        raise BatchlessError(f"std_speed must be a finite number > 0 (1: the paper's method), got "
+                             f"{std_speed!r}")
 
 
 def _warn_unused_nll() -> None:
