@@ -304,3 +304,14 @@ def test_cells_record_test_accuracy_at_the_quarters(tiny_splits):
     result = train_cell(Cell(cfg, "batchless", 32, 0), tiny_splits, progress=False)
     assert [h.epoch for h in result.history if h.test_acc is not None] == [2, 3, 4, 5]
     assert result.history[-1].test_acc == result.test_acc
+
+
+def test_std_speed_reaches_every_batchless_layer():
+    import batchless as bl
+
+    for speed in (1.0, 0.1):
+        model = build_model("fashion-mnist", "batchless", std_speed=speed)
+        layers = [m for m in model.modules() if isinstance(m, (bl.BatchlessNorm1d, bl.BatchlessNorm2d))]
+        assert len(layers) == 6 and {m.std_speed for m in layers} == {speed}
+    with pytest.raises(ValueError, match="std_speed must be > 0"):
+        TrainConfig(std_speed=0)

@@ -1,12 +1,12 @@
 """``batchless demo``: the README's main job, a small batch-size study on real images in a few minutes.
 
 The paper's CNN (adapted to 28x28) is trained on a subset of Fashion-MNIST with BatchNorm, GroupNorm and
-batchless at a small and a standard batch size, and batchless also at batch size 1, where BatchNorm cannot
-run. Each cell uses the centre of the fair protocol's learning-rate grid (``lr`` scaled from batch size 64,
-:mod:`.tuning`) with a cosine decay: one run per cell and no grid, so that it fits a few minutes; the
-tuned study is ``batchless sweep --lr-grid`` (EXPERIMENTS.md). Without the Fashion-MNIST files the demo
-says so in one line and runs the same study on MNIST-1D, which is generated offline. Results go to a SQLite
-store (re-running resumes), a table, and two plots.
+batchless (the library's defaults) at a small and a standard batch size, and batchless also at batch size 1,
+where BatchNorm cannot run. Each cell uses the centre of the fair protocol's learning-rate grid (``lr``
+scaled from batch size 64, :mod:`.tuning`) with a cosine decay: one run per cell and no grid, so that it
+fits a few minutes; the tuned study is ``batchless sweep --lr-grid`` (EXPERIMENTS.md). Without the
+Fashion-MNIST files the demo says so in one line and runs the same study on MNIST-1D, which is generated
+offline. Results go to a SQLite store (re-running resumes), a table, and two plots.
 """
 
 from __future__ import annotations
@@ -17,12 +17,21 @@ import sys
 import time
 
 from . import data, idx, report
-from .options import add_training_options, apply_threads, config_from_args, int_list, norm_list, positive_int
+from .options import (
+    add_training_options,
+    apply_threads,
+    config_from_args,
+    int_list,
+    library_std_speed,
+    norm_list,
+    positive_int,
+)
 from .store import ResultStore
 from .sweep import grid_plan, run_cells
 
 DEMO_NORMS = "bn,gn,batchless"
 DEMO_BATCH_SIZES = "8,64"
+DEMO_LR = 3e-3  # at batch size 64, scaled by the square root of the batch size (the sweeps' grid centre)
 # (samples, epochs) per dataset: Fashion-MNIST 8,000 training images; MNIST-1D as in its study
 DEMO_DATA = {"fashion-mnist": (10000, 6), "mnist1d": (4000, 8)}
 
@@ -96,5 +105,6 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
                    help="folder of the Fashion-MNIST IDX files (default /usr/share/datasets/fashion-mnist)")
     p.add_argument("--jobs", type=positive_int, default=2, help="runs at a time, one thread each (default 2)")
     add_training_options(p, epochs=None, num_samples=None, threads=1)
-    p.set_defaults(func=run, schedule="cosine")
+    # the fair protocol's centre learning rate and the library's own std_speed: what a user gets
+    p.set_defaults(func=run, schedule="cosine", lr=DEMO_LR, std_speed=library_std_speed())
     return p

@@ -138,11 +138,15 @@ def add_training_options(p: argparse.ArgumentParser, *, epochs: int | None, num_
                         "equivalent to an exponential moving average with rate lr*stats-lr-scale)")
     g.add_argument("--nll-mode", choices=NLL_MODES, default=d.nll_mode, help="library NLL mode")
     g.add_argument("--nll-weight", type=float, default=d.nll_weight, help="weight of the NLL (default 1)")
+    g.add_argument("--std-speed", type=positive_float, default=d.std_speed,
+                   help="the layers' std_speed: sigma learns this many times as fast as at 1 under Adam "
+                        f"(default {d.std_speed:g}, the paper's method; the library's own default is "
+                        f"{library_std_speed():g})")
 
 
 def config_from_args(args: argparse.Namespace, dataset: str) -> TrainConfig:
     fields = ("epochs", "lr", "num_samples", "model", "width", "optimizer", "weight_decay", "schedule", "data_init",
-              "init_samples", "stats_lr_scale", "stats_optimizer", "nll_mode", "nll_weight")
+              "init_samples", "stats_lr_scale", "stats_optimizer", "nll_mode", "nll_weight", "std_speed")
     return TrainConfig(dataset=dataset, **{k: getattr(args, k) for k in fields})
 
 
@@ -153,6 +157,15 @@ def config_for_norm(config: TrainConfig, norm: str) -> TrainConfig:
         return config
     default = TrainConfig()
     return dataclasses.replace(config, **{k: getattr(default, k) for k in BATCHLESS_OPTIONS})
+
+
+def library_std_speed() -> float:
+    """The default ``std_speed`` of the library's layers (what a user gets without asking)."""
+    import inspect
+
+    import batchless as bl
+
+    return inspect.signature(bl.BatchlessNorm2d).parameters["std_speed"].default
 
 
 def apply_threads(args: argparse.Namespace) -> None:

@@ -25,7 +25,7 @@ from .train import BATCHLESS_OPTIONS, TrainConfig
 
 METRICS = ("test_acc", "val_acc_best", "test_acc_at_best_val", "val_acc_best_epoch", "wall_s", "act_mem_mb",
            "nll_last", "lr")
-ABLATIONS = ("data_init", "stats_lr_scale", "stats_optimizer", "nll_mode", "nll_weight")
+ABLATIONS = ("data_init", "stats_lr_scale", "stats_optimizer", "nll_mode", "nll_weight", "std_speed")
 HIGHER_IS_BETTER = ("test_acc", "val_acc_best", "test_acc_at_best_val")
 
 

@@ -40,7 +40,8 @@ NLL_MODES = ("implicit", "explicit")
 SGD_MOMENTUM = 0.9
 RESULT_VERSION = 2  # bump when the training protocol changes, so old cells are not mistaken for new ones
 # Options that only change batchless layers: other norms' cells run with their defaults (one shared baseline).
-BATCHLESS_OPTIONS = ("data_init", "init_samples", "stats_lr_scale", "stats_optimizer", "nll_mode", "nll_weight")
+BATCHLESS_OPTIONS = ("data_init", "init_samples", "stats_lr_scale", "stats_optimizer", "nll_mode", "nll_weight",
+                     "std_speed")
 
 
 def _choice(name: str, value: str, allowed: tuple[str, ...]) -> None:
@@ -75,6 +76,7 @@ class TrainConfig:
     stats_optimizer: str = "adam"
     nll_mode: str = "implicit"
     nll_weight: float = 1.0
+    std_speed: float = 1.0  # the layer's std_speed: 1 is the paper's method (the library's default is 0.1)
     version: int = RESULT_VERSION
 
     def __post_init__(self) -> None:
@@ -88,7 +90,7 @@ class TrainConfig:
         for name in ("epochs", "width", "init_samples"):
             if getattr(self, name) is not None and getattr(self, name) < 1:
                 raise ValueError(f"{name} must be >= 1; received {getattr(self, name)}")
-        for name in ("lr", "stats_lr_scale"):
+        for name in ("lr", "stats_lr_scale", "std_speed"):
             if not getattr(self, name) > 0:
                 raise ValueError(f"{name} must be > 0; received {getattr(self, name)}")
         for name in ("nll_weight", "weight_decay"):
@@ -316,7 +318,7 @@ def train_cell(cell: Cell, splits: Splits, *, device: str = "cpu", progress: boo
     start = time.perf_counter()
     torch.manual_seed(cell.seed)
     model = build_model(cfg.dataset, cell.norm, model=cfg.model, nll=cfg.nll_mode, width=cfg.width,
-                        num_classes=splits.num_classes)
+                        num_classes=splits.num_classes, std_speed=cfg.std_speed)
     x, y = splits.x_train.to(device), splits.y_train.to(device)
     xv, yv = splits.x_val.to(device), splits.y_val.to(device)
     xt, yt = splits.x_test.to(device), splits.y_test.to(device)
