@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import dataclasses
 import os
+import weakref
 
 from .errors import BatchlessError
 
@@ -29,6 +30,11 @@ class State:
     warned_unused_nll: bool = False  # explicit mode's warning given
     warned_initial_statistics: bool = False  # the warning of a layer training from init_mean/std
     nll_weights: list = dataclasses.field(default_factory=list)  # open nll_weight blocks
+    # every live batchless layer (each adds itself when built or unpickled), to recognise its
+    # statistics among an optimizer's parameters; weak, so that it keeps no layer alive
+    layers: weakref.WeakSet = dataclasses.field(default_factory=weakref.WeakSet)
+    # the optimizers whose first step was checked for weight decay on the statistics (optim.py)
+    checked_optimizers: weakref.WeakSet = dataclasses.field(default_factory=weakref.WeakSet)
 
 
 STATE = State()
@@ -36,9 +42,10 @@ STATE = State()
 
 def reset(*, keep_kernels: bool = True) -> None:
     """Restore a fresh process's state (the mode from ``$BATCHLESS_FUSED``), keeping loaded
-    native kernels unless ``keep_kernels`` is False (for tests)."""
-    kernels, fresh = STATE.kernels, State()
+    native kernels unless ``keep_kernels`` is False (for tests), and the layers still alive."""
+    kernels, layers, fresh = STATE.kernels, STATE.layers, State()
     for field in dataclasses.fields(State):
         setattr(STATE, field.name, getattr(fresh, field.name))
+    STATE.layers = layers
     if keep_kernels and kernels is not None:
         STATE.kernels = kernels

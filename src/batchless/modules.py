@@ -147,6 +147,7 @@ class _BatchlessNorm(nn.Module):
         self._nonfinite_host: Tensor | None = None
         self._warned_nonfinite = False
         self.reset_parameters()
+        STATE.layers.add(self)  # so that an optimizer decaying its statistics warns (optim.py)
 
     def reset_parameters(self) -> None:
         with torch.no_grad():
@@ -317,6 +318,7 @@ class _BatchlessNorm(nn.Module):
         state.setdefault("std_speed", 1.0)  # pickled before std_speed existed: it had gain 1
         state.setdefault("_check_statistics", False)
         super().__setstate__(state)
+        STATE.layers.add(self)  # unpickled or deep-copied: a new layer, see __init__
 
 
 class _LastForward:
