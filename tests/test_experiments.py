@@ -298,6 +298,8 @@ def test_report_keeps_only_each_cells_chosen_learning_rate():
     assert "| none | **40.0 ± 0.0** |" in text and "| bn | 25.0 ± 7.1 |" in text  # the column's best in bold
 
 
+# The experiments' adamw decays every parameter, the statistics included, on purpose (to measure the cost).
+@pytest.mark.filterwarnings("ignore:AdamW is about to step with weight_decay:UserWarning")
 def test_cells_record_test_accuracy_at_the_quarters(tiny_splits):
     cfg = TrainConfig(dataset="synthetic", epochs=5, init_samples=50, schedule="cosine", optimizer="adamw",
                       weight_decay=0.1)

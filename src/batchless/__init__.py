@@ -19,6 +19,7 @@ from .fold import fold
 from .init import init_from_data
 from .loss import nll_loss, statistics_parameters
 from .modules import BatchlessNorm1d, BatchlessNorm2d, BatchlessNorm3d
+from .optim import param_groups
 from .weighting import nll_weight
 
 __version__ = "0.1.0"
@@ -34,6 +35,7 @@ __all__ = [
     "init_from_data",
     "nll_loss",
     "nll_weight",
+    "param_groups",
     "register_conversion",
     "statistics_parameters",
     "to_batchnorm",
