@@ -54,7 +54,8 @@ def nll_loss(model: nn.Module) -> Tensor:
 def statistics_parameters(model: nn.Module) -> Iterator[nn.Parameter]:
     """Every ``mean`` and ``raw_std`` parameter of the model's batchless layers.
 
-    For optimizer parameter groups, e.g. no weight decay and their own learning rate::
+    For optimizer parameter groups, e.g. no weight decay (what :func:`batchless.param_groups`
+    builds) and their own learning rate::
 
         >>> import torch, batchless as bl
         >>> model = torch.nn.Sequential(torch.nn.Linear(4, 3), bl.BatchlessNorm1d(3))

@@ -47,6 +47,12 @@ _CONTRACT = r"""Normalises each channel by a learned Gaussian, ``(x - mean) / st
     forward (in eager mode) finds ``mean`` and ``std`` still at ``init_mean`` and ``init_std``
     warns, once per process.
 
+    Weight decay pulls ``mean`` towards 0 and ``raw_std`` towards 0 (``std`` towards 1 with
+    ``"log"``), away from the input's statistics, and costs accuracy: keep it off them with
+    :func:`batchless.param_groups`, e.g. ``torch.optim.AdamW(batchless.param_groups(model,
+    weight_decay=0.05), lr=1e-3)``. An optimizer about to step with weight decay on them
+    (``AdamW(model.parameters())`` decays every parameter by default) warns, once.
+
     Statistics cover every dimension but the channel dimension (dim 1): the batch and all spatial
     positions; with ``shared=True`` one Gaussian covers all channels too (the paper's cross-channel
     sharing; ``weight`` and ``bias`` stay per channel, as in ``nn.BatchNorm``).
