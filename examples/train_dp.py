@@ -51,13 +51,15 @@ def main() -> None:
                    help="batchless: initialize the statistics from N validation images (public stand-ins)")
     p.add_argument("--data-dir", default=None, help="folder of Fashion-MNIST's four IDX files")
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--std-speed", type=float, default=1.0,
+                   help="the batchless layers' std_speed (default 1, the paper's, as in README's table)")
     p.add_argument("--threads", type=int, default=1)
     args = p.parse_args()
     torch.set_num_threads(args.threads)
 
     data = load("fashion-mnist", num_samples=args.num_samples, data_dir=args.data_dir)
     torch.manual_seed(args.seed)
-    model = build_model("fashion-mnist", args.norm)
+    model = build_model("fashion-mnist", args.norm, std_speed=args.std_speed)
     if args.norm == "batchless" and args.public_init:
         bl.init_from_data(model, [data.x_val[:args.public_init]])
     optimizer = torch.optim.Adam(model.parameters(), lr=args.lr)
