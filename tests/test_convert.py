@@ -9,7 +9,7 @@ from torch import nn
 
 import batchless as bl
 from batchless.modules import _BatchlessNorm
-from variants import STD_PARAMS, STD_SPEEDS, assert_close
+from variants import STD_PARAMS, STD_SPEEDS, assert_close, randomize_running_stats
 
 
 def trained_bn_model():
@@ -142,17 +142,6 @@ def test_subclass_with_behaviour_is_refused_with_all_names():
     assert type(model[3]) is nn.BatchNorm2d  # nothing changed before the error
     plain = bl.convert_batchnorm(nn.Sequential(RenamedBatchNorm2d(4)))
     assert type(plain[0]) is bl.BatchlessNorm2d
-
-
-def randomize_running_stats(model):
-    with torch.no_grad():
-        for m in model.modules():
-            if isinstance(m, nn.modules.batchnorm._BatchNorm):
-                m.running_mean.uniform_(-2, 2)
-                m.running_var.uniform_(0.1, 3)
-                m.weight.uniform_(0.5, 2)
-                m.bias.uniform_(-1, 1)
-    return model.eval()
 
 
 def test_registered_subclass_converts_folds_and_goes_back(conversions):

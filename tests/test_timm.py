@@ -15,6 +15,7 @@ import torch
 from torch import nn
 
 import batchless as bl
+import variants
 
 try:
     import timm
@@ -32,15 +33,9 @@ def max_rel_diff(a, b):
 
 
 def randomize_running_stats(model):
-    """Non-trivial BatchNorm statistics and affine parameters, as after training."""
-    with torch.no_grad():
-        for m in model.modules():
-            if isinstance(m, nn.modules.batchnorm._BatchNorm):
-                m.running_mean.uniform_(-0.5, 0.5)
-                m.running_var.uniform_(0.5, 2)
-                m.weight.uniform_(0.5, 1.5)
-                m.bias.uniform_(-0.2, 0.2)
-    return model.eval()
+    """Statistics as after training, in ranges deep timm models stay finite with."""
+    return variants.randomize_running_stats(model, mean=(-0.5, 0.5), var=(0.5, 2), weight=(0.5, 1.5),
+                                            bias=(-0.2, 0.2))
 
 
 @functools.cache

@@ -13,6 +13,7 @@ import itertools
 
 import pytest
 import torch
+from torch import nn
 
 import batchless as bl
 from batchless import _cpu_kernels, fused
@@ -176,3 +177,16 @@ def assert_all_close(got: dict, want: dict, dtype: torch.dtype) -> None:
     assert got.keys() == want.keys()
     for name in want:
         assert_close(got[name], want[name], dtype, msg=name)
+
+
+def randomize_running_stats(model: nn.Module, mean=(-2.0, 2.0), var=(0.1, 3.0), weight=(0.5, 2.0),
+                            bias=(-1.0, 1.0)) -> nn.Module:
+    """Non-trivial BatchNorm statistics and affine parameters, as after training; ``model`` in eval mode."""
+    with torch.no_grad():
+        for m in model.modules():
+            if isinstance(m, nn.modules.batchnorm._BatchNorm):
+                m.running_mean.uniform_(*mean)
+                m.running_var.uniform_(*var)
+                m.weight.uniform_(*weight)
+                m.bias.uniform_(*bias)
+    return model.eval()

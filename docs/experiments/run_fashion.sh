@@ -6,7 +6,7 @@
 # 2,400 to validate on), the full 10,000-image test set. Two runs at a time, one thread each.
 #   run_fashion.sh main       none, BatchNorm, GroupNorm, LayerNorm, batchless (defaults) x batch sizes 1..256,
 #                             and batchless with sigma learning 10x slower (--std-speed 0.1, the library default)
-#   run_fashion.sh resnet     ResNet-8 (norm after every conv), batch sizes 4 and 64
+#   run_fashion.sh resnet     ResNet-8 (norm after every conv) at batch 64, 10 epochs
 set -euo pipefail
 cd "$(dirname "$0")/../.."
 B=".venv/bin/batchless"
@@ -18,7 +18,9 @@ main)  # batch size 1 last: its runs take 5 to 10 times longer than the others'
 main-bs) $B sweep "${FAIR[@]}" --norms none,bn,gn,ln,batchless --batch-sizes "$2" --results results/fashion.sqlite ;;
 variant-bs) $B sweep "${FAIR[@]}" --norms batchless --std-speed 0.1 --batch-sizes "$2" \
         --results results/fashion.sqlite ;;
-resnet) $B sweep "${FAIR[@]}" --model resnet --norms none,bn,gn,batchless --batch-sizes 4,64 \
-        --results results/fashion_resnet.sqlite ;;
+resnet)  # ResNet-8 (width 16, a norm after every conv), 10 epochs, one run at a time (${2:-1} jobs)
+  R=("${FAIR[@]}" --model resnet --epochs 10 --jobs "${2:-1}" --batch-sizes 64 --results results/fashion_resnet.sqlite)
+  $B sweep "${R[@]}" --norms none,bn,gn,batchless
+  $B sweep "${R[@]}" --norms batchless --std-speed 0.1 ;;
 *) echo "usage: $0 main|resnet" >&2; exit 2 ;;
 esac
