@@ -208,7 +208,8 @@ def _fold_pairs(root: nn.Module, name: str,
         module = root.get_submodule(src.target)
         ok = (
             type(module) in _FOLDABLE
-            and _channels(module) == layer.num_features
+            and layer.num_features == (module.out_features if isinstance(module, nn.Linear)
+                                       else module.out_channels)
             and (isinstance(layer, BatchlessNorm1d) or not isinstance(module, nn.Linear))
             and not (_hooks(module) or hasattr(module, "parametrizations"))
             and not any(a == src.target or a.startswith(src.target + ".") for a in attrs)
@@ -222,7 +223,3 @@ def _fold_pairs(root: nn.Module, name: str,
         if all(p is not None for p in producers):
             pairs += [(p, layer) for p in producers]
     return pairs
-
-
-def _channels(module: nn.Module) -> int:
-    return module.out_features if isinstance(module, nn.Linear) else module.out_channels

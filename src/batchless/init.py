@@ -238,6 +238,5 @@ def _measure_and_set(model, batches, stratum, calls, max_batches, layers) -> Non
             raise BatchlessError(f"init_from_data: layer {layers[id(layer)][0]} saw no input "
                                  "elements (all batches empty?); pass batches with at least one "
                                  "instance")
-        with torch.no_grad():
-            layer.mean.copy_(m.mean.to(layer.mean))
-            layer.set_std(m.std())
+        layer.mean.copy_(m.mean.to(layer.mean))  # (under init_from_data's no_grad)
+        layer.set_std(m.std())
