@@ -8,8 +8,7 @@ sets it is compiled for and the OpenMP runtime it links. No path is part of it, 
 with the same torch and Python shares one build, and a changed source or an upgraded torch never
 loads a stale one. Nor is the compiler: any compiler's build of that source for that torch is
 interchangeable (torch passes its ABI flag to every build), and a machine without a compiler
-must still find the build. Later processes, and :func:`~batchless.fused.build_cpu_kernels`
-itself, load a cached build without compiling.
+must still find the build.
 """
 
 from __future__ import annotations
