@@ -402,7 +402,7 @@ def _train(route: Route, x, mean, raw_std, std_param, eps, gain, weight, bias,
         if route is Route.TRACEABLE:
             return TrainOutput(*_TrainTraceable.apply(x, mean, std, weight, bias, nll_weight))
         return TrainOutput(*_Train.apply(x, mean, std, weight, bias, nll_weight, route))
-    number = None if nll_weight is None else as_number(nll_weight)
+    number = as_number(nll_weight)
     if nll_weight is None or number is not None:
         return TrainOutput._make(_fused.native_kernels().train(
             x, mean, raw_std, std_param, eps, gain, weight, bias, number))

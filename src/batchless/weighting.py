@@ -72,8 +72,8 @@ def current_nll_weight():
 
 
 def as_number(weight) -> float | None:
-    """A weight as a float where it is known now (numbers, tuples of them), else None (a tensor or
-    a GradScaler: read at backward time by :func:`resolve_weight`)."""
+    """A weight as a float where it is known now (numbers, tuples of them), else None (also for
+    None; a tensor or a GradScaler is read at backward time by :func:`resolve_weight`)."""
     if type(weight) is float or isinstance(weight, numbers.Real):
         return float(weight)
     if isinstance(weight, tuple) and all(isinstance(w, numbers.Real) for w in weight):
