@@ -51,12 +51,7 @@ _TO_BATCHLESS: dict[type, type[_BatchlessNorm]] = {
     nn.SyncBatchNorm: _BatchlessNormXd,
     _BatchNorm: _BatchlessNormXd,
 }
-_TO_BATCHNORM: dict[type, type[nn.Module]] = {
-    BatchlessNorm1d: nn.BatchNorm1d,
-    BatchlessNorm2d: nn.BatchNorm2d,
-    BatchlessNorm3d: nn.BatchNorm3d,
-    _BatchlessNormXd: nn.SyncBatchNorm,
-}
+_TO_BATCHNORM = {new: old for old, new in _TO_BATCHLESS.items() if old is not _BatchNorm}
 _CONVERT_KWARGS = ("eps", "std_param", "nll", "std_speed")
 
 Conversion = Callable[[nn.Module, _BatchlessNorm], nn.Module]
