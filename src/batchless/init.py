@@ -155,9 +155,8 @@ def _strata(model: nn.Module, x,
     markers: dict[int, _BatchlessNorm] = {}  # id(marker leaf) -> layer whose output it marks
     keep: list[Tensor] = []
     reach: dict = {}  # autograd node -> set of layers whose markers it depends on
-    order: list[_BatchlessNorm] = []
     deps: dict[_BatchlessNorm, set] = {}
-    calls: dict[_BatchlessNorm, int] = {}
+    calls: dict[_BatchlessNorm, int] = {}  # (in first-call order)
 
     def upstream(node) -> set:
         stack = [node]
@@ -176,11 +175,8 @@ def _strata(model: nn.Module, x,
         return reach[node]
 
     def pre_hook(layer, args):
-        if layer not in calls:
-            order.append(layer)
-            calls[layer] = 0
-            deps[layer] = set()
-        calls[layer] += 1
+        calls[layer] = calls.get(layer, 0) + 1
+        deps.setdefault(layer, set())
         x = args[0]
         if isinstance(x, Tensor) and x.grad_fn is not None:
             deps[layer] |= {d for d in upstream(x.grad_fn) if d is not layer}
@@ -200,12 +196,10 @@ def _strata(model: nn.Module, x,
         for h in handles:
             h.remove()
     level: dict[_BatchlessNorm, int] = {}
-    for layer in order:  # first-call order; a dependency on a layer first called later: a cycle
-        earlier = [level[d] for d in deps[layer] if d in level]
-        level[layer] = 1 + max(earlier) if earlier else 0
+    for layer in calls:  # a dependency on a layer first called later: a cycle, ignored
+        level[layer] = 1 + max((level[d] for d in deps[layer] if d in level), default=-1)
     depth = max(level.values(), default=-1) + 1
-    strata = [[layer for layer in order if level[layer] == k] for k in range(depth)]
-    return strata, calls
+    return [[layer for layer in calls if level[layer] == k] for k in range(depth)], calls
 
 
 def _measure_and_set(model, batches, stratum, calls, max_batches, layers) -> None:
