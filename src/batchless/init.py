@@ -65,7 +65,7 @@ class _Moments:
         """Population standard deviation; 1 for a channel that is constant on the data (it is only
         centred)."""
         std = (self.m2 / self.count).sqrt()
-        return torch.where(std > 0, std, torch.ones_like(std))
+        return std.where(std > 0, 1.0)
 
 
 def _model_input(batch):

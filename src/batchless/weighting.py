@@ -91,10 +91,7 @@ def resolve_weight(weight) -> float | Tensor:
     if type(weight) is float:  # (the common case, first)
         return weight
     if isinstance(weight, tuple):
-        out = 1.0
-        for w in weight:
-            out = out * resolve_weight(w)
-        return out
+        return math.prod(resolve_weight(w) for w in weight)
     if isinstance(weight, (numbers.Real, Tensor)):
         return weight
     return _compat.grad_scaler_scale(weight)
