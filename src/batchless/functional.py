@@ -13,12 +13,10 @@ The output treats :math:`\mu, \sigma` as constants, the NLL treats ``x`` as one,
 only two per-channel moments of the input, ``a = mean_c(x_hat)`` and ``b = mean_c(x_hat ** 2)``:
 ``dNLL/dmu_c = -a_c / (C sigma_c)``, ``dNLL/dsigma_c = (1 - b_c) / (C sigma_c)``.
 
-A layer stores sigma as a raw parameter ``r`` behind a gain ``g`` (its ``std_speed``):
-:math:`\sigma = f(g\,r)`, ``f`` one of :func:`std_from_param`'s parametrizations (``exp`` for
-``"log"``), so ``dNLL/dr = g f'(g r) dNLL/dsigma``. The gain changes no value, only how far an
-optimizer's step on ``r`` moves sigma: ``g`` times as far as at ``g = 1`` under Adam-like
-optimizers (their steps do not depend on the gradient's scale), ``g ** 2`` times under SGD.
-``g = 1`` is the paper's method. The mean has no gain.
+A layer stores sigma as a raw parameter ``r`` behind a gain ``g`` (its ``std_speed``, whose effect
+on optimizers the layer's docstring explains): :math:`\sigma = f(g\,r)`, ``f`` one of
+:func:`std_from_param`'s parametrizations (``exp`` for ``"log"``), so ``dNLL/dr = g f'(g r)
+dNLL/dsigma``. The gain changes no value; ``g = 1`` is the paper's method. The mean has no gain.
 
 Each formula exists once, here: :func:`affine_forward`, :func:`affine_backward`
 (:func:`output_grads`), :func:`nll_grads`, :func:`std_from_param` (and its inverse
