@@ -126,8 +126,8 @@ def init_from_data(model: nn.Module, batches: Iterable, *,
     if max_batches is not None and (isinstance(max_batches, bool)
                                     or not isinstance(max_batches, int) or max_batches < 1):
         raise BatchlessError(f"max_batches must be a positive int or None, got {max_batches!r}")
-    layers = {id(layer): (name or "<root>", layer) for name, layer in batchless_layers(model)}
-    if not layers:
+    names = {layer: name or "<root>" for name, layer in batchless_layers(model)}
+    if not names:
         return model
     flags = {module: module.training for module in model.modules()}
     model.eval()
@@ -135,14 +135,14 @@ def init_from_data(model: nn.Module, batches: Iterable, *,
         first = next(iter(batches), None)
         if first is None:
             raise BatchlessError("init_from_data got no batches: pass at least one batch of inputs")
-        strata, calls = _strata(model, _model_input(first), [layer for _, layer in layers.values()])
-        unused = [name for name, layer in layers.values() if layer not in calls]
+        strata, calls = _strata(model, _model_input(first), list(names))
+        unused = [name for layer, name in names.items() if layer not in calls]
         if unused:
             warnings.warn(f"init_from_data: these batchless layers were not called and keep their "
                           f"statistics: {', '.join(unused)}", stacklevel=2)
         with torch.no_grad():
             for stratum in strata:
-                _measure_and_set(model, batches, stratum, calls, max_batches, layers)
+                _measure_and_set(model, batches, stratum, calls, max_batches, names)
     finally:
         for module, flag in flags.items():
             module.training = flag
@@ -202,7 +202,7 @@ def _strata(model: nn.Module, x,
     return [[layer for layer in calls if level[layer] == k] for k in range(depth)], calls
 
 
-def _measure_and_set(model, batches, stratum, calls, max_batches, layers) -> None:
+def _measure_and_set(model, batches, stratum, calls, max_batches, names) -> None:
     """One pass over the data measuring the inputs of ``stratum``'s layers, then set their
     mean/std."""
     moments = {layer: _Moments() for layer in stratum}
@@ -229,7 +229,7 @@ def _measure_and_set(model, batches, stratum, calls, max_batches, layers) -> Non
     for layer in stratum:
         m = moments[layer]
         if m.count == 0:
-            raise BatchlessError(f"init_from_data: layer {layers[id(layer)][0]} saw no input "
+            raise BatchlessError(f"init_from_data: layer {names[layer]} saw no input "
                                  "elements (all batches empty?); pass batches with at least one "
                                  "instance")
         layer.mean.copy_(m.mean.to(layer.mean))  # (under init_from_data's no_grad)
