@@ -81,10 +81,8 @@ def register_conversion(cls: type, fn: Conversion | None) -> None:
     ``convert_batchnorm`` converts a plain BatchNorm by itself; a subclass with its own ``forward``
     or child modules (a fused activation, a dropout) it refuses, since dropping that behaviour would
     change the model, unless such a function was registered for its class. For each layer of class
-    ``cls`` (or of a subclass that keeps ``cls.forward``), ``convert_batchnorm`` first builds the
-    batchless layer that carries the layer's BatchNorm part (``mean = running_mean``,
-    ``std = sqrt(running_var + eps)``, ``weight``/``bias``, device, dtype, training flag, and the
-    ``layer_kwargs`` given to ``convert_batchnorm``), with the usual checks, then calls
+    ``cls`` (or of a subclass that keeps ``cls.forward``), ``convert_batchnorm`` first converts its
+    BatchNorm part as it would a plain BatchNorm (checks and ``layer_kwargs`` included), then calls
     ``fn(module, layer)``: what it returns replaces ``module``, put in ``module``'s training mode
     (``.train(module.training)``, so that e.g. a new ``nn.Dropout`` is off in evaluation). Build it
     from ``layer`` and ``module``'s own children (the model was deep-copied unless
