@@ -142,8 +142,7 @@ def test_a_failing_backward_compilation_warns_once(compiled_calls, monkeypatch):
     assert [str(w.message).count("backward does not compile") for w in caught] == [1]
     fused.set_fused("never")
     want = torch.autograd.grad(layers[1](layers[0](x)), [x, layers[0].weight], g)
-    for a, b in zip(got, want, strict=True):
-        torch.testing.assert_close(a, b)
+    torch.testing.assert_close(got, want)
 
 
 def test_a_device_error_is_not_taken_for_a_compiler_failure(compiled_calls, monkeypatch):
@@ -292,8 +291,7 @@ def test_backward_takes_another_gradient_layout(route):
         got = torch.autograd.grad(layer(x).sum(), [x, *layer.parameters()])
     with forced("eager"):
         want = torch.autograd.grad(layer(x).sum(), [x, *layer.parameters()])
-    for a, b in zip(got, want, strict=True):
-        torch.testing.assert_close(a, b)
+    torch.testing.assert_close(got, want)
 
 
 # torch.jit.trace is deprecated, and it warns that the layer's Python branches are recorded as constants;
@@ -346,8 +344,7 @@ def test_saved_input_given_back_in_another_layout(route, shape):
     g = torch.randn(shape)
     got = torch.autograd.grad(y, [x, layer.weight, layer.mean], g)
     want = torch.autograd.grad(layer(x), [x, layer.weight, layer.mean], g)
-    for a, b in zip(got, want, strict=True):
-        torch.testing.assert_close(a, b)
+    torch.testing.assert_close(got, want)
 
 
 def test_double_backward_under_torch_func_matches_the_formula():

@@ -569,8 +569,7 @@ def test_a_layer_takes_weight_or_bias_alone(cpu_kernels):
             with forced(route):
                 y = bl.functional.train_forward(x, mean, std, *args, 1.0).y
                 results.append(torch.autograd.grad((y * y).sum(), [x, mean, std, p]))
-        for a, b in zip(*results, strict=True):
-            torch.testing.assert_close(a, b)
+        torch.testing.assert_close(*results)
 
 
 def test_named_results():

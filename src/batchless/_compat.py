@@ -8,12 +8,7 @@ import torch
 from torch import Tensor
 from torch.autograd import forward_ad
 from torch.nn.modules.batchnorm import _BatchNorm as BatchNormBase  # noqa: F401 - re-exported
-
-try:  # torch's per-sample-gradient parameters (Opacus's grad_sample_mode="ew")
-    from torch.nn.utils._expanded_weights import ExpandedWeight
-except ImportError:  # a torch without them: nothing can be one
-    class ExpandedWeight:  # noqa: D101
-        pass
+from torch.nn.utils._expanded_weights import ExpandedWeight  # noqa: F401 - Opacus's "ew" mode
 
 # Where an nn.Module keeps its forward hooks (and their flags).
 HOOK_DICTS = ("_forward_pre_hooks", "_forward_pre_hooks_with_kwargs", "_forward_hooks",
@@ -22,11 +17,11 @@ HOOK_DICTS = ("_forward_pre_hooks", "_forward_pre_hooks_with_kwargs", "_forward_
 # C functions the router calls at every step, aliased directly
 is_wrapped = torch._C._functorch.is_functorch_wrapped_tensor  # a torch.func tensor (vmap, grad)?
 # a gradient batched by torch.autograd.grad(..., is_grads_batched=True) (torch's legacy vmap)?
-is_legacy_batched = getattr(torch._C._functorch, "is_legacy_batchedtensor", lambda t: False)
+is_legacy_batched = torch._C._functorch.is_legacy_batchedtensor
 transforms_active = torch._C._are_functorch_transforms_active  # a torch.func transform running?
 jit_tracing = torch._C._is_tracing  # torch.jit.trace recording?
 profiling = torch.autograd._profiler_enabled  # cheap (record_function is not); not traceable
-_graph_task_id = getattr(torch._C, "_current_graph_task_id", lambda: -1)  # -1: no backward
+_graph_task_id = torch._C._current_graph_task_id  # -1: no backward running
 
 
 def in_backward() -> bool:

@@ -253,28 +253,22 @@ void affine_kernel(const Layout& v, const T* x, T* y, const float* scale, const 
 bool plain(const at::Tensor& x) {
   const auto type = x.scalar_type();
   return x.device().is_cpu() && (type == at::kFloat || type == at::kBFloat16) && x.has_storage() &&
-         !x.is_neg() && !x.is_conj();
+         !x.is_neg();
 }
 
-// Whether the per-channel tensors suit the kernels, which read them directly: floating point on the
-// CPU, 1-D with C elements (mean and std also a single element, 0-dim or (1,): shared).
-bool params_ok(const at::Tensor& mean, const at::Tensor& std_,
-               const c10::optional<at::Tensor>& weight, const c10::optional<at::Tensor>& bias,
-               int64_t C) {
-  const auto ok = [C](const at::Tensor& t, bool shared) {
-    return t.device().is_cpu() && c10::isFloatingType(t.scalar_type()) &&
-           ((t.dim() == 1 && t.numel() == C) || (shared && t.dim() <= 1 && t.numel() == 1));
-  };
-  return ok(mean, true) && ok(std_, true) && (!weight || ok(*weight, false)) &&
-         (!bias || ok(*bias, false));
-}
-
-// Whether train and eval take these tensors. Anything else takes another route, whose errors say
-// what is wrong (a CPU input for a model on the GPU, a (2,) mean for 4 channels).
+// Whether train and eval take these tensors: x plain, in one of the layouts; the per-channel
+// tensors, which the kernels read directly, floating point on the CPU, 1-D with C elements (mean
+// and std also a single element, 0-dim or (1,): shared). Anything else takes another route, whose
+// errors say what is wrong (a CPU input for a model on the GPU, a (2,) mean for 4 channels).
 bool supports(const at::Tensor& x, const at::Tensor& mean, const at::Tensor& std_,
               const c10::optional<at::Tensor>& weight, const c10::optional<at::Tensor>& bias) {
   const Layout v = layout_of(x);
-  return v.ok && plain(x) && params_ok(mean, std_, weight, bias, v.C);
+  const auto ok = [C = v.C](const at::Tensor& t, bool shared) {
+    return t.device().is_cpu() && c10::isFloatingType(t.scalar_type()) &&
+           ((t.dim() == 1 && t.numel() == C) || (shared && t.dim() <= 1 && t.numel() == 1));
+  };
+  return v.ok && plain(x) && ok(mean, true) && ok(std_, true) && (!weight || ok(*weight, false)) &&
+         (!bias || ok(*bias, false));
 }
 
 template <typename F>

@@ -8,12 +8,7 @@ sets it is compiled for and the OpenMP runtime it links. No path is part of it, 
 with the same torch and Python shares one build, and a changed source or an upgraded torch never
 loads a stale one. Nor is the compiler: any compiler's build of that source for that torch is
 interchangeable (torch passes its ABI flag to every build), and a machine without a compiler
-must still find the build. Later processes, and :func:`~batchless.fused.build_cpu_kernels`
-itself, load a cached build without compiling.
-
-A process that could use the kernels but finds no build warns once, with the command that builds
-them, where a compiler and ``ninja`` exist (we do not compile unasked: a build takes about a
-minute, a surprise inside a training step); without them it stays on the eager route silently.
+must still find the build.
 """
 
 from __future__ import annotations
@@ -39,7 +34,6 @@ _ARCH_FLAGS = {
     "AVX512": ["-mavx512f", "-mavx512bw", "-mavx512vl", "-mavx512dq", "-mfma"],
     "AVX2": ["-mavx2", "-mfma"],
 }
-BUILD_COMMAND = "import batchless.fused; batchless.fused.build_cpu_kernels()"
 
 
 def _flags() -> list[str]:
@@ -78,20 +72,29 @@ def can_build() -> bool:
 
 def build_command() -> str:
     """The shell command that builds the kernels for this interpreter."""
-    return f"{shlex.quote(sys.executable)} -c {shlex.quote(BUILD_COMMAND)}"
+    code = "import batchless.fused; batchless.fused.build_cpu_kernels()"
+    return f"{shlex.quote(sys.executable)} -c {shlex.quote(code)}"
 
 
 def load(build: bool = False, verbose: bool = False) -> ModuleType | None:
     """The compiled module (``supports``, ``train``, ``eval``) from the cache, or None when it is
-    not built (warning with the command that builds it, where a compiler and ninja exist) or its
-    cached build does not load (warning why). With ``build``, a missing or unloadable build is
-    compiled, showing the compiler's output with ``verbose``; build errors propagate."""
+    not built (warning with the command that builds it, where a compiler and ninja exist: never
+    compiled unasked, a minute's surprise inside a training step) or its cached build does not load
+    (warning why). With ``build``, a missing or unloadable build is compiled, showing the compiler's
+    output with ``verbose``; build errors propagate."""
     directory = _build_dir()
     library = directory / f"{directory.name}.so"
     if library.is_file():
-        module = _import(library, quiet=build)
-        if module is not None or not build:
+        try:
+            spec = importlib.util.spec_from_file_location(library.stem, library)
+            module = importlib.util.module_from_spec(spec)
+            spec.loader.exec_module(module)
             return module
+        except ImportError as error:  # a damaged file: training must not fail for a faster route
+            if not build:
+                warn(f"batchless: the cached CPU kernels in {directory} did not load ({error}); "
+                     f"using the eager route ({build_command()} rebuilds them)")
+                return None
     elif not build:
         if can_build():
             warn("batchless: the native CPU kernels are not built, so batchless layers run on the "
@@ -99,19 +102,6 @@ def load(build: bool = False, verbose: bool = False) -> ModuleType | None:
                  f"minute; cached in {directory.parent}): {build_command()}")
         return None
     return _compile(directory, verbose)
-
-
-def _import(library: Path, quiet: bool) -> ModuleType | None:
-    try:
-        spec = importlib.util.spec_from_file_location(library.stem, library)
-        module = importlib.util.module_from_spec(spec)
-        spec.loader.exec_module(module)
-        return module
-    except ImportError as error:  # e.g. a damaged file: training must not fail for a faster route
-        if not quiet:
-            warn(f"batchless: the cached CPU kernels in {library.parent} did not load ({error}); "
-                 f"using the eager route ({build_command()} rebuilds them)")
-        return None
 
 
 def _compile(directory: Path, verbose: bool) -> ModuleType:

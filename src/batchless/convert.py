@@ -51,12 +51,7 @@ _TO_BATCHLESS: dict[type, type[_BatchlessNorm]] = {
     nn.SyncBatchNorm: _BatchlessNormXd,
     _BatchNorm: _BatchlessNormXd,
 }
-_TO_BATCHNORM: dict[type, type[nn.Module]] = {
-    BatchlessNorm1d: nn.BatchNorm1d,
-    BatchlessNorm2d: nn.BatchNorm2d,
-    BatchlessNorm3d: nn.BatchNorm3d,
-    _BatchlessNormXd: nn.SyncBatchNorm,
-}
+_TO_BATCHNORM = {new: old for old, new in _TO_BATCHLESS.items() if old is not _BatchNorm}
 _CONVERT_KWARGS = ("eps", "std_param", "nll", "std_speed")
 
 Conversion = Callable[[nn.Module, _BatchlessNorm], nn.Module]
@@ -86,10 +81,8 @@ def register_conversion(cls: type, fn: Conversion | None) -> None:
     ``convert_batchnorm`` converts a plain BatchNorm by itself; a subclass with its own ``forward``
     or child modules (a fused activation, a dropout) it refuses, since dropping that behaviour would
     change the model, unless such a function was registered for its class. For each layer of class
-    ``cls`` (or of a subclass that keeps ``cls.forward``), ``convert_batchnorm`` first builds the
-    batchless layer that carries the layer's BatchNorm part (``mean = running_mean``,
-    ``std = sqrt(running_var + eps)``, ``weight``/``bias``, device, dtype, training flag, and the
-    ``layer_kwargs`` given to ``convert_batchnorm``), with the usual checks, then calls
+    ``cls`` (or of a subclass that keeps ``cls.forward``), ``convert_batchnorm`` first converts its
+    BatchNorm part as it would a plain BatchNorm (checks and ``layer_kwargs`` included), then calls
     ``fn(module, layer)``: what it returns replaces ``module``, put in ``module``'s training mode
     (``.train(module.training)``, so that e.g. a new ``nn.Dropout`` is off in evaluation). Build it
     from ``layer`` and ``module``'s own children (the model was deep-copied unless
@@ -140,17 +133,14 @@ def register_conversion(cls: type, fn: Conversion | None) -> None:
         _CONVERSIONS[cls] = fn
 
 
-def _conversion_of(cls: type) -> Conversion | None:
-    return _CONVERSIONS.get(cls) or _BUILTIN_CONVERSIONS.get(f"{cls.__module__}.{cls.__qualname__}")
-
-
 def _taught(module: _BatchNorm) -> tuple[type, Conversion] | None:
     """The nearest class of ``module``'s MRO with a conversion and that conversion, or None (none
     before its BatchNorm base)."""
     for cls in type(module).__mro__:
         if cls in _TO_BATCHLESS:
             return None
-        if fn := _conversion_of(cls):
+        name = f"{cls.__module__}.{cls.__qualname__}"
+        if fn := _CONVERSIONS.get(cls) or _BUILTIN_CONVERSIONS.get(name):
             return cls, fn
     return None
 
@@ -306,10 +296,7 @@ def _from_batchnorm(bn: _BatchNorm, layer_kwargs: dict) -> nn.Module:
                                                dtype=bn.running_mean.dtype, **kwargs)
     layer.mean.copy_(bn.running_mean)
     layer.set_std((bn.running_var.double() + bn.eps).sqrt())
-    if bn.affine:
-        for name in ("weight", "bias"):
-            getattr(layer, name).copy_(getattr(bn, name))
-            getattr(layer, name).requires_grad_(getattr(bn, name).requires_grad)
+    _copy_affine(bn, layer)
     layer.train(bn.training)
     taught = _taught(bn)
     if taught is None:
@@ -354,8 +341,13 @@ def _to_batchnorm_layer(layer: _BatchlessNorm) -> nn.Module:
              dtype=layer.mean.dtype)
     bn.running_mean.copy_(layer.mean.expand(layer.num_features))
     bn.running_var.copy_(var - eps)
-    if layer.affine:
-        for name in ("weight", "bias"):
-            getattr(bn, name).copy_(getattr(layer, name))
-            getattr(bn, name).requires_grad_(getattr(layer, name).requires_grad)
+    _copy_affine(layer, bn)
     return bn.eval()
+
+
+def _copy_affine(source: nn.Module, target: nn.Module) -> None:
+    """``weight`` and ``bias``, with their ``requires_grad``, from an affine ``source``."""
+    if source.affine:
+        for name in ("weight", "bias"):
+            getattr(target, name).copy_(getattr(source, name))
+            getattr(target, name).requires_grad_(getattr(source, name).requires_grad)

@@ -23,9 +23,7 @@ class BatchlessError(ValueError):
 def check_module(model, where: str) -> None:
     """Raise :class:`BatchlessError` unless ``model`` is an ``nn.Module`` (the argument of every
     model tool)."""
-    from torch import nn
-
-    if not isinstance(model, nn.Module):
+    if not isinstance(model, torch.nn.Module):
         raise BatchlessError(f"{where} expects a torch.nn.Module, got {type(model).__name__}")
 
 

@@ -131,18 +131,19 @@ def fold(model: nn.Module, *, inplace: bool = False) -> nn.Module:
     names = Counter(id(m) for _, m in model.named_modules(remove_duplicate=False))
     uses = Counter(id(p) for _, p in model.named_parameters(remove_duplicate=False))
     untraceable: list[str] = []
-    pairs = [(producer, layer) for producer, layer in _fold_pairs(model, "", untraceable)
-             if names[id(layer)] == 1 and not _hooks(layer)]
+    pairs = _fold_pairs(model, "", untraceable)
     if untraceable:
         warnings.warn("fold: torch.fx cannot trace " + "; ".join(untraceable) + ". Their children "
                       "were traced (and folded where possible) on their own, which assumes such a "
                       "forward reaches into a child only by calling it (not into a grandchild or a "
                       "child's parameters): compare the folded model's output with the original's",
                       stacklevel=2)
-    # (tied weights: folding would change the others)
-    shared_producer = {id(layer) for producer, layer in pairs if names[id(producer)] != 1
-                       or any(uses[id(p)] != 1 for p in producer.parameters())}
-    pairs = [(producer, layer) for producer, layer in pairs if id(layer) not in shared_producer]
+    # a layer or producer under two names, a producer's parameter used elsewhere (tied weights:
+    # folding would change the others), a layer's hooks: that layer stays
+    unfoldable = {id(layer) for producer, layer in pairs
+                  if _hooks(layer) or names[id(layer)] != 1 or names[id(producer)] != 1
+                  or any(uses[id(p)] != 1 for p in producer.parameters())}
+    pairs = [(producer, layer) for producer, layer in pairs if id(layer) not in unfoldable]
     for producer, layer in pairs:
         weight, bias = fold_into(producer.weight, producer.bias, *affine_of(layer))
         with torch.no_grad():
@@ -208,7 +209,8 @@ def _fold_pairs(root: nn.Module, name: str,
         module = root.get_submodule(src.target)
         ok = (
             type(module) in _FOLDABLE
-            and _channels(module) == layer.num_features
+            and layer.num_features == (module.out_features if isinstance(module, nn.Linear)
+                                       else module.out_channels)
             and (isinstance(layer, BatchlessNorm1d) or not isinstance(module, nn.Linear))
             and not (_hooks(module) or hasattr(module, "parametrizations"))
             and not any(a == src.target or a.startswith(src.target + ".") for a in attrs)
@@ -222,7 +224,3 @@ def _fold_pairs(root: nn.Module, name: str,
         if all(p is not None for p in producers):
             pairs += [(p, layer) for p in producers]
     return pairs
-
-
-def _channels(module: nn.Module) -> int:
-    return module.out_features if isinstance(module, nn.Linear) else module.out_channels

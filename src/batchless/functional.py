@@ -13,23 +13,22 @@ The output treats :math:`\mu, \sigma` as constants, the NLL treats ``x`` as one,
 only two per-channel moments of the input, ``a = mean_c(x_hat)`` and ``b = mean_c(x_hat ** 2)``:
 ``dNLL/dmu_c = -a_c / (C sigma_c)``, ``dNLL/dsigma_c = (1 - b_c) / (C sigma_c)``.
 
-A layer stores sigma as a raw parameter ``r`` behind a gain ``g`` (its ``std_speed``):
-:math:`\sigma = f(g\,r)`, ``f`` one of :func:`std_from_param`'s parametrizations (``exp`` for
-``"log"``), so ``dNLL/dr = g f'(g r) dNLL/dsigma``. The gain changes no value, only how far an
-optimizer's step on ``r`` moves sigma: ``g`` times as far as at ``g = 1`` under Adam-like
-optimizers (their steps do not depend on the gradient's scale), ``g ** 2`` times under SGD.
-``g = 1`` is the paper's method. The mean has no gain.
+A layer stores sigma as a raw parameter ``r`` behind a gain ``g`` (its ``std_speed``, whose effect
+on optimizers the layer's docstring explains): :math:`\sigma = f(g\,r)`, ``f`` one of
+:func:`std_from_param`'s parametrizations (``exp`` for ``"log"``), so ``dNLL/dr = g f'(g r)
+dNLL/dsigma``. The gain changes no value; ``g = 1`` is the paper's method. The mean has no gain.
 
 Each formula exists once, here: :func:`affine_forward`, :func:`affine_backward`
 (:func:`output_grads`), :func:`nll_grads`, :func:`std_from_param` (and its inverse
-:func:`param_from_std`). The routes of
-:mod:`batchless.fused` run them as plain ops or compiled, or run kernels tested against them
-(ATen's batch-norm kernels on the eager route, C++ on the native one). Statistics are computed in
-float32 (float64 for float64 inputs); outputs come back in the input dtype.
+:func:`param_from_std`). The routes of :mod:`batchless.fused` run them as plain ops or compiled,
+or run kernels tested against them (ATen's batch-norm kernels on the eager route, C++ on the
+native one). Statistics are computed in float32 (float64 for float64 inputs); outputs come back in
+the input dtype.
 """
 
 from __future__ import annotations
 
+import functools
 import math
 from typing import NamedTuple
 
@@ -67,9 +66,8 @@ def std_from_param(raw: Tensor, std_param: str, eps: float, gain: float) -> Tens
     """sigma as a differentiable function of the raw parameter ``raw``, through ``s = gain * raw``.
 
     ``"log"``: ``exp(s)``; ``"abs"``: ``|s| + eps``; ``"inv"``: ``s`` stores ``1/sigma``, so
-    ``1 / (|s| + eps)``; ``"std"``: ``s`` is sigma. ``gain`` (> 0, a layer's ``std_speed``) scales
-    how far an optimizer step on ``raw`` moves ``s``: Adam's steps, whose size does not depend on
-    the gradient's scale, by ``gain``; SGD's by ``gain ** 2``. At 1, ``s = raw``.
+    ``1 / (|s| + eps)``; ``"std"``: ``s`` is sigma. ``gain`` (> 0) is a layer's ``std_speed``,
+    which the module docstring explains.
     """
     s = raw if gain == 1.0 else raw * gain
     if std_param == "log":
@@ -258,15 +256,6 @@ def channel_moments(x: Tensor, mean: Tensor, inv: Tensor) -> tuple[Tensor, Tenso
     return a, torch.addcmul(a * a, var, inv * inv)  # b = (var + (m - mean)**2) / std**2
 
 
-def _eager_forward(x: Tensor, f: Factors, bias: Tensor | None):
-    return affine(x, f.mean, f.scale, bias), *channel_moments(x, f.mean, f.inv)
-
-
-def _compiled_forward(x: Tensor, f: Factors, bias: Tensor | None):
-    y, a, b = _fused.compiled(affine_forward, _fused.canonical(x), *f, bias)
-    return _fused.uncanonical(y, x), a, b
-
-
 def _eager_output_grads(gy: Tensor, x: Tensor, f: Factors, weight: Tensor | None, needs):
     """The eager route's backward: ``gy * scale`` and the weight/bias sums of ATen's batch-norm
     backward, for ``needs = (x, weight, bias)``; the formula's ops where a graph is recorded, for an
@@ -294,21 +283,19 @@ def _compiled_output_grads(gy: Tensor, x: Tensor, f: Factors, weight: Tensor | N
     return _fused.uncanonical(gx, x), gw, gb
 
 
-_KERNELS = {  # route: (forward, output gradients)
-    Route.EAGER: (_eager_forward, _eager_output_grads),
-    Route.COMPILED: (_compiled_forward, _compiled_output_grads),
-    Route.TRACEABLE: (lambda x, f, bias: affine_forward(x, *f, bias),
-                      lambda gy, x, f, weight, needs: output_grads(gy, x, f.mean, f.inv, weight)),
-}
-
-
 def _step_forward(route: Route, x: Tensor, mean: Tensor, std: Tensor, weight: Tensor | None,
                   bias: Tensor | None) -> tuple[TrainOutput, Factors]:
     """The forward of a Python route, mean/std constants. A channel whose input held NaN/Inf adds
     no NLL (a = 0, b = 1); on CPU outside transforms one host read tells that all are finite."""
     with _compat.autocast_off(x):
         f = factors(mean, std, weight, x)
-        y, a, b = _KERNELS[route][0](x, f, bias)
+        if route is Route.EAGER:
+            y, (a, b) = affine(x, f.mean, f.scale, bias), channel_moments(x, f.mean, f.inv)
+        elif route is Route.COMPILED:
+            y, a, b = _fused.compiled(affine_forward, _fused.canonical(x), *f, bias)
+            y = _fused.uncanonical(y, x)
+        else:
+            y, a, b = affine_forward(x, *f, bias)
     if route is not Route.TRACEABLE and x.is_cpu and math.isfinite(b.sum().item()):
         return TrainOutput(y, a, b, None), f
     finite = torch.isfinite(b)  # (b is non-finite wherever a is)
@@ -321,11 +308,15 @@ def _step_backward(route: Route, gy: Tensor | None, x: Tensor, weight: Tensor | 
     """Gradients for ``(x, mean, std, weight, bias)``: the output's (mean/std constants) by the
     route's kernels, ``nll_weight * dNLL`` for mean and std (none when ``nll_weight`` is None:
     explicit mode; a constant in double backward)."""
-    need_x, _, _, need_weight, need_bias = needs_input_grad[:5]
-    needs = (need_x, need_weight, need_bias)
+    needs = (needs_input_grad[0], *needs_input_grad[3:5])  # x, weight, bias
     gx = gw = gb = gmean = gstd = None
     if gy is not None:  # (None: the output is unused; only the NLL gradient remains)
-        out = _KERNELS[route][1](gy, x, f, weight, needs)
+        if route is Route.TRACEABLE:
+            out = output_grads(gy, x, f.mean, f.inv, weight)
+        elif route is Route.COMPILED:
+            out = _compiled_output_grads(gy, x, f, weight, needs)
+        else:
+            out = _eager_output_grads(gy, x, f, weight, needs)
         gx, gw, gb = (g if need else None for g, need in zip(out, needs, strict=True))
         if weight is not None and weight.dtype != f.inv.dtype:
             gw, gb = (None if g is None else g.to(weight.dtype) for g in (gw, gb))
@@ -404,47 +395,42 @@ class _ImplicitNll(torch.autograd.Function):
 
 
 def _train_native(x, mean, raw_std, std_param, eps, gain, weight, bias, nll_weight) -> TrainOutput:
-    kernels = _fused.native_kernels()
-    number = None if nll_weight is None else as_number(nll_weight)
+    number = as_number(nll_weight)
     if nll_weight is None or number is not None:
-        return TrainOutput._make(kernels.train(x, mean, raw_std, std_param, eps, gain, weight,
-                                               bias, number))
-    out = TrainOutput(*kernels.train(x, mean.detach(), raw_std.detach(), std_param, eps, gain,
-                                     weight, bias, None))
+        return TrainOutput._make(_fused.native_kernels().train(
+            x, mean, raw_std, std_param, eps, gain, weight, bias, number))
+    # a weight read at backward time (a tensor, a GradScaler): _ImplicitNll delivers the NLL
+    out = _train_native(x, mean.detach(), raw_std.detach(), std_param, eps, gain, weight, bias,
+                        None)
     std = std_from_param(raw_std, std_param, eps, gain)
     return out._replace(y=_ImplicitNll.apply(out.y, mean, std, out.a, out.b, nll_weight))
 
 
-def _train_python(route):
-    def run(x, mean, raw_std, std_param, eps, gain, weight, bias, nll_weight) -> TrainOutput:
-        std = std_from_param(raw_std, std_param, eps, gain)
-        if route is Route.TRACEABLE:
-            return TrainOutput(*_TrainTraceable.apply(x, mean, std, weight, bias, nll_weight))
-        return TrainOutput(*_Train.apply(x, mean, std, weight, bias, nll_weight, route))
-
-    return run
+def _train_python(route: Route, x, mean, raw_std, std_param, eps, gain, weight, bias,
+                  nll_weight) -> TrainOutput:
+    std = std_from_param(raw_std, std_param, eps, gain)
+    if route is Route.TRACEABLE:
+        return TrainOutput(*_TrainTraceable.apply(x, mean, std, weight, bias, nll_weight))
+    return TrainOutput(*_Train.apply(x, mean, std, weight, bias, nll_weight, route))
 
 
-def _eval_native(x, mean, raw_std, std_param, eps, gain, weight, bias) -> Tensor:
+def _eval_native(x, mean, raw_std, *args) -> Tensor:
     """The native node without an NLL (mean and std constants): frozen-statistics fine-tuning."""
-    kernels = _fused.native_kernels()
-    return kernels.train(x, mean.detach(), raw_std.detach(), std_param, eps, gain, weight, bias,
-                         None)[0]
+    return _train_native(x, mean.detach(), raw_std.detach(), *args, None).y
 
 
-def _eval_native_only(x, mean, raw_std, std_param, eps, gain, weight, bias) -> Tensor:
-    return _fused.native_kernels().eval(x, mean, raw_std, std_param, eps, gain, weight, bias)
-
-
-def _eval_eager(x, mean, raw_std, std_param, eps, gain, weight, bias) -> Tensor:
+def _eval_python(x, mean, raw_std, std_param, eps, gain, weight, bias) -> Tensor:
     with _compat.autocast_off(x):
         f = factors(mean, std_from_param(raw_std, std_param, eps, gain), weight, x)
         return affine(x, f.mean, f.scale, bias)
 
 
-_TRAIN = {Route.NATIVE: _train_native, **{r: _train_python(r) for r in _KERNELS}}
-_EVAL = {Route.NATIVE: _eval_native, Route.NATIVE_EVAL: _eval_native_only, Route.EAGER: _eval_eager,
-         Route.TRACEABLE: _eval_eager}
+# Each route's step, by one lookup: on the native route, comparing Route members in turn costs
+# a measurable share of a small step
+_TRAIN = {Route.NATIVE: _train_native, **{r: functools.partial(_train_python, r)
+                                          for r in (Route.COMPILED, Route.EAGER, Route.TRACEABLE)}}
+_EVAL = {Route.NATIVE: _eval_native, Route.NATIVE_EVAL: lambda *a: _fused.native_kernels().eval(*a),
+         Route.EAGER: _eval_python, Route.TRACEABLE: _eval_python}
 
 
 def _run(table: dict, route: Route, *args):

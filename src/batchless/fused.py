@@ -5,9 +5,8 @@ backward (BatchNorm needs two each way). The maths is :mod:`batchless.functional
 differ in what computes it:
 
 * ``"native"``: one C++ autograd node around the native CPU kernels (float32 and bfloat16,
-  contiguous or channels-last), compiled once per machine by :func:`build_cpu_kernels` (``make
-  install`` does it; until then the first CPU layer warns with the command). Also an evaluation
-  forward that needs gradients (the node without an NLL).
+  contiguous or channels-last), compiled once per machine by :func:`build_cpu_kernels`. Also an
+  evaluation forward that needs gradients (the node without an NLL).
 * ``"native-eval"``: the native affine kernel alone, for an evaluation forward without gradients.
 * ``"compiled"``: a Python autograd Function around kernels that ``torch.compile`` generates from
   the formula (Triton on CUDA, C++ on CPU), one dynamic-shape graph per layout, dtype and device
@@ -54,11 +53,6 @@ class Route(str, enum.Enum):
     COMPILED = "compiled"
     EAGER = "eager"
     TRACEABLE = "traceable"
-
-    @property
-    def kernels(self) -> str:
-        """``"native"``, ``"compiled"`` or ``"eager"``: whose kernels the route runs."""
-        return {"native-eval": "native", "traceable": "eager"}.get(self.value, self.value)
 
 
 def set_fused(mode: str) -> str:
@@ -158,15 +152,16 @@ def route(x: Tensor, layer=None) -> Route:
 
 def path(x: Tensor) -> str:
     """Whose kernels a training step of ``x`` runs: ``"native"``, ``"compiled"`` or ``"eager"``
-    (``route(x).kernels``; :func:`route` tells the route itself). A 0-d or 1-d ``x`` counts as one
-    instance of its elements."""
-    return route(x if x.dim() > 1 else x.reshape(1, -1)).kernels
+    (the traceable route's: eager; :func:`route` tells the route itself). A 0-d or 1-d ``x`` counts
+    as one instance of its elements."""
+    step = route(x if x.dim() > 1 else x.reshape(1, -1))
+    return "eager" if step is Route.TRACEABLE else step.value
 
 
 def canonical(t: Tensor) -> Tensor | None:
     """``t`` (N, C, *) as a contiguous (N, C, L) view, a contiguous (M, C) view (channel fastest),
     or None (also for lazily negated views, whose sign the compiled kernels would not see)."""
-    if t.is_neg() or t.is_conj():
+    if t.is_neg():
         return None
     if t.dim() > 2 and t.is_contiguous() and math.prod(t.shape[2:]) > 1:
         return t.view(t.shape[0], t.shape[1], -1)
@@ -198,11 +193,9 @@ def compiled(fn, *args):
         run = STATE.compiled[key] = torch.compile(fresh, dynamic=True)
     try:
         return run(*args)
-    except torch.cuda.OutOfMemoryError:  # (torch.OutOfMemoryError since 2.5; the same class)
-        raise
     except Exception as error:  # noqa: BLE001 - any compiler failure means: use the formula as is
-        if "CUDA error" in str(error):  # a broken device, not a compiler failure
-            raise
+        if isinstance(error, torch.cuda.OutOfMemoryError) or "CUDA error" in str(error):
+            raise  # a full or broken device, not a compiler failure
         STATE.compile_failed = True
         first_line = (str(error).strip().splitlines() or [""])[0]
         warn(f"batchless: the fused training kernels failed to compile or run "

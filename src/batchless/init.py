@@ -65,7 +65,7 @@ class _Moments:
         """Population standard deviation; 1 for a channel that is constant on the data (it is only
         centred)."""
         std = (self.m2 / self.count).sqrt()
-        return torch.where(std > 0, std, torch.ones_like(std))
+        return std.where(std > 0, 1.0)
 
 
 def _model_input(batch):
@@ -126,8 +126,8 @@ def init_from_data(model: nn.Module, batches: Iterable, *,
     if max_batches is not None and (isinstance(max_batches, bool)
                                     or not isinstance(max_batches, int) or max_batches < 1):
         raise BatchlessError(f"max_batches must be a positive int or None, got {max_batches!r}")
-    layers = {id(layer): (name or "<root>", layer) for name, layer in batchless_layers(model)}
-    if not layers:
+    names = {layer: name or "<root>" for name, layer in batchless_layers(model)}
+    if not names:
         return model
     flags = {module: module.training for module in model.modules()}
     model.eval()
@@ -135,14 +135,14 @@ def init_from_data(model: nn.Module, batches: Iterable, *,
         first = next(iter(batches), None)
         if first is None:
             raise BatchlessError("init_from_data got no batches: pass at least one batch of inputs")
-        strata, calls = _strata(model, _model_input(first), [layer for _, layer in layers.values()])
-        unused = [name for name, layer in layers.values() if layer not in calls]
+        strata, calls = _strata(model, _model_input(first), list(names))
+        unused = [name for layer, name in names.items() if layer not in calls]
         if unused:
             warnings.warn(f"init_from_data: these batchless layers were not called and keep their "
                           f"statistics: {', '.join(unused)}", stacklevel=2)
         with torch.no_grad():
             for stratum in strata:
-                _measure_and_set(model, batches, stratum, calls, max_batches, layers)
+                _measure_and_set(model, batches, stratum, calls, max_batches, names)
     finally:
         for module, flag in flags.items():
             module.training = flag
@@ -155,9 +155,8 @@ def _strata(model: nn.Module, x,
     markers: dict[int, _BatchlessNorm] = {}  # id(marker leaf) -> layer whose output it marks
     keep: list[Tensor] = []
     reach: dict = {}  # autograd node -> set of layers whose markers it depends on
-    order: list[_BatchlessNorm] = []
     deps: dict[_BatchlessNorm, set] = {}
-    calls: dict[_BatchlessNorm, int] = {}
+    calls: dict[_BatchlessNorm, int] = {}  # (in first-call order)
 
     def upstream(node) -> set:
         stack = [node]
@@ -176,11 +175,8 @@ def _strata(model: nn.Module, x,
         return reach[node]
 
     def pre_hook(layer, args):
-        if layer not in calls:
-            order.append(layer)
-            calls[layer] = 0
-            deps[layer] = set()
-        calls[layer] += 1
+        calls[layer] = calls.get(layer, 0) + 1
+        deps.setdefault(layer, set())
         x = args[0]
         if isinstance(x, Tensor) and x.grad_fn is not None:
             deps[layer] |= {d for d in upstream(x.grad_fn) if d is not layer}
@@ -200,15 +196,13 @@ def _strata(model: nn.Module, x,
         for h in handles:
             h.remove()
     level: dict[_BatchlessNorm, int] = {}
-    for layer in order:  # first-call order; a dependency on a layer first called later: a cycle
-        earlier = [level[d] for d in deps[layer] if d in level]
-        level[layer] = 1 + max(earlier) if earlier else 0
+    for layer in calls:  # a dependency on a layer first called later: a cycle, ignored
+        level[layer] = 1 + max((level[d] for d in deps[layer] if d in level), default=-1)
     depth = max(level.values(), default=-1) + 1
-    strata = [[layer for layer in order if level[layer] == k] for k in range(depth)]
-    return strata, calls
+    return [[layer for layer in calls if level[layer] == k] for k in range(depth)], calls
 
 
-def _measure_and_set(model, batches, stratum, calls, max_batches, layers) -> None:
+def _measure_and_set(model, batches, stratum, calls, max_batches, names) -> None:
     """One pass over the data measuring the inputs of ``stratum``'s layers, then set their
     mean/std."""
     moments = {layer: _Moments() for layer in stratum}
@@ -235,9 +229,8 @@ def _measure_and_set(model, batches, stratum, calls, max_batches, layers) -> Non
     for layer in stratum:
         m = moments[layer]
         if m.count == 0:
-            raise BatchlessError(f"init_from_data: layer {layers[id(layer)][0]} saw no input "
+            raise BatchlessError(f"init_from_data: layer {names[layer]} saw no input "
                                  "elements (all batches empty?); pass batches with at least one "
                                  "instance")
-        with torch.no_grad():
-            layer.mean.copy_(m.mean.to(layer.mean))
-            layer.set_std(m.std())
+        layer.mean.copy_(m.mean.to(layer.mean))  # (under init_from_data's no_grad)
+        layer.set_std(m.std())

@@ -72,8 +72,8 @@ def current_nll_weight():
 
 
 def as_number(weight) -> float | None:
-    """A weight as a float where it is known now (numbers, tuples of them), else None (a tensor or
-    a GradScaler: read at backward time by :func:`resolve_weight`)."""
+    """A weight as a float where it is known now (numbers, tuples of them), else None (also for
+    None; a tensor or a GradScaler is read at backward time by :func:`resolve_weight`)."""
     if type(weight) is float or isinstance(weight, numbers.Real):
         return float(weight)
     if isinstance(weight, tuple) and all(isinstance(w, numbers.Real) for w in weight):
@@ -91,10 +91,7 @@ def resolve_weight(weight) -> float | Tensor:
     if type(weight) is float:  # (the common case, first)
         return weight
     if isinstance(weight, tuple):
-        out = 1.0
-        for w in weight:
-            out = out * resolve_weight(w)
-        return out
+        return math.prod(resolve_weight(w) for w in weight)
     if isinstance(weight, (numbers.Real, Tensor)):
         return weight
     return _compat.grad_scaler_scale(weight)
