@@ -27,8 +27,7 @@ class State:
     compiled: dict = dataclasses.field(default_factory=dict)  # key -> compiled function
     kernels: object = UNLOADED  # the native kernels' module, None where not built
     ones: dict = dataclasses.field(default_factory=dict)  # (C, dtype, device) -> ones(C)
-    warned_unused_nll: bool = False  # explicit mode's warning given
-    warned_initial_statistics: bool = False  # the warning of a layer training from init_mean/std
+    warned: set = dataclasses.field(default_factory=set)  # the once-per-process warnings given
     nll_weights: list = dataclasses.field(default_factory=list)  # open nll_weight blocks
     # every live batchless layer (each adds itself when built or unpickled), to recognise its
     # statistics among an optimizer's parameters; weak, so that it keeps no layer alive

@@ -34,21 +34,18 @@ _CONTRACT = r"""Normalises each channel by a learned Gaussian, ``(x - mean) / st
 
     How fast ``std`` learns: it is stored as ``raw_std`` behind a gain,
     :math:`\sigma = f(\text{std\_speed} \cdot \text{raw\_std})` with ``f`` the ``std_param``
-    parametrization (``exp`` by default), so the NLL gradient of ``raw_std`` carries the factor
-    ``std_speed``, and an optimizer's step on it moves ``std``'s parametrization ``std_speed`` times
-    as far as at 1 under Adam or AdamW (whose steps do not depend on the gradient's scale),
-    ``std_speed ** 2`` times as far under SGD. ``mean`` has no gain. The default, 0.1, lets ``std``
-    learn 10x slower than the other parameters: on a Fashion-MNIST CNN under Adam this raised test
-    accuracy at each batch size measured (4: 82.8 -> 87.2 %, 64: 85.7 -> 86.9 %, 256: 82.2 ->
-    84.3 %), the slower ``std`` alone giving the whole gain (slowing ``mean`` alone: 84.4 % at batch
-    size 4); see the README. ``std_speed=1`` is the paper's method. A slow ``std`` stays near its
-    starting value for long: call :func:`batchless.init_from_data` before training (or convert a
-    trained BatchNorm model with :func:`batchless.convert_batchnorm`); a layer whose first training
-    forward (in eager mode) finds ``mean`` and ``std`` still at ``init_mean`` and ``init_std``
-    warns, once per process.
+    parametrization (``exp`` by default), so an optimizer's step on ``raw_std`` moves ``std``'s
+    parametrization ``std_speed`` times as far as at 1 under Adam or AdamW (whose steps do not
+    depend on the gradient's scale), ``std_speed ** 2`` times as far under SGD. ``mean`` has no
+    gain. The default, 0.1, lets ``std`` learn 10x slower than the other parameters, which trains
+    more accurate networks (measurements: EXPERIMENTS.md); ``std_speed=1`` is the paper's method.
+    A slow ``std`` stays near its starting value for long: call :func:`batchless.init_from_data`
+    before training (or convert a trained BatchNorm model with :func:`batchless.convert_batchnorm`);
+    a layer whose first eager training forward finds ``mean`` and ``std`` still at ``init_mean``
+    and ``init_std`` warns, once per process.
 
     Weight decay pulls ``mean`` towards 0 and ``raw_std`` towards 0 (``std`` towards 1 with
-    ``"log"``), away from the input's statistics, and costs accuracy: keep it off them with
+    ``"log"``), away from the input's statistics: keep it off them with
     :func:`batchless.param_groups`, e.g. ``torch.optim.AdamW(batchless.param_groups(model,
     weight_decay=0.05), lr=1e-3)``. An optimizer about to step with weight decay on them
     (``AdamW(model.parameters())`` decays every parameter by default) warns, once.
@@ -195,15 +192,14 @@ class _BatchlessNorm(nn.Module):
     def _check_parameters(self) -> None:
         # torch's ExpandedWeights run only the functions they know (linear, conv, the built-in
         # norms): on the native route ours would get no gradient, silently; on the others they
-        # fail on the first op they do not know.
-        for p in self._parameters.values():
-            if isinstance(p, _compat.ExpandedWeight):
-                raise BatchlessError(
-                    f"{type(self).__name__} got torch's ExpandedWeights as parameters (Opacus's "
-                    "grad_sample_mode=\"ew\"), which cannot compute its per-sample gradients. "
-                    "Use Opacus's default grad_sample_mode=\"hooks\" or "
-                    "grad_sample_mode=\"functorch\", or torch.func.vmap over torch.func.grad: "
-                    "they give exact per-sample gradients")
+        # fail on the first op they do not know. They replace all of a module's parameters at once.
+        if isinstance(self.mean, _compat.ExpandedWeight):
+            raise BatchlessError(
+                f"{type(self).__name__} got torch's ExpandedWeights as parameters (Opacus's "
+                "grad_sample_mode=\"ew\"), which cannot compute its per-sample gradients. "
+                "Use Opacus's default grad_sample_mode=\"hooks\" or "
+                "grad_sample_mode=\"functorch\", or torch.func.vmap over torch.func.grad: "
+                "they give exact per-sample gradients")
 
     def forward(self, x: Tensor) -> Tensor:
         self._check_input(x)
@@ -219,7 +215,11 @@ class _BatchlessNorm(nn.Module):
         if eager and self._check_statistics:
             self._warn_if_initial_statistics()
         if eager and not implicit and not last.used:
-            _warn_unused_nll()
+            _warn_once("unused nll", "a BatchlessNorm layer with nll='explicit' ran a second "
+                       "training forward without its NLL being collected, so its mean/std are "
+                       "not learning: add batchless.nll_loss(model) to the loss, e.g. `loss = "
+                       "task_loss + batchless.nll_loss(model)`, or build the layers with "
+                       "nll='implicit'")
         weight_nll = None
         if implicit:  # activation checkpointing re-runs the forward in the backward: its weight
             weight_nll = last.weight if eager and _compat.in_backward() else current_nll_weight()
@@ -245,7 +245,7 @@ class _BatchlessNorm(nn.Module):
                 or self.mean.is_meta):
             return
         self._check_statistics = False
-        if STATE.warned_initial_statistics:
+        if "initial statistics" in STATE.warned:
             return
         with torch.no_grad():
             initial_raw = BF.param_from_std(torch.full_like(self.raw_std, self.init_std),
@@ -253,13 +253,13 @@ class _BatchlessNorm(nn.Module):
             initial = (torch.equal(self.raw_std, initial_raw)
                        and bool((self.mean == self.init_mean).all()))
         if initial:
-            STATE.warned_initial_statistics = True
-            warn(f"{type(self).__name__}({self.num_features}) started training with its mean and "
-                 f"std still at init_mean={self.init_mean} and init_std={self.init_std}, not at "
-                 f"its input's statistics, which its std (std_speed={self.std_speed}) takes many "
-                 "steps to reach: call batchless.init_from_data(model, batches) with a few "
-                 "training batches before training (or, for a model trained with BatchNorm, "
-                 "batchless.convert_batchnorm(model), which carries its statistics over)")
+            _warn_once("initial statistics", f"{type(self).__name__}({self.num_features}) started "
+                       f"training with its mean and std still at init_mean={self.init_mean} and "
+                       f"init_std={self.init_std}, not at its input's statistics, which its std "
+                       f"(std_speed={self.std_speed}) takes many steps to reach: call "
+                       "batchless.init_from_data(model, batches) with a few training batches "
+                       "before training (or, for a model trained with BatchNorm, "
+                       "batchless.convert_batchnorm(model), which carries its statistics over)")
 
     @property
     def _last_nll(self) -> Tensor | None:
@@ -380,10 +380,9 @@ def _check_arguments(num_features, eps, std_param, init_mean, init_std, nll, std
                              f"{std_speed!r}")
 
 
-def _warn_unused_nll() -> None:
-    if not STATE.warned_unused_nll:
-        STATE.warned_unused_nll = True
-        warn("a BatchlessNorm layer with nll='explicit' ran a second training forward without its "
-             "NLL being collected, so its mean/std are not learning: add batchless.nll_loss(model) "
-             "to the loss, e.g. `loss = task_loss + batchless.nll_loss(model)`, or build the "
-             "layers with nll='implicit'")
+def _warn_once(key: str, message: str) -> None:
+    """:func:`~batchless.errors.warn` ``message`` unless the warning ``key`` was given in this
+    process (since the last ``_state.reset()``)."""
+    if key not in STATE.warned:
+        STATE.warned.add(key)
+        warn(message)
