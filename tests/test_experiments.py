@@ -237,6 +237,21 @@ def test_store_writes_once_and_reports(tmp_path, tiny_splits):
         assert db.execute("PRAGMA integrity_check").fetchone()[0] == "ok"
 
 
+def test_a_cell_written_before_a_config_field_existed_reads_with_its_default(tmp_path, tiny_splits):
+    path = str(tmp_path / "r.sqlite")
+    cell = _cell(norm="batchless", bs=32)
+    with ResultStore(path) as store:
+        store.add(cell, train_cell(cell, tiny_splits))
+    with contextlib.closing(sqlite3.connect(path)) as db, db:  # as an older TrainConfig wrote it
+        config = json.loads(db.execute("SELECT config FROM cells").fetchone()[0])
+        del config["std_speed"]
+        db.execute("UPDATE cells SET config = ?", (json.dumps(config),))
+    row = report.load_rows(path)[0]
+    assert row["config"]["std_speed"] == TrainConfig().std_speed and row["label"] == "batchless"
+    with ResultStore(path) as store:
+        assert store.has(cell)  # the same cell: its key never named the field
+
+
 class _Terminal(io.StringIO):
     def isatty(self):
         return True

@@ -19,8 +19,9 @@ from collections.abc import Iterator
 from urllib.parse import quote
 
 from .options import make_parent
-from .train import Cell, CellResult
+from .train import Cell, CellResult, TrainConfig
 
+DEFAULT_CONFIG = dataclasses.asdict(TrainConfig())
 SCHEMA = """
 CREATE TABLE IF NOT EXISTS cells (
     key TEXT PRIMARY KEY,
@@ -120,7 +121,8 @@ class ResultStore:
         for values in cursor:
             row = dict(zip(COLUMNS, values, strict=True))
             row.update({k: float(row[k]) for k in REALS if isinstance(row[k], str)})  # 'nan'
-            row["config"] = json.loads(row["config"])
+            # a field added to TrainConfig after the cell was written has its default there (Cell.key)
+            row["config"] = {**DEFAULT_CONFIG, **json.loads(row["config"])}
             row["history"] = json.loads(row["history"])
             yield row
 
