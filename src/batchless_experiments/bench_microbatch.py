@@ -86,6 +86,8 @@ def timing(rounds: int, warmup: int) -> dict:
     for name, norm, micro in (("bn", "bn", BATCH), ("batchless", "batchless", BATCH),
                               ("batchless micro-batch 1", "batchless", 1)):
         model = study_cnn(norm).train()
+        if norm == "batchless":
+            bl.init_from_data(model, [x])  # as a user would (and as equivalence() does)
         opt = torch.optim.Adam(model.parameters(), lr=1e-3)
         steps[name] = lambda model=model, opt=opt, micro=micro: _step(model, opt, x, y, micro)
     samples = bench_speed.time_interleaved(steps, rounds=rounds, inner=1, warmup=warmup, device=torch.device("cpu"))

@@ -1,0 +1,51 @@
+#!/usr/bin/env bash
+# The probes of EXPERIMENTS.md ("Why batchless trailed, and what fixed it"), one at a time, each printing a
+# JSON line (probe.py) or a text block (growth.py, lag.py); results.jsonl holds what they printed here.
+# probe.py runs its prototype layer with options '{"proj", "gain"}' and run settings '{"bs", "lr", "seed",
+# "opt", "wd", "stats_scale", "slow", "stats_opt", "ws", "norm"}' (defaults: batch 64, lr 3e-3, 8 epochs).
+# They patch batchless_experiments' model builder in-process: the layers are built with std_speed=1 there.
+set -uo pipefail
+cd "$(dirname "$0")/../../.."
+P=".venv/bin/python docs/experiments/probes/probe.py"
+G=".venv/bin/python docs/experiments/probes/growth.py"
+# sigma's lag and the activations' growth (the library's layer; and BatchNorm)
+.venv/bin/python docs/experiments/probes/lag.py 64 3e-3 8
+$G batchless 64 '{}'; $G batchless 64 '{"stats_lr_scale": 10}'; $G bn 64 '{}'
+# batch 64: the paper, backward projections, faster or slower statistics, weight standardization
+$P '{"proj":"none"}' '{}'
+$P '{"proj":"ema","rate":0.1}' '{}'
+$P '{"proj":"ema","rate":0.1}' '{"stats_scale":10}'
+$P '{"proj":"ema","rate":0.02}' '{}'
+$P '{"proj":"ema","rate":0.1}' '{"stats_scale":20,"stats_opt":"ema"}'
+$P '{"proj":"none"}' '{"stats_scale":20,"stats_opt":"ema"}'
+$P '{"proj":"none"}' '{"norm":"none"}'
+$P '{"proj":"none"}' '{"stats_scale":0.1}'
+$P '{"proj":"none"}' '{"stats_scale":0.0001}'
+$P '{"proj":"none"}' '{"ws":true}'
+$P '{"proj":"none"}' '{"ws":true,"stats_scale":10}'
+# seed 1 at batch 64; batches 256 and 4
+for a in '{"stats_scale":1.0,"seed":1}' '{"stats_scale":0.1,"seed":1}' '{"stats_scale":0.0001,"seed":1}' \
+         '{"stats_scale":1.0,"bs":256,"lr":0.006}' '{"stats_scale":0.1,"bs":256,"lr":0.006}' \
+         '{"stats_scale":0.0001,"bs":256,"lr":0.006}' '{"stats_scale":1.0,"bs":4,"lr":0.00075}' \
+         '{"stats_scale":0.1,"bs":4,"lr":0.00075}' '{"stats_scale":0.0001,"bs":4,"lr":0.00075}' \
+         '{"stats_scale":0.1,"bs":4,"lr":0.00075,"slow":"std"}' '{"stats_scale":0.1,"bs":4,"lr":0.00075,"slow":"mean"}'; do
+  $P '{"proj":"none"}' "$a"
+done
+# other optimizers (the library's layer for the growth.py lines)
+$G batchless 64 '{"optimizer":"adamw","weight_decay":0.05}'; $G batchless 64 '{"optimizer":"adamw","weight_decay":0.5}'
+$G bn 64 '{"optimizer":"adamw","weight_decay":0.05}'
+for a in '{"opt":"sgd","lr":0.05,"norm":"bn"}' '{"opt":"sgd","lr":0.05}' '{"opt":"sgd","lr":0.05,"stats_scale":0.1}' \
+         '{"opt":"sgd","lr":0.05,"stats_scale":0.01}' '{"opt":"sgd","lr":0.05,"norm":"none"}' \
+         '{"opt":"adamw","wd":0.1}' '{"opt":"adamw","wd":0.1,"stats_scale":0.1}'; do
+  $P '{"proj":"none"}' "$a"
+done
+# sigma slowed by its parametrization (the library's std_speed=0.1)
+for a in '{}' '{"opt":"adamw","wd":0.1}' '{"opt":"adamw","wd":0.05}' '{"opt":"sgd","lr":0.01}'; do
+  $P '{"proj":"none","gain":0.1}' "$a"
+done
+$P '{"proj":"none"}' '{"opt":"sgd","lr":0.01}'; $P '{"proj":"none"}' '{"opt":"sgd","lr":0.01,"norm":"bn"}'
+for a in '{"opt":"sgd","lr":0.003}' '{"opt":"sgd","lr":0.03}' '{"seed":1}' '{"bs":4,"lr":0.00075}' \
+         '{"bs":256,"lr":0.006}'; do
+  $P '{"proj":"none","gain":0.1}' "$a"
+done
+$P '{"proj":"none"}' '{"opt":"sgd","lr":0.003}'; $P '{"proj":"none"}' '{"opt":"sgd","lr":0.003,"norm":"bn"}'
