@@ -233,6 +233,9 @@ def test_store_writes_once_and_reports(tmp_path, tiny_splits):
     assert rows[0]["label"] == "none"
     md = report.table(rows)
     assert "| none |" in md and f"{100 * result.test_acc:.1f} ± 0.0" in md and "epochs=2" in md
+    early = result.history[0].test_acc  # time to accuracy: measured after epoch 1 of 2
+    assert early is not None and rows[0]["test_acc_25"] == rows[0]["test_acc_50"] == early
+    assert f"{100 * early:.1f} ± 0.0" in report.table(rows, "test_acc_50")
     with contextlib.closing(sqlite3.connect(path)) as db:
         assert db.execute("PRAGMA integrity_check").fetchone()[0] == "ok"
 

@@ -20,7 +20,7 @@ s.backup(d); d.close(); s.close()" "results/$1.sqlite" "$D/stores/$1.sqlite"
 }
 
 if have fashion; then  # the README's headline table, the lr choices, curves, JSON
-  $B report --results results/fashion.sqlite --metrics test_acc,lr,val_acc_best,test_acc_at_best_val,wall_s \
+  $B report --results results/fashion.sqlite --metrics test_acc,test_acc_25,test_acc_50,lr,val_acc_best,wall_s \
     --plot $D/fashion_batch_size.png --curves $D/fashion_curves.png > $D/fashion.md
   $B report --results results/fashion.sqlite --json > $D/fashion.json
 fi

@@ -23,15 +23,14 @@ from .options import int_list, make_parent, norm_list, output_file
 from .store import ResultStore
 from .train import BATCHLESS_OPTIONS, TrainConfig
 
-METRICS = ("test_acc", "val_acc_best", "test_acc_at_best_val", "val_acc_best_epoch", "wall_s", "act_mem_mb",
-           "nll_last", "lr")
+PERCENT = ("test_acc", "test_acc_25", "test_acc_50", "val_acc_best", "test_acc_at_best_val")
+METRICS = (*PERCENT, "val_acc_best_epoch", "wall_s", "act_mem_mb", "nll_last", "lr")
 ABLATIONS = ("data_init", "stats_lr_scale", "stats_optimizer", "nll_mode", "nll_weight", "std_speed")
-HIGHER_IS_BETTER = ("test_acc", "val_acc_best", "test_acc_at_best_val")
+HIGHER_IS_BETTER = PERCENT
 
 
 def without_lr(config: dict) -> dict:
     return {k: v for k, v in config.items() if k != "lr"}
-PERCENT = ("test_acc", "val_acc_best", "test_acc_at_best_val")
 
 
 def base_configs(rows: list[dict]) -> dict[str, dict]:
@@ -72,6 +71,8 @@ def load_rows(path: str, dataset: str | None = None, norms: list[str] | None = N
         rows = relabel([r for r in store.rows() if dataset in (None, r["dataset"])])
     for r in rows:
         r["nll_last"] = r["history"][-1]["nll"]  # the gauged NLL of the last epoch (None without batchless)
+        for q in (25, 50):  # time to accuracy: test accuracy after q % of the epochs (None if not measured)
+            r[f"test_acc_{q}"] = r["history"][math.ceil(len(r["history"]) * q / 100) - 1].get("test_acc")
     return [r for r in rows if (not base_only or r["label"] == r["norm"]) and (not norms or r["norm"] in norms)
             and (not batch_sizes or r["batch_size"] in batch_sizes)]
 
@@ -167,7 +168,8 @@ def table(rows: list[dict], metric: str = "test_acc") -> str:
 
 
 def json_records(rows: list[dict]) -> list[dict]:
-    keep = ("dataset", "norm", "label", "batch_size", "seed", "test_acc", "test_loss", "val_acc_best",
+    keep = ("dataset", "norm", "label", "batch_size", "seed", "test_acc", "test_acc_25", "test_acc_50",
+            "test_loss", "val_acc_best",
             "val_acc_best_epoch", "val_loss_best", "test_acc_at_best_val", "wall_s", "act_mem_mb", "max_rss_mb",
             "config", "history")
     return [{k: _json_number(r[k]) for k in keep} for r in rows]
