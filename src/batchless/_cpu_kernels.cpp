@@ -182,47 +182,44 @@ void channel_sums_rows(const Layout& v, double* out1, double* out2, const Term& 
   add_tasks(p1, p2, tasks, C, out1, out2);
 }
 
-// Forward: y = x * scale + shift; sums of x_hat and x_hat^2, x_hat = (x - mean) * inv.
-template <typename T>
-void forward_kernel(const Layout& v, const T* x, T* y, const float* mean, const float* inv,
-                    const float* scale, const float* shift, double* sum1, double* sum2) {
-  const auto term = [x, y](int64_t i, float m, float iv, float sc, float sh, float& t1, float& t2) {
-    const float xv = load(x[i]), h = (xv - m) * iv;
-    t1 += h, t2 += h * h;
-    y[i] = store<T>(xv * sc + sh);
-  };
+// The two channel sums of term(i, mean, inv, scale, shift, t1, t2) over layout v: it handles
+// element i, given its channel's factors (the rows of factors_of), and adds its two terms to t1, t2.
+template <typename T, typename Term>
+void channel_sums(const Layout& v, const float* f, double* out1, double* out2, const Term& term) {
+  const float *mean = f, *inv = f + v.C, *scale = f + 2 * v.C, *shift = f + 3 * v.C;
   if (v.rows) {
-    channel_sums_rows(v, sum1, sum2, [&](int64_t i, int64_t c, float& t1, float& t2) {
+    channel_sums_rows(v, out1, out2, [&](int64_t i, int64_t c, float& t1, float& t2) {
       term(i, mean[c], inv[c], scale[c], shift[c], t1, t2);
     });
   } else {
-    channel_sums_ncl(v, kShortRow<T>, sum1, sum2, [&](int64_t c) {
+    channel_sums_ncl(v, kShortRow<T>, out1, out2, [&](int64_t c) {
       return [term, m = mean[c], iv = inv[c], sc = scale[c], sh = shift[c]](
                  int64_t i, float& t1, float& t2) { term(i, m, iv, sc, sh, t1, t2); };
     });
   }
 }
 
+// Forward: y = x * scale + shift; sums of x_hat and x_hat^2, x_hat = (x - mean) * inv.
+template <typename T>
+void forward_kernel(const Layout& v, const T* x, T* y, const float* f, double* sum1, double* sum2) {
+  channel_sums<T>(v, f, sum1, sum2,
+                  [x, y](int64_t i, float m, float iv, float sc, float sh, float& t1, float& t2) {
+                    const float xv = load(x[i]), h = (xv - m) * iv;
+                    t1 += h, t2 += h * h;
+                    y[i] = store<T>(xv * sc + sh);
+                  });
+}
+
 // Backward: gx = gy * scale; sums of gy * x_hat and gy.
 template <typename T>
-void backward_kernel(const Layout& v, const T* gy, const T* x, T* gx, const float* mean,
-                     const float* inv, const float* scale, double* gweight, double* gbias) {
-  const auto term = [gy, x, gx](int64_t i, float m, float iv, float sc, float& t1, float& t2) {
-    const float g = load(gy[i]);
-    t1 += g * ((load(x[i]) - m) * iv), t2 += g;
-    gx[i] = store<T>(g * sc);
-  };
-  if (v.rows) {
-    channel_sums_rows(v, gweight, gbias, [&](int64_t i, int64_t c, float& t1, float& t2) {
-      term(i, mean[c], inv[c], scale[c], t1, t2);
-    });
-  } else {
-    channel_sums_ncl(v, kShortRow<T>, gweight, gbias, [&](int64_t c) {
-      return [term, m = mean[c], iv = inv[c], sc = scale[c]](int64_t i, float& t1, float& t2) {
-        term(i, m, iv, sc, t1, t2);
-      };
-    });
-  }
+void backward_kernel(const Layout& v, const T* gy, const T* x, T* gx, const float* f,
+                     double* gweight, double* gbias) {
+  channel_sums<T>(v, f, gweight, gbias,
+                  [gy, x, gx](int64_t i, float m, float iv, float sc, float, float& t1, float& t2) {
+                    const float g = load(gy[i]);
+                    t1 += g * ((load(x[i]) - m) * iv), t2 += g;
+                    gx[i] = store<T>(g * sc);
+                  });
 }
 
 // Evaluation: y = x * scale + shift, nothing else.
@@ -354,8 +351,7 @@ std::vector<at::Tensor> forward_with(const at::Tensor& x, const Layout& v, const
   std::vector<double> sum1(C), sum2(C);
   dispatch(x, [&](auto zero) {
     using T = decltype(zero);
-    forward_kernel<T>(v, x.data_ptr<T>(), y.data_ptr<T>(), fp, fp + C, fp + 2 * C, fp + 3 * C,
-                      sum1.data(), sum2.data());
+    forward_kernel<T>(v, x.data_ptr<T>(), y.data_ptr<T>(), fp, sum1.data(), sum2.data());
   });
   auto a = at::empty({C}, f.options()), b = at::empty({C}, f.options());
   float* ap = a.data_ptr<float>();
@@ -376,13 +372,13 @@ std::vector<at::Tensor> forward_with(const at::Tensor& x, const Layout& v, const
 
 // (gx, gweight, gbias) by the kernel, the last two in float32; x and gy in the same layout v.
 std::vector<at::Tensor> backward_with(const at::Tensor& gy, const at::Tensor& x, const Layout& v,
-                                      const float* mean, const float* inv, const float* scale) {
+                                      const float* f) {
   auto gx = at::empty_like(x);
   std::vector<double> gweight(v.C), gbias(v.C);
   dispatch(x, [&](auto zero) {
     using T = decltype(zero);
-    backward_kernel<T>(v, gy.data_ptr<T>(), x.data_ptr<T>(), gx.data_ptr<T>(), mean, inv, scale,
-                       gweight.data(), gbias.data());
+    backward_kernel<T>(v, gy.data_ptr<T>(), x.data_ptr<T>(), gx.data_ptr<T>(), f, gweight.data(),
+                       gbias.data());
   });
   auto gw = at::empty({v.C}, x.options().dtype(at::kFloat)), gb = at::empty({v.C}, gw.options());
   std::copy(gweight.begin(), gweight.end(), gw.data_ptr<float>());
@@ -447,7 +443,7 @@ struct Train : public torch::autograd::Function<Train> {
         const Layout g = layout_of(gy);
         const bool same = g.ok && g.rows == v.rows && gy.scalar_type() == x.scalar_type() &&
                           plain(gy);
-        out = backward_with(same ? gy : at::empty_like(x).copy_(gy), x, v, fp, fp + C, fp + 2 * C);
+        out = backward_with(same ? gy : at::empty_like(x).copy_(gy), x, v, fp);
       }
       gx = out[0];  // a gradient for each parameter given, in its dtype
       gweight = weight.defined() ? out[1].to(weight.scalar_type()) : at::Tensor();
@@ -458,17 +454,14 @@ struct Train : public torch::autograd::Function<Train> {
       const auto shared = data["shared"].toBoolList();
       const float* ap = data["a"].toTensor().data_ptr<float>();
       const float* bp = data["b"].toTensor().data_ptr<float>();
-      gmean = at::empty({shared[0] ? 1 : C}, f.options());
-      gstd = at::empty({shared[1] ? 1 : C}, f.options());
-      float *gm = gmean.data_ptr<float>(), *gs = gstd.data_ptr<float>(), sum_m = 0.f, sum_s = 0.f;
+      gmean = at::zeros({shared[0] ? 1 : C}, f.options());  // shared (1,): the sum over channels
+      gstd = at::zeros({shared[1] ? 1 : C}, f.options());
+      float *gm = gmean.data_ptr<float>(), *gs = gstd.data_ptr<float>();
       for (int64_t c = 0; c < C; ++c) {
         const float k = fp[C + c] * static_cast<float>(nll_weight / C);
-        const float m = -ap[c] * k, s = (1.f - bp[c]) * k * fp[4 * C + c];
-        if (shared[0]) sum_m += m; else gm[c] = m;  // a shared (1,) Gaussian: the sum over channels
-        if (shared[1]) sum_s += s; else gs[c] = s;
+        gm[shared[0] ? 0 : c] += -ap[c] * k;
+        gs[shared[1] ? 0 : c] += (1.f - bp[c]) * k * fp[4 * C + c];
       }
-      if (shared[0]) gm[0] = sum_m;
-      if (shared[1]) gs[0] = sum_s;
     }
     // (no gradient for std_param, eps, gain and nll_weight)
     return {gx, gmean, gstd, at::Tensor(), at::Tensor(), at::Tensor(), gweight, gbias,
