@@ -80,9 +80,14 @@ inline void flush(float* s1, float* s2, int64_t n, double& d1, double& d2) {
   std::fill(s2, s2 + n, 0.f);
 }
 
-// out = the sum over tasks of the (tasks, C) partial sums p.
-void add_tasks(const std::vector<double>& p1, const std::vector<double>& p2, int64_t tasks,
-               int64_t C, double* out1, double* out2) {
+// Runs body(t, d1, d2) for the tasks t in parallel, d1, d2 the task's zeroed (C,) float64 sums;
+// out = their sums over the tasks.
+template <typename Body>
+void sum_tasks(int64_t tasks, int64_t C, double* out1, double* out2, const Body& body) {
+  std::vector<double> p1(tasks * C), p2(tasks * C);
+  at::parallel_for(0, tasks, 1, [&](int64_t t0, int64_t t1) {
+    for (int64_t t = t0; t < t1; ++t) body(t, p1.data() + t * C, p2.data() + t * C);
+  });
   std::fill(out1, out1 + C, 0.0);
   std::fill(out2, out2 + C, 0.0);
   for (int64_t t = 0; t < tasks; ++t)
@@ -94,14 +99,12 @@ void add_tasks(const std::vector<double>& p1, const std::vector<double>& p2, int
 template <typename T>
 constexpr int64_t kShortRow = std::is_same<T, float>::value ? 32 : 256;
 
-// Two channel sums over a (N, C, L) layout. at_channel(c) gives the element function of channel c,
-// term(i, t1, t2), which handles element i and adds its two terms to t1, t2. Rows of L >= short_row
-// go in memory order, in tasks of consecutive rows (as many as threads, unless that leaves less
-// than kGrain elements to each), each row summed in registers, kBlock elements at a time, into the
-// task's float64 per-channel sums (a task per range of channels would read strided rows, slower
-// where the data streams from memory: BENCHMARKS.md, "Loop order"). Short rows would spend more on
-// the horizontal sum than on the row, so they go a channel at a time, summed elementwise into
-// arrays of L accumulators (each holding at most max(16, kBlock / L) terms before they go to
+// Two channel sums over a (N, C, L) layout; at_channel(c) gives channel c's term(i, t1, t2), which
+// handles element i and adds its two terms to t1, t2. Rows of L >= short_row go in memory order, in
+// tasks of consecutive rows (as many as threads, unless that leaves less than kGrain elements to
+// each), each summed in registers kBlock elements at a time (tasks of channels would read strided:
+// BENCHMARKS.md, "Loop order"). Short rows, where the horizontal sum would cost more than the row,
+// go a channel at a time into L accumulators (at most max(16, kBlock / L) terms each before
 // float64).
 template <typename AtChannel>
 void channel_sums_ncl(const Layout& v, int64_t short_row, double* out1, double* out2,
@@ -131,59 +134,46 @@ void channel_sums_ncl(const Layout& v, int64_t short_row, double* out1, double* 
   const int64_t threads = at::get_num_threads();
   const int64_t tasks = std::max<int64_t>(1, std::min<int64_t>(threads, rows * L / kGrain));
   const int64_t rows_per_task = (rows + tasks - 1) / tasks;
-  std::vector<double> p1(tasks * C), p2(tasks * C);
-  at::parallel_for(0, tasks, 1, [&](int64_t t0, int64_t t1) {
-    for (int64_t t = t0; t < t1; ++t) {
-      double* d1 = p1.data() + t * C;
-      double* d2 = p2.data() + t * C;
-      for (int64_t q = t * rows_per_task; q < std::min(rows, (t + 1) * rows_per_task); ++q) {
-        const int64_t c = q % C;  // row q of the (N * C, L) view
-        const auto term = at_channel(c);
-        for (int64_t l0 = 0; l0 < L; l0 += kBlock) {
-          float s1 = 0, s2 = 0;
+  sum_tasks(tasks, C, out1, out2, [&](int64_t t, double* d1, double* d2) {
+    for (int64_t q = t * rows_per_task; q < std::min(rows, (t + 1) * rows_per_task); ++q) {
+      const int64_t c = q % C;  // row q of the (N * C, L) view
+      const auto term = at_channel(c);
+      for (int64_t l0 = 0; l0 < L; l0 += kBlock) {
+        float s1 = 0, s2 = 0;
 #pragma omp simd reduction(+ : s1, s2)
-          for (int64_t l = l0; l < std::min(L, l0 + kBlock); ++l) term(q * L + l, s1, s2);
-          d1[c] += s1, d2[c] += s2;
-        }
+        for (int64_t l = l0; l < std::min(L, l0 + kBlock); ++l) term(q * L + l, s1, s2);
+        d1[c] += s1, d2[c] += s2;
       }
     }
   });
-  add_tasks(p1, p2, tasks, C, out1, out2);
 }
 
 // The same over a (M, C) layout, in tasks of consecutive rows (as many as threads, unless that
-// leaves less than kGrain elements to each); term(i, c, t1, t2) handles element i, of channel c. A
-// task sums into (C,) float accumulators, which go to its float64 ones every kBlock rows; the
-// tasks' sums are added last. Whole rows, in memory order (blocks of channels, to keep the
-// accumulators in L1, would read strided: BENCHMARKS.md, "Loop order").
+// leaves less than kGrain elements to each); term(i, c, t1, t2) handles element i, of channel c,
+// summed into (C,) float accumulators that go to float64 every kBlock rows (blocks of channels
+// would read strided: BENCHMARKS.md, "Loop order").
 template <typename Term>
 void channel_sums_rows(const Layout& v, double* out1, double* out2, const Term& term) {
   const int64_t C = v.C, M = v.outer, threads = at::get_num_threads();
   const int64_t rows_per_task = std::max((M + threads - 1) / threads, kGrain / C);
   const int64_t tasks = (M + rows_per_task - 1) / rows_per_task;
-  std::vector<double> p1(tasks * C), p2(tasks * C);
-  at::parallel_for(0, tasks, 1, [&](int64_t t0, int64_t t1) {
+  sum_tasks(tasks, C, out1, out2, [&](int64_t t, double* d1, double* d2) {
     std::vector<float> s1(C), s2(C);
     float* a1 = s1.data();
     float* a2 = s2.data();
-    for (int64_t t = t0; t < t1; ++t) {
-      double* d1 = p1.data() + t * C;
-      double* d2 = p2.data() + t * C;
-      const int64_t r0 = t * rows_per_task, r1 = std::min(M, r0 + rows_per_task);
-      for (int64_t r = r0; r < r1; ++r) {
+    const int64_t r0 = t * rows_per_task, r1 = std::min(M, r0 + rows_per_task);
+    for (int64_t r = r0; r < r1; ++r) {
 #pragma omp simd
-        for (int64_t c = 0; c < C; ++c) term(r * C + c, c, a1[c], a2[c]);
-        if ((r - r0 + 1) % kBlock == 0 || r + 1 == r1) {
-          for (int64_t c = 0; c < C; ++c) d1[c] += a1[c], d2[c] += a2[c], a1[c] = 0.f, a2[c] = 0.f;
-        }
+      for (int64_t c = 0; c < C; ++c) term(r * C + c, c, a1[c], a2[c]);
+      if ((r - r0 + 1) % kBlock == 0 || r + 1 == r1) {
+        for (int64_t c = 0; c < C; ++c) d1[c] += a1[c], d2[c] += a2[c], a1[c] = 0.f, a2[c] = 0.f;
       }
     }
   });
-  add_tasks(p1, p2, tasks, C, out1, out2);
 }
 
-// The two channel sums of term(i, mean, inv, scale, shift, t1, t2) over layout v: it handles
-// element i, given its channel's factors (the rows of factors_of), and adds its two terms to t1, t2.
+// The two channel sums of term(i, mean, inv, scale, shift, t1, t2) over layout v, which handles
+// element i given its channel's factors (the rows of factors_of) and adds its terms to t1, t2.
 template <typename T, typename Term>
 void channel_sums(const Layout& v, const float* f, double* out1, double* out2, const Term& term) {
   const float *mean = f, *inv = f + v.C, *scale = f + 2 * v.C, *shift = f + 3 * v.C;
@@ -281,26 +271,17 @@ at::Tensor as_float(const at::Tensor& t) {  // t itself when it is contiguous fl
   return t.detach().to(at::kFloat).contiguous();
 }
 
-// How the std argument gives sigma: batchless.functional.std_from_param's parametrizations, by
-// name, of s = gain * (the std argument).
-enum class StdParam { kStd, kLog, kAbs, kInv };
-
-StdParam std_param_of(const std::string& name) {
-  if (name == "std") return StdParam::kStd;
-  if (name == "log") return StdParam::kLog;
-  if (name == "abs") return StdParam::kAbs;
-  TORCH_CHECK(name == "inv", "batchless: unknown std_param '", name, "'");
-  return StdParam::kInv;
-}
-
 // The per-channel factors as one (5, C) float32 tensor, rows: mean, inv = 1 / std, scale = weight /
-// std, shift = bias - mean * scale, and d std / d (the std argument), gain included. mean and std
-// are (C,) or shared (1,); one plain loop, as a handful of ATen calls on (C,) vectors costs more
-// than the whole layer on small inputs.
+// std, shift = bias - mean * scale, and d std / d (the std argument), gain included; sigma is
+// batchless.functional.std_from_param of the std argument. mean and std are (C,) or shared (1,);
+// one plain loop, as a handful of ATen calls on (C,) vectors costs more than the whole layer on
+// small inputs.
 at::Tensor factors_of(const at::Tensor& mean, const at::Tensor& std_, const std::string& std_param,
                       double eps, double gain, const c10::optional<at::Tensor>& weight,
                       const c10::optional<at::Tensor>& bias, int64_t C) {
-  const StdParam kind = std_param_of(std_param);
+  const bool is_log = std_param == "log", is_abs = std_param == "abs", is_inv = std_param == "inv";
+  TORCH_CHECK(is_log || is_abs || is_inv || std_param == "std", "batchless: unknown std_param '",
+              std_param, "'");
   const at::Tensor m = as_float(mean), s = as_float(std_);
   const at::Tensor w = weight ? as_float(*weight) : at::Tensor();
   const at::Tensor b = bias ? as_float(*bias) : at::Tensor();
@@ -315,9 +296,9 @@ at::Tensor factors_of(const at::Tensor& mean, const at::Tensor& std_, const std:
     const float mu = mp[m1 ? 0 : c], raw = g * sp[s1 ? 0 : c];  // (as float32 torch: raw * gain)
     const float sign = raw > 0 ? 1.f : (raw < 0 ? -1.f : 0.f);
     float sd = raw, d = 1.f;
-    if (kind == StdParam::kLog) sd = std::exp(raw), d = sd;
-    if (kind == StdParam::kAbs) sd = std::fabs(raw) + e, d = sign;
-    if (kind == StdParam::kInv) sd = 1.f / (std::fabs(raw) + e), d = -sign * sd * sd;
+    if (is_log) sd = std::exp(raw), d = sd;
+    if (is_abs) sd = std::fabs(raw) + e, d = sign;
+    if (is_inv) sd = 1.f / (std::fabs(raw) + e), d = -sign * sd * sd;
     const float inv = 1.f / sd, scale = wp ? wp[c] * inv : inv;
     fp[c] = mu, fp[C + c] = inv, fp[2 * C + c] = scale;
     fp[3 * C + c] = (bp ? bp[c] : 0.f) - mu * scale, fp[4 * C + c] = d * g;
@@ -454,14 +435,17 @@ struct Train : public torch::autograd::Function<Train> {
       const auto shared = data["shared"].toBoolList();
       const float* ap = data["a"].toTensor().data_ptr<float>();
       const float* bp = data["b"].toTensor().data_ptr<float>();
-      gmean = at::zeros({shared[0] ? 1 : C}, f.options());  // shared (1,): the sum over channels
-      gstd = at::zeros({shared[1] ? 1 : C}, f.options());
-      float *gm = gmean.data_ptr<float>(), *gs = gstd.data_ptr<float>();
+      gmean = at::empty({shared[0] ? 1 : C}, f.options());
+      gstd = at::empty({shared[1] ? 1 : C}, f.options());
+      float *gm = gmean.data_ptr<float>(), *gs = gstd.data_ptr<float>(), sum_m = 0.f, sum_s = 0.f;
       for (int64_t c = 0; c < C; ++c) {
         const float k = fp[C + c] * static_cast<float>(nll_weight / C);
-        gm[shared[0] ? 0 : c] += -ap[c] * k;
-        gs[shared[1] ? 0 : c] += (1.f - bp[c]) * k * fp[4 * C + c];
+        const float m = -ap[c] * k, s = (1.f - bp[c]) * k * fp[4 * C + c];
+        if (shared[0]) sum_m += m; else gm[c] = m;  // a shared (1,) Gaussian: the sum over channels
+        if (shared[1]) sum_s += s; else gs[c] = s;
       }
+      if (shared[0]) gm[0] = sum_m;
+      if (shared[1]) gs[0] = sum_s;
     }
     // (no gradient for std_param, eps, gain and nll_weight)
     return {gx, gmean, gstd, at::Tensor(), at::Tensor(), at::Tensor(), gweight, gbias,
