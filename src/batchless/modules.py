@@ -97,31 +97,16 @@ class _BatchlessNorm(nn.Module):
     _version = 2  # 2: raw_std is stored behind the gain std_speed (1: without one, i.e. gain 1)
     _input_dims: tuple[int, ...] = ()
 
-    def __init__(
-        self,
-        num_features: int,
-        eps: float = 1e-5,
-        affine: bool = True,
-        std_param: str = "log",
-        init_mean: float = 0.0,
-        init_std: float = 1.0,
-        nll: str = "implicit",
-        shared: bool = False,
-        std_speed: float = 0.1,
-        device=None,
-        dtype=None,
-    ) -> None:
+    def __init__(self, num_features: int, eps: float = 1e-5, affine: bool = True,
+                 std_param: str = "log", init_mean: float = 0.0, init_std: float = 1.0,
+                 nll: str = "implicit", shared: bool = False, std_speed: float = 0.1,
+                 device=None, dtype=None) -> None:
         _check_arguments(num_features, eps, std_param, init_mean, init_std, nll, std_speed)
         super().__init__()
         factory = {"device": device, "dtype": dtype}
-        self.num_features = num_features
-        self.eps = eps
-        self.affine = affine
-        self.std_param = std_param
-        self.init_mean = init_mean
-        self.init_std = init_std
-        self.nll = nll
-        self.shared = shared
+        self.num_features, self.eps, self.affine = num_features, eps, affine
+        self.std_param, self.init_mean, self.init_std = std_param, init_mean, init_std
+        self.nll, self.shared = nll, shared
         self.std_speed = float(std_speed)  # (a Python number: a constant of the native node)
         stat_shape = (1,) if shared else (num_features,)
         self.mean = nn.Parameter(torch.empty(stat_shape, **factory))
@@ -133,7 +118,7 @@ class _BatchlessNorm(nn.Module):
             self.register_parameter("weight", None)
             self.register_parameter("bias", None)
         self._last = _LastForward()
-        self._nonfinite: Tensor | None = None
+        self._nonfinite: Tensor | None = None  # the count (and its host copy, off the CPU)
         self._nonfinite_host: Tensor | None = None
         self._warned_nonfinite = False
         self.reset_parameters()
@@ -217,10 +202,8 @@ class _BatchlessNorm(nn.Module):
         return out.y
 
     def _warn_if_initial_statistics(self) -> None:
-        """At the first eager training forward: warn (once per process) if ``mean`` and ``std``
-        still hold ``init_mean`` and ``init_std``, which a slow ``std`` takes many steps to leave.
-        Not under torch.func transforms or a trace, whose tensors hold no values to compare (the
-        next plain forward checks)."""
+        """Warn (once per process) if ``mean`` and ``std`` still hold ``init_mean``, ``init_std``;
+        not under torch.func or a trace, whose tensors hold no values (a later forward checks)."""
         if (_compat.transforms_active() or _compat.jit_tracing() or _compat.is_wrapped(self.mean)
                 or self.mean.is_meta):
             return
