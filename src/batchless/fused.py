@@ -3,13 +3,12 @@
 A training step reads the input once forward, the gradient and the input once backward (BatchNorm:
 twice each way). The maths is :mod:`batchless.functional`'s; the routes differ in what computes it:
 
-* ``"native"``: one C++ autograd node around the native CPU kernels (float32 and bfloat16,
-  contiguous or channels-last), built once per machine by :func:`build_cpu_kernels`; also an
-  evaluation forward that needs gradients (the node without an NLL).
-* ``"native-eval"``: the native affine kernel alone, for an evaluation forward without gradients.
+* ``"native"``: one C++ autograd node around the CPU kernels of :func:`build_cpu_kernels` (float32
+  and bfloat16, contiguous or channels-last), also for an evaluation forward that needs gradients;
+  ``"native-eval"``: their affine kernel alone, for one that does not.
 * ``"compiled"``: a Python autograd Function around kernels that ``torch.compile`` generates from
-  the formula, one dynamic-shape graph per layout, dtype and device type.
-* ``"eager"``: the same Function on PyTorch's own kernels; evaluation: one affine op.
+  the formula, one dynamic-shape graph per layout, dtype and device type; ``"eager"``: the same
+  Function on PyTorch's own kernels (evaluation: one affine op).
 * ``"traceable"``: inside whole-model ``torch.compile`` and ``torch.func`` transforms, the formula
   as plain ops in a ``setup_context`` Function, which the compiler fuses with its neighbours.
 
@@ -54,11 +53,9 @@ def set_fused(mode: str) -> str:
     """Choose the kernels of the training routes; returns the previous mode.
 
     Args:
-        mode: ``"auto"`` (default): the native kernels on CPU once built
-            (:func:`build_cpu_kernels`), ``torch.compile``'s on CUDA; ``"compiled"``:
-            ``torch.compile``'s on every device, CPU included (each new input layout and dtype then
-            compiles once, a few seconds); ``"never"``: the eager route. Initially
-            ``$BATCHLESS_FUSED``, if set.
+        mode: ``"auto"`` (default): the native kernels on CPU once built, ``torch.compile``'s on
+            CUDA; ``"compiled"``: ``torch.compile``'s everywhere (a few seconds per new layout and
+            dtype); ``"never"``: the eager route. Initially ``$BATCHLESS_FUSED``, if set.
 
     Example::
 
@@ -126,9 +123,8 @@ def choose_route(x: Tensor, mean: Tensor, std: Tensor, weight: Tensor | None, bi
 
 
 def route(x: Tensor, layer=None) -> Route:
-    """The route ``layer(x)`` takes now (given the layer's mode and parameters, the fused mode, grad
-    mode and transforms); without ``layer``, a training step of a float32 layer with weight and bias
-    on x's device.
+    """The route ``layer(x)`` takes now; without ``layer``, a training step of a float32 layer with
+    weight and bias on x's device.
 
     Example::
 
@@ -144,9 +140,8 @@ def route(x: Tensor, layer=None) -> Route:
 
 
 def path(x: Tensor) -> str:
-    """Whose kernels a training step of ``x`` runs: ``"native"``, ``"compiled"`` or ``"eager"``
-    (the traceable route's: eager; :func:`route` tells the route itself). A 0-d or 1-d ``x`` counts
-    as one instance of its elements."""
+    """Whose kernels a training step of ``x`` runs: ``"native"``, ``"compiled"`` or ``"eager"`` (the
+    traceable route's); a 0-d or 1-d ``x`` counts as one instance of its elements."""
     step = route(x if x.dim() > 1 else x.reshape(1, -1))
     return "eager" if step is Route.TRACEABLE else step.value
 
