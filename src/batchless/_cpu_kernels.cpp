@@ -260,10 +260,7 @@ bool supports(const at::Tensor& x, const at::Tensor& mean, const at::Tensor& std
 
 template <typename F>
 void dispatch(const at::Tensor& x, const F& f) {  // f(T{}) for the supported element types
-  if (x.scalar_type() == at::kFloat)
-    f(float{});
-  else
-    f(c10::BFloat16{});
+  x.scalar_type() == at::kFloat ? f(float{}) : f(c10::BFloat16{});
 }
 
 at::Tensor as_float(const at::Tensor& t) {  // t itself when it is contiguous float32

@@ -97,10 +97,6 @@ def load(build: bool = False, verbose: bool = False) -> ModuleType | None:
                  "eager route (the same results, slower). Build them once per machine (about a "
                  f"minute; cached in {directory.parent}): {build_command()}")
         return None
-    return _compile(directory, verbose)
-
-
-def _compile(directory: Path, verbose: bool) -> ModuleType:
     from torch.utils import cpp_extension
 
     if not shutil.which("ninja"):
