@@ -158,9 +158,7 @@ def nll_grads(a: Tensor, b: Tensor, inv: Tensor, nll_weight, *, shared: bool):
     channels for a ``shared`` Gaussian (then of shape (1,))."""
     k = inv * (nll_weight / a.numel())
     gmean, gstd = torch.mul(a, k).neg_(), torch.addcmul(k, b, k, value=-1.0)
-    if shared:
-        return gmean.sum(0, keepdim=True), gstd.sum(0, keepdim=True)
-    return gmean, gstd
+    return (gmean.sum(0, keepdim=True), gstd.sum(0, keepdim=True)) if shared else (gmean, gstd)
 
 
 def nll_from_moments(mean: Tensor, std: Tensor, a: Tensor, b: Tensor) -> Tensor:
