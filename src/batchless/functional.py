@@ -234,12 +234,20 @@ def channel_moments(x: Tensor, mean: Tensor, inv: Tensor) -> tuple[Tensor, Tenso
     return a, torch.addcmul(a * a, var, inv * inv)  # b = (var + (m - mean)**2) / std**2
 
 
-def _eager_output_grads(gy: Tensor, x: Tensor, f: Factors, weight: Tensor | None, needs):
-    """The eager route's backward: ``gy * scale`` and the weight/bias sums of ATen's batch-norm
-    backward, for ``needs = (x, weight, bias)``; the formula's ops where a graph is recorded, for an
-    empty batch (ATen's kernel divides by N) and batched gradients (the kernel has no vmap rule)."""
-    if torch.is_grad_enabled() or x.numel() == 0 or _compat.transformed(gy):
+def _output_grads(route: Route, gy: Tensor, x: Tensor, f: Factors, weight: Tensor | None, needs):
+    """The output's gradients for ``needs = (x, weight, bias)``: the formula's ops on the traceable
+    route, where a graph is recorded, for an empty batch (ATen's kernel divides by N) and batched
+    gradients (it has no vmap rule); the compiled kernels where x, weight and bias all need
+    gradients and gy shares x's canonical layout and dtype; else ``gy * scale`` and the sums of
+    ATen's batch-norm backward."""
+    if (route is Route.TRACEABLE or torch.is_grad_enabled() or x.numel() == 0
+            or _compat.transformed(gy)):
         return output_grads(gy, x, f.mean, f.inv, weight)
+    if route is Route.COMPILED and all(needs) and gy.dtype == x.dtype:
+        gv, xv = _fused.canonical(gy), _fused.canonical(x)
+        if gv is not None and xv is not None and gv.shape == xv.shape:
+            gx, gw, gb = _fused.compiled(affine_backward, gv, xv, f.mean, f.inv, f.scale)
+            return _fused.uncanonical(gx, x), gw, gb
     need_x, need_weight, need_bias = needs
     # (in bfloat16/float16 the factor is rounded to gy's dtype: <= 2**-8 relative error in gx)
     gx = gy * _cast(f.scale, gy.dtype).reshape(channel_view(x)) if need_x else None
@@ -247,17 +255,6 @@ def _eager_output_grads(gy: Tensor, x: Tensor, f: Factors, weight: Tensor | None
         return gx, None, None
     w = None if weight is None else _cast(weight, f.inv.dtype)
     return gx, *_compat.batch_norm_sums(gy, x, w, f.mean, f.inv, need_weight, need_bias)
-
-
-def _compiled_output_grads(gy: Tensor, x: Tensor, f: Factors, weight: Tensor | None, needs):
-    """The compiled route's backward where x, weight and bias all need gradients and the gradient
-    shares x's canonical layout and dtype; else the eager route's."""
-    gv, xv = _fused.canonical(gy), _fused.canonical(x)
-    if (torch.is_grad_enabled() or not all(needs) or gy.dtype != x.dtype
-            or _compat.transformed(gy) or gv is None or xv is None or gv.shape != xv.shape):
-        return _eager_output_grads(gy, x, f, weight, needs)
-    gx, gw, gb = _fused.compiled(affine_backward, gv, xv, f.mean, f.inv, f.scale)
-    return _fused.uncanonical(gx, x), gw, gb
 
 
 def _step_forward(route: Route, x: Tensor, mean: Tensor, std: Tensor, weight: Tensor | None,
@@ -287,12 +284,7 @@ def _step_backward(ctx, route: Route, gy: Tensor | None, x: Tensor, weight: Tens
     needs = (ctx.needs_input_grad[0], *ctx.needs_input_grad[3:5])  # x, weight, bias
     gx = gw = gb = gmean = gstd = None
     if gy is not None:  # (None: the output is unused; only the NLL gradient remains)
-        if route is Route.TRACEABLE:
-            out = output_grads(gy, x, f.mean, f.inv, weight)
-        elif route is Route.COMPILED:
-            out = _compiled_output_grads(gy, x, f, weight, needs)
-        else:
-            out = _eager_output_grads(gy, x, f, weight, needs)
+        out = _output_grads(route, gy, x, f, weight, needs)
         gx, gw, gb = (g if need else None for g, need in zip(out, needs, strict=True))
         if weight is not None and weight.dtype != f.inv.dtype:
             gw, gb = (None if g is None else g.to(weight.dtype) for g in (gw, gb))
