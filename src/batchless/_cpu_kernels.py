@@ -108,9 +108,8 @@ def load(build: bool = False, verbose: bool = False) -> ModuleType | None:
 
 
 def first_error(message: str) -> str:
-    """What went wrong, in one line, from a failed build's message: the compiler's first error
-    (ninja prints ``FAILED: target``, the command, then its output), else the message's last
-    line."""
+    """A failed build's message in one line: the compiler's first error (ninja prints ``FAILED:
+    target``, the command, then its output), else the message's last line."""
     lines = [line.strip() for line in message.splitlines() if line.strip()]
     failed = next((i for i, line in enumerate(lines) if line.startswith("FAILED:")), None)
     if failed is None:

@@ -100,8 +100,7 @@ def native_kernels():
 
 def choose_route(x: Tensor, mean: Tensor, std: Tensor, weight: Tensor | None, bias: Tensor | None,
                  *, training: bool) -> Route:
-    """The route of a forward of ``x`` (N, C, *) with these per-channel tensors, now: the one place
-    that decides."""
+    """The route a forward of ``x`` with these per-channel tensors takes now (decided here only)."""
     if torch.compiler.is_compiling() or _compat.transforms_active() or _compat.is_wrapped(x):
         return Route.TRACEABLE
     mode = STATE.mode

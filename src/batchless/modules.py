@@ -58,10 +58,8 @@ _CONTRACT = r"""Normalises each channel by a learned Gaussian, ``(x - mean) / st
     :func:`batchless.convert_batchnorm`); a first eager training forward with ``mean`` and ``std``
     still at ``init_mean`` and ``init_std`` warns, once per process.
 
-    Weight decay pulls ``mean`` and ``raw_std`` towards 0 (``std`` towards 1 with ``"log"``), away
-    from the input's statistics: keep it off them with :func:`batchless.param_groups`, e.g.
-    ``torch.optim.AdamW(batchless.param_groups(model, weight_decay=0.05), lr=1e-3)``. An optimizer
-    about to step with weight decay on them (AdamW decays every parameter by default) warns, once.
+    Weight decay pulls ``mean`` and ``raw_std`` away from the input's statistics: keep it off them
+    with :func:`batchless.param_groups` (an optimizer about to step with it on them warns, once).
 
     Args:
         num_features: number of channels ``C``.
@@ -142,8 +140,7 @@ class _BatchlessNorm(nn.Module):
 
     @torch.no_grad()
     def set_std(self, std: Tensor) -> None:
-        """Set ``raw_std`` so that ``std`` equals ``std`` (as closely as the parametrization
-        allows)."""
+        """Set ``raw_std`` so that ``std`` is ``std`` (as closely as the parametrization allows)."""
         raw = BF.param_from_std(std.to(self.raw_std), self.std_param, self.eps, self.std_speed)
         self.raw_std.copy_(raw)
         self._check_statistics = False
@@ -289,8 +286,7 @@ class _BatchlessNorm(nn.Module):
 
 
 class _LastForward:
-    """What the last training forward left behind (a plain object: nn.Module's __setattr__ is
-    slow)."""
+    """What the last training forward left (a plain object: nn.Module's __setattr__ is slow)."""
 
     def __init__(self) -> None:
         self.nll: Tensor | None = None  # the gauged NLL (explicit mode: differentiable in mean/std)
