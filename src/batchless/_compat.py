@@ -40,8 +40,7 @@ def forward_ad_active() -> bool:
 
 
 def autocast_off(x: Tensor):
-    """A context disabling autocast for x's device where it is on (entering one costs more than
-    most ops)."""
+    """Autocast off on x's device where it is on (entering a context costs more than most ops)."""
     try:
         on = torch.is_autocast_enabled(x.device.type)
     except TypeError:  # torch < 2.4 takes no device type

@@ -80,9 +80,14 @@ inline void flush(float* s1, float* s2, int64_t n, double& d1, double& d2) {
   std::fill(s2, s2 + n, 0.f);
 }
 
-// out = the sum over tasks of the (tasks, C) partial sums p.
-void add_tasks(const std::vector<double>& p1, const std::vector<double>& p2, int64_t tasks,
-               int64_t C, double* out1, double* out2) {
+// Runs body(t, d1, d2) for the tasks t in parallel, d1, d2 the task's zeroed (C,) float64 sums;
+// out = their sums over the tasks.
+template <typename Body>
+void sum_tasks(int64_t tasks, int64_t C, double* out1, double* out2, const Body& body) {
+  std::vector<double> p1(tasks * C), p2(tasks * C);
+  at::parallel_for(0, tasks, 1, [&](int64_t t0, int64_t t1) {
+    for (int64_t t = t0; t < t1; ++t) body(t, p1.data() + t * C, p2.data() + t * C);
+  });
   std::fill(out1, out1 + C, 0.0);
   std::fill(out2, out2 + C, 0.0);
   for (int64_t t = 0; t < tasks; ++t)
@@ -94,14 +99,12 @@ void add_tasks(const std::vector<double>& p1, const std::vector<double>& p2, int
 template <typename T>
 constexpr int64_t kShortRow = std::is_same<T, float>::value ? 32 : 256;
 
-// Two channel sums over a (N, C, L) layout. at_channel(c) gives the element function of channel c,
-// term(i, t1, t2), which handles element i and adds its two terms to t1, t2. Rows of L >= short_row
-// go in memory order, in tasks of consecutive rows (as many as threads, unless that leaves less
-// than kGrain elements to each), each row summed in registers, kBlock elements at a time, into the
-// task's float64 per-channel sums (a task per range of channels would read strided rows, slower
-// where the data streams from memory: BENCHMARKS.md, "Loop order"). Short rows would spend more on
-// the horizontal sum than on the row, so they go a channel at a time, summed elementwise into
-// arrays of L accumulators (each holding at most max(16, kBlock / L) terms before they go to
+// Two channel sums over a (N, C, L) layout; at_channel(c) gives channel c's term(i, t1, t2), which
+// handles element i and adds its two terms to t1, t2. Rows of L >= short_row go in memory order, in
+// tasks of consecutive rows (as many as threads, unless that leaves less than kGrain elements to
+// each), each summed in registers kBlock elements at a time (tasks of channels would read strided:
+// BENCHMARKS.md, "Loop order"). Short rows, where the horizontal sum would cost more than the row,
+// go a channel at a time into L accumulators (at most max(16, kBlock / L) terms each before
 // float64).
 template <typename AtChannel>
 void channel_sums_ncl(const Layout& v, int64_t short_row, double* out1, double* out2,
@@ -131,98 +134,82 @@ void channel_sums_ncl(const Layout& v, int64_t short_row, double* out1, double* 
   const int64_t threads = at::get_num_threads();
   const int64_t tasks = std::max<int64_t>(1, std::min<int64_t>(threads, rows * L / kGrain));
   const int64_t rows_per_task = (rows + tasks - 1) / tasks;
-  std::vector<double> p1(tasks * C), p2(tasks * C);
-  at::parallel_for(0, tasks, 1, [&](int64_t t0, int64_t t1) {
-    for (int64_t t = t0; t < t1; ++t) {
-      double* d1 = p1.data() + t * C;
-      double* d2 = p2.data() + t * C;
-      for (int64_t q = t * rows_per_task; q < std::min(rows, (t + 1) * rows_per_task); ++q) {
-        const int64_t c = q % C;  // row q of the (N * C, L) view
-        const auto term = at_channel(c);
-        for (int64_t l0 = 0; l0 < L; l0 += kBlock) {
-          float s1 = 0, s2 = 0;
+  sum_tasks(tasks, C, out1, out2, [&](int64_t t, double* d1, double* d2) {
+    for (int64_t q = t * rows_per_task; q < std::min(rows, (t + 1) * rows_per_task); ++q) {
+      const int64_t c = q % C;  // row q of the (N * C, L) view
+      const auto term = at_channel(c);
+      for (int64_t l0 = 0; l0 < L; l0 += kBlock) {
+        float s1 = 0, s2 = 0;
 #pragma omp simd reduction(+ : s1, s2)
-          for (int64_t l = l0; l < std::min(L, l0 + kBlock); ++l) term(q * L + l, s1, s2);
-          d1[c] += s1, d2[c] += s2;
-        }
+        for (int64_t l = l0; l < std::min(L, l0 + kBlock); ++l) term(q * L + l, s1, s2);
+        d1[c] += s1, d2[c] += s2;
       }
     }
   });
-  add_tasks(p1, p2, tasks, C, out1, out2);
 }
 
 // The same over a (M, C) layout, in tasks of consecutive rows (as many as threads, unless that
-// leaves less than kGrain elements to each); term(i, c, t1, t2) handles element i, of channel c. A
-// task sums into (C,) float accumulators, which go to its float64 ones every kBlock rows; the
-// tasks' sums are added last. Whole rows, in memory order (blocks of channels, to keep the
-// accumulators in L1, would read strided: BENCHMARKS.md, "Loop order").
+// leaves less than kGrain elements to each); term(i, c, t1, t2) handles element i, of channel c,
+// summed into (C,) float accumulators that go to float64 every kBlock rows (blocks of channels
+// would read strided: BENCHMARKS.md, "Loop order").
 template <typename Term>
 void channel_sums_rows(const Layout& v, double* out1, double* out2, const Term& term) {
   const int64_t C = v.C, M = v.outer, threads = at::get_num_threads();
   const int64_t rows_per_task = std::max((M + threads - 1) / threads, kGrain / C);
   const int64_t tasks = (M + rows_per_task - 1) / rows_per_task;
-  std::vector<double> p1(tasks * C), p2(tasks * C);
-  at::parallel_for(0, tasks, 1, [&](int64_t t0, int64_t t1) {
+  sum_tasks(tasks, C, out1, out2, [&](int64_t t, double* d1, double* d2) {
     std::vector<float> s1(C), s2(C);
     float* a1 = s1.data();
     float* a2 = s2.data();
-    for (int64_t t = t0; t < t1; ++t) {
-      double* d1 = p1.data() + t * C;
-      double* d2 = p2.data() + t * C;
-      const int64_t r0 = t * rows_per_task, r1 = std::min(M, r0 + rows_per_task);
-      for (int64_t r = r0; r < r1; ++r) {
+    const int64_t r0 = t * rows_per_task, r1 = std::min(M, r0 + rows_per_task);
+    for (int64_t r = r0; r < r1; ++r) {
 #pragma omp simd
-        for (int64_t c = 0; c < C; ++c) term(r * C + c, c, a1[c], a2[c]);
-        if ((r - r0 + 1) % kBlock == 0 || r + 1 == r1) {
-          for (int64_t c = 0; c < C; ++c) d1[c] += a1[c], d2[c] += a2[c], a1[c] = 0.f, a2[c] = 0.f;
-        }
+      for (int64_t c = 0; c < C; ++c) term(r * C + c, c, a1[c], a2[c]);
+      if ((r - r0 + 1) % kBlock == 0 || r + 1 == r1) {
+        for (int64_t c = 0; c < C; ++c) d1[c] += a1[c], d2[c] += a2[c], a1[c] = 0.f, a2[c] = 0.f;
       }
     }
   });
-  add_tasks(p1, p2, tasks, C, out1, out2);
 }
 
-// Forward: y = x * scale + shift; sums of x_hat and x_hat^2, x_hat = (x - mean) * inv.
-template <typename T>
-void forward_kernel(const Layout& v, const T* x, T* y, const float* mean, const float* inv,
-                    const float* scale, const float* shift, double* sum1, double* sum2) {
-  const auto term = [x, y](int64_t i, float m, float iv, float sc, float sh, float& t1, float& t2) {
-    const float xv = load(x[i]), h = (xv - m) * iv;
-    t1 += h, t2 += h * h;
-    y[i] = store<T>(xv * sc + sh);
-  };
+// The two channel sums of term(i, mean, inv, scale, shift, t1, t2) over layout v, which handles
+// element i given its channel's factors (the rows of factors_of) and adds its terms to t1, t2.
+template <typename T, typename Term>
+void channel_sums(const Layout& v, const float* f, double* out1, double* out2, const Term& term) {
+  const float *mean = f, *inv = f + v.C, *scale = f + 2 * v.C, *shift = f + 3 * v.C;
   if (v.rows) {
-    channel_sums_rows(v, sum1, sum2, [&](int64_t i, int64_t c, float& t1, float& t2) {
+    channel_sums_rows(v, out1, out2, [&](int64_t i, int64_t c, float& t1, float& t2) {
       term(i, mean[c], inv[c], scale[c], shift[c], t1, t2);
     });
   } else {
-    channel_sums_ncl(v, kShortRow<T>, sum1, sum2, [&](int64_t c) {
+    channel_sums_ncl(v, kShortRow<T>, out1, out2, [&](int64_t c) {
       return [term, m = mean[c], iv = inv[c], sc = scale[c], sh = shift[c]](
                  int64_t i, float& t1, float& t2) { term(i, m, iv, sc, sh, t1, t2); };
     });
   }
 }
 
+// Forward: y = x * scale + shift; sums of x_hat and x_hat^2, x_hat = (x - mean) * inv.
+template <typename T>
+void forward_kernel(const Layout& v, const T* x, T* y, const float* f, double* sum1, double* sum2) {
+  channel_sums<T>(v, f, sum1, sum2,
+                  [x, y](int64_t i, float m, float iv, float sc, float sh, float& t1, float& t2) {
+                    const float xv = load(x[i]), h = (xv - m) * iv;
+                    t1 += h, t2 += h * h;
+                    y[i] = store<T>(xv * sc + sh);
+                  });
+}
+
 // Backward: gx = gy * scale; sums of gy * x_hat and gy.
 template <typename T>
-void backward_kernel(const Layout& v, const T* gy, const T* x, T* gx, const float* mean,
-                     const float* inv, const float* scale, double* gweight, double* gbias) {
-  const auto term = [gy, x, gx](int64_t i, float m, float iv, float sc, float& t1, float& t2) {
-    const float g = load(gy[i]);
-    t1 += g * ((load(x[i]) - m) * iv), t2 += g;
-    gx[i] = store<T>(g * sc);
-  };
-  if (v.rows) {
-    channel_sums_rows(v, gweight, gbias, [&](int64_t i, int64_t c, float& t1, float& t2) {
-      term(i, mean[c], inv[c], scale[c], t1, t2);
-    });
-  } else {
-    channel_sums_ncl(v, kShortRow<T>, gweight, gbias, [&](int64_t c) {
-      return [term, m = mean[c], iv = inv[c], sc = scale[c]](int64_t i, float& t1, float& t2) {
-        term(i, m, iv, sc, t1, t2);
-      };
-    });
-  }
+void backward_kernel(const Layout& v, const T* gy, const T* x, T* gx, const float* f,
+                     double* gweight, double* gbias) {
+  channel_sums<T>(v, f, gweight, gbias,
+                  [gy, x, gx](int64_t i, float m, float iv, float sc, float, float& t1, float& t2) {
+                    const float g = load(gy[i]);
+                    t1 += g * ((load(x[i]) - m) * iv), t2 += g;
+                    gx[i] = store<T>(g * sc);
+                  });
 }
 
 // Evaluation: y = x * scale + shift, nothing else.
@@ -273,10 +260,7 @@ bool supports(const at::Tensor& x, const at::Tensor& mean, const at::Tensor& std
 
 template <typename F>
 void dispatch(const at::Tensor& x, const F& f) {  // f(T{}) for the supported element types
-  if (x.scalar_type() == at::kFloat)
-    f(float{});
-  else
-    f(c10::BFloat16{});
+  x.scalar_type() == at::kFloat ? f(float{}) : f(c10::BFloat16{});
 }
 
 at::Tensor as_float(const at::Tensor& t) {  // t itself when it is contiguous float32
@@ -284,26 +268,17 @@ at::Tensor as_float(const at::Tensor& t) {  // t itself when it is contiguous fl
   return t.detach().to(at::kFloat).contiguous();
 }
 
-// How the std argument gives sigma: batchless.functional.std_from_param's parametrizations, by
-// name, of s = gain * (the std argument).
-enum class StdParam { kStd, kLog, kAbs, kInv };
-
-StdParam std_param_of(const std::string& name) {
-  if (name == "std") return StdParam::kStd;
-  if (name == "log") return StdParam::kLog;
-  if (name == "abs") return StdParam::kAbs;
-  TORCH_CHECK(name == "inv", "batchless: unknown std_param '", name, "'");
-  return StdParam::kInv;
-}
-
 // The per-channel factors as one (5, C) float32 tensor, rows: mean, inv = 1 / std, scale = weight /
-// std, shift = bias - mean * scale, and d std / d (the std argument), gain included. mean and std
-// are (C,) or shared (1,); one plain loop, as a handful of ATen calls on (C,) vectors costs more
-// than the whole layer on small inputs.
+// std, shift = bias - mean * scale, and d std / d (the std argument), gain included; sigma is
+// batchless.functional.std_from_param of the std argument. mean and std are (C,) or shared (1,);
+// one plain loop, as a handful of ATen calls on (C,) vectors costs more than the whole layer on
+// small inputs.
 at::Tensor factors_of(const at::Tensor& mean, const at::Tensor& std_, const std::string& std_param,
                       double eps, double gain, const c10::optional<at::Tensor>& weight,
                       const c10::optional<at::Tensor>& bias, int64_t C) {
-  const StdParam kind = std_param_of(std_param);
+  const bool is_log = std_param == "log", is_abs = std_param == "abs", is_inv = std_param == "inv";
+  TORCH_CHECK(is_log || is_abs || is_inv || std_param == "std", "batchless: unknown std_param '",
+              std_param, "'");
   const at::Tensor m = as_float(mean), s = as_float(std_);
   const at::Tensor w = weight ? as_float(*weight) : at::Tensor();
   const at::Tensor b = bias ? as_float(*bias) : at::Tensor();
@@ -318,9 +293,9 @@ at::Tensor factors_of(const at::Tensor& mean, const at::Tensor& std_, const std:
     const float mu = mp[m1 ? 0 : c], raw = g * sp[s1 ? 0 : c];  // (as float32 torch: raw * gain)
     const float sign = raw > 0 ? 1.f : (raw < 0 ? -1.f : 0.f);
     float sd = raw, d = 1.f;
-    if (kind == StdParam::kLog) sd = std::exp(raw), d = sd;
-    if (kind == StdParam::kAbs) sd = std::fabs(raw) + e, d = sign;
-    if (kind == StdParam::kInv) sd = 1.f / (std::fabs(raw) + e), d = -sign * sd * sd;
+    if (is_log) sd = std::exp(raw), d = sd;
+    if (is_abs) sd = std::fabs(raw) + e, d = sign;
+    if (is_inv) sd = 1.f / (std::fabs(raw) + e), d = -sign * sd * sd;
     const float inv = 1.f / sd, scale = wp ? wp[c] * inv : inv;
     fp[c] = mu, fp[C + c] = inv, fp[2 * C + c] = scale;
     fp[3 * C + c] = (bp ? bp[c] : 0.f) - mu * scale, fp[4 * C + c] = d * g;
@@ -354,8 +329,7 @@ std::vector<at::Tensor> forward_with(const at::Tensor& x, const Layout& v, const
   std::vector<double> sum1(C), sum2(C);
   dispatch(x, [&](auto zero) {
     using T = decltype(zero);
-    forward_kernel<T>(v, x.data_ptr<T>(), y.data_ptr<T>(), fp, fp + C, fp + 2 * C, fp + 3 * C,
-                      sum1.data(), sum2.data());
+    forward_kernel<T>(v, x.data_ptr<T>(), y.data_ptr<T>(), fp, sum1.data(), sum2.data());
   });
   auto a = at::empty({C}, f.options()), b = at::empty({C}, f.options());
   float* ap = a.data_ptr<float>();
@@ -376,13 +350,13 @@ std::vector<at::Tensor> forward_with(const at::Tensor& x, const Layout& v, const
 
 // (gx, gweight, gbias) by the kernel, the last two in float32; x and gy in the same layout v.
 std::vector<at::Tensor> backward_with(const at::Tensor& gy, const at::Tensor& x, const Layout& v,
-                                      const float* mean, const float* inv, const float* scale) {
+                                      const float* f) {
   auto gx = at::empty_like(x);
   std::vector<double> gweight(v.C), gbias(v.C);
   dispatch(x, [&](auto zero) {
     using T = decltype(zero);
-    backward_kernel<T>(v, gy.data_ptr<T>(), x.data_ptr<T>(), gx.data_ptr<T>(), mean, inv, scale,
-                       gweight.data(), gbias.data());
+    backward_kernel<T>(v, gy.data_ptr<T>(), x.data_ptr<T>(), gx.data_ptr<T>(), f, gweight.data(),
+                       gbias.data());
   });
   auto gw = at::empty({v.C}, x.options().dtype(at::kFloat)), gb = at::empty({v.C}, gw.options());
   std::copy(gweight.begin(), gweight.end(), gw.data_ptr<float>());
@@ -447,7 +421,7 @@ struct Train : public torch::autograd::Function<Train> {
         const Layout g = layout_of(gy);
         const bool same = g.ok && g.rows == v.rows && gy.scalar_type() == x.scalar_type() &&
                           plain(gy);
-        out = backward_with(same ? gy : at::empty_like(x).copy_(gy), x, v, fp, fp + C, fp + 2 * C);
+        out = backward_with(same ? gy : at::empty_like(x).copy_(gy), x, v, fp);
       }
       gx = out[0];  // a gradient for each parameter given, in its dtype
       gweight = weight.defined() ? out[1].to(weight.scalar_type()) : at::Tensor();

@@ -1,14 +1,11 @@
 """Building and loading the C++ CPU kernels of :mod:`batchless.fused` (``_cpu_kernels.cpp``).
 
-The kernels are compiled on request, once per machine, by :func:`batchless.fused.build_cpu_kernels`
-(``make install`` calls it; it needs a C++ compiler and ``ninja``), and cached under
+Compiled on request by :func:`batchless.fused.build_cpu_kernels` and cached under
 ``$BATCHLESS_CACHE`` (default ``~/.cache/batchless``) in a directory named after a hash of what the
-binary depends on: the source, torch's version and C++ ABI, the Python ABI, the CPU instruction
-sets it is compiled for and the OpenMP runtime it links. No path is part of it, so every venv
-with the same torch and Python shares one build, and a changed source or an upgraded torch never
-loads a stale one. Nor is the compiler: any compiler's build of that source for that torch is
-interchangeable (torch passes its ABI flag to every build), and a machine without a compiler
-must still find the build.
+binary depends on: the source, torch's version and C++ ABI, the Python ABI, the instruction sets
+and the OpenMP runtime. Not paths, so venvs with the same torch and Python share a build; nor the
+compiler, whose builds are interchangeable (torch passes its ABI flag to every one) and which a
+machine that only loads the build may lack.
 """
 
 from __future__ import annotations
@@ -47,8 +44,7 @@ def _bundled_openmp() -> Path | None:
 
 
 def _link_flags() -> list[str]:
-    """OpenMP from the runtime torch itself loaded (one thread pool in the process), else the
-    compiler's."""
+    """OpenMP from the runtime torch loaded (one thread pool per process), else the compiler's."""
     bundled = _bundled_openmp()
     return [f"-L{bundled.parent}", f"-l:{bundled.name}"] if bundled else ["-fopenmp"]
 
@@ -78,10 +74,10 @@ def build_command() -> str:
 
 def load(build: bool = False, verbose: bool = False) -> ModuleType | None:
     """The compiled module (``supports``, ``train``, ``eval``) from the cache, or None when it is
-    not built (warning with the command that builds it, where a compiler and ninja exist: never
-    compiled unasked, a minute's surprise inside a training step) or its cached build does not load
-    (warning why). With ``build``, a missing or unloadable build is compiled, showing the compiler's
-    output with ``verbose``; build errors propagate."""
+    not built (warning with the command that builds it where a compiler and ninja exist: never
+    compiled unasked, a minute inside a training step) or does not load (warning why). With
+    ``build``, a missing or unloadable build is compiled (``verbose``: with the compiler's output);
+    build errors propagate."""
     directory = _build_dir()
     library = directory / f"{directory.name}.so"
     if library.is_file():
@@ -101,10 +97,6 @@ def load(build: bool = False, verbose: bool = False) -> ModuleType | None:
                  "eager route (the same results, slower). Build them once per machine (about a "
                  f"minute; cached in {directory.parent}): {build_command()}")
         return None
-    return _compile(directory, verbose)
-
-
-def _compile(directory: Path, verbose: bool) -> ModuleType:
     from torch.utils import cpp_extension
 
     if not shutil.which("ninja"):
@@ -116,9 +108,8 @@ def _compile(directory: Path, verbose: bool) -> ModuleType:
 
 
 def first_error(message: str) -> str:
-    """What went wrong, in one line, from a failed build's message: the compiler's first error
-    (ninja prints ``FAILED: target``, the command, then its output), else the message's last
-    line."""
+    """A failed build's message in one line: the compiler's first error (ninja prints ``FAILED:
+    target``, the command, then its output), else the message's last line."""
     lines = [line.strip() for line in message.splitlines() if line.strip()]
     failed = next((i for i, line in enumerate(lines) if line.startswith("FAILED:")), None)
     if failed is None:

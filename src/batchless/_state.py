@@ -42,9 +42,7 @@ STATE = State()
 def reset(*, keep_kernels: bool = True) -> None:
     """Restore a fresh process's state (the mode from ``$BATCHLESS_FUSED``), keeping loaded
     native kernels unless ``keep_kernels`` is False (for tests), and the layers still alive."""
-    kernels, layers, fresh = STATE.kernels, STATE.layers, State()
-    for field in dataclasses.fields(State):
-        setattr(STATE, field.name, getattr(fresh, field.name))
-    STATE.layers = layers
+    kernels = STATE.kernels
+    vars(STATE).update(vars(State()), layers=STATE.layers)
     if keep_kernels and kernels is not None:
         STATE.kernels = kernels

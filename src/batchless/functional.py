@@ -11,19 +11,14 @@ all its elements, gauged to be ~0 when the input really is :math:`\mathcal{N}(\m
 
 The output treats :math:`\mu, \sigma` as constants, the NLL treats ``x`` as one, so the NLL needs
 only two per-channel moments of the input, ``a = mean_c(x_hat)`` and ``b = mean_c(x_hat ** 2)``:
-``dNLL/dmu_c = -a_c / (C sigma_c)``, ``dNLL/dsigma_c = (1 - b_c) / (C sigma_c)``.
-
-A layer stores sigma as a raw parameter ``r`` behind a gain ``g`` (its ``std_speed``, whose effect
-on optimizers the layer's docstring explains): :math:`\sigma = f(g\,r)`, ``f`` one of
-:func:`std_from_param`'s parametrizations (``exp`` for ``"log"``), so ``dNLL/dr = g f'(g r)
-dNLL/dsigma``. The gain changes no value; ``g = 1`` is the paper's method. The mean has no gain.
+``dNLL/dmu_c = -a_c / (C sigma_c)``, ``dNLL/dsigma_c = (1 - b_c) / (C sigma_c)``. A layer stores
+sigma as a raw parameter ``r`` behind a gain ``g`` (its ``std_speed``): :math:`\sigma = f(g\,r)`,
+``f`` a parametrization of :func:`std_from_param`, so ``dNLL/dr = g f'(g r) dNLL/dsigma``.
 
 Each formula exists once, here: :func:`affine_forward`, :func:`affine_backward`
-(:func:`output_grads`), :func:`nll_grads`, :func:`std_from_param` (and its inverse
-:func:`param_from_std`). The routes of :mod:`batchless.fused` run them as plain ops or compiled,
-or run kernels tested against them (ATen's batch-norm kernels on the eager route, C++ on the
-native one). Statistics are computed in float32 (float64 for float64 inputs); outputs come back in
-the input dtype.
+(:func:`output_grads`), :func:`nll_grads`, :func:`std_from_param` (inverse: :func:`param_from_std`);
+the routes of :mod:`batchless.fused` run them, or kernels tested against them. Statistics are
+computed in float32 (float64 for float64 inputs); outputs come back in the input dtype.
 """
 
 from __future__ import annotations
@@ -43,6 +38,14 @@ from .fused import Route
 from .weighting import as_number, resolve_weight
 
 STD_PARAMS = ("log", "abs", "inv")  # a layer's choices; the functions here also take "std"
+# std_param -> (sigma from s = gain * raw, s from sigma)
+_PARAMETRIZATIONS = {
+    "std": (lambda s, eps: s, lambda std, eps: std),
+    "log": (lambda s, eps: s.exp(), lambda std, eps: std.log()),
+    "abs": (lambda s, eps: s.abs() + eps, lambda std, eps: (std - eps).clamp_min(0.0)),
+    "inv": (lambda s, eps: (s.abs() + eps).reciprocal(),
+            lambda std, eps: (std.reciprocal() - eps).clamp_min(0.0)),
+}
 
 
 class TrainOutput(NamedTuple):
@@ -51,7 +54,7 @@ class TrainOutput(NamedTuple):
     y: Tensor  #: the output, in the input's dtype and memory format
     a: Tensor  #: (C,) mean of x_hat per channel (float32, or float64)
     b: Tensor  #: (C,) mean of x_hat ** 2 per channel
-    finite: Tensor | None  #: (C,) False where the input held NaN/Inf; None: all finite
+    finite: Tensor | None  #: (C,) False where the input held NaN/Inf (a=0, b=1); None: all finite
 
 
 class Factors(NamedTuple):
@@ -62,39 +65,26 @@ class Factors(NamedTuple):
     scale: Tensor  #: weight / std (``inv`` without weight)
 
 
+def _parametrization(std_param: str) -> tuple:
+    if std_param not in _PARAMETRIZATIONS:
+        raise BatchlessError(f"std_param must be one of {tuple(_PARAMETRIZATIONS)}, got "
+                             f"{std_param!r}")
+    return _PARAMETRIZATIONS[std_param]
+
+
 def std_from_param(raw: Tensor, std_param: str, eps: float, gain: float) -> Tensor:
     """sigma as a differentiable function of the raw parameter ``raw``, through ``s = gain * raw``.
 
     ``"log"``: ``exp(s)``; ``"abs"``: ``|s| + eps``; ``"inv"``: ``s`` stores ``1/sigma``, so
-    ``1 / (|s| + eps)``; ``"std"``: ``s`` is sigma. ``gain`` (> 0) is a layer's ``std_speed``,
-    which the module docstring explains.
+    ``1 / (|s| + eps)``; ``"std"``: ``s`` is sigma. ``gain`` (> 0) is a layer's ``std_speed``.
     """
-    s = raw if gain == 1.0 else raw * gain
-    if std_param == "log":
-        return s.exp()
-    if std_param == "abs":
-        return s.abs() + eps
-    if std_param == "inv":
-        return (s.abs() + eps).reciprocal()
-    if std_param == "std":
-        return s
-    raise BatchlessError(f"std_param must be one of {('std', *STD_PARAMS)}, got {std_param!r}")
+    return _parametrization(std_param)[0](raw if gain == 1.0 else raw * gain, eps)
 
 
 def param_from_std(std: Tensor, std_param: str, eps: float, gain: float) -> Tensor:
     """The raw parameter whose :func:`std_from_param` is ``std`` (clamped where ``eps`` makes it
     unreachable), up to float rounding."""
-    std = torch.as_tensor(std)
-    if std_param == "log":
-        s = std.log()
-    elif std_param == "abs":
-        s = (std - eps).clamp_min(0.0)
-    elif std_param == "inv":
-        s = (std.reciprocal() - eps).clamp_min(0.0)
-    elif std_param == "std":
-        s = std
-    else:
-        raise BatchlessError(f"std_param must be one of {('std', *STD_PARAMS)}, got {std_param!r}")
+    s = _parametrization(std_param)[1](torch.as_tensor(std), eps)
     return s if gain == 1.0 else s / gain
 
 
@@ -136,9 +126,8 @@ def factors(mean: Tensor, std: Tensor, weight: Tensor | None, x: Tensor) -> Fact
 
 def affine_forward(x: Tensor, mean: Tensor, inv: Tensor, scale: Tensor, bias: Tensor | None):
     """``(y, a, b)`` of a training forward: ``y = (x - mean) * scale + bias`` in x's dtype, ``a``
-    and ``b`` the per-channel means of ``x_hat = (x - mean) * inv`` and ``x_hat ** 2``. The (C,)
-    vectors are in the compute dtype. An empty batch has no evidence: a = 0, b = 1 (NLL and
-    gradients 0)."""
+    and ``b`` the per-channel means of ``x_hat = (x - mean) * inv`` and ``x_hat ** 2`` in the
+    compute dtype of the (C,) vectors (an empty batch: a = 0, b = 1, so NLL and gradients 0)."""
     view, dims = channel_view(x), channel_dims(x)
     xf = x.to(inv.dtype)
     shift = -mean * scale if bias is None else bias.to(inv.dtype) - mean * scale
@@ -159,9 +148,8 @@ def affine_backward(gy: Tensor, x: Tensor, mean: Tensor, inv: Tensor, scale: Ten
 
 
 def output_grads(gy: Tensor, x: Tensor, mean: Tensor, inv: Tensor, weight: Tensor | None):
-    """:func:`affine_backward` with ``scale = weight * inv``, as differentiable ops in ``gy``, ``x``
-    and ``weight``: what every route's backward computes when it records a graph (double backward:
-    gradient penalties) or gets batched gradients; the native node calls it from C++."""
+    """:func:`affine_backward` with ``scale = weight * inv``: every route's backward where it
+    records a graph (double backward) or gets batched gradients (the native node's from C++)."""
     return affine_backward(gy, x, mean, inv, scale_of(inv, weight))
 
 
@@ -170,19 +158,14 @@ def nll_grads(a: Tensor, b: Tensor, inv: Tensor, nll_weight, *, shared: bool):
     channels for a ``shared`` Gaussian (then of shape (1,))."""
     k = inv * (nll_weight / a.numel())
     gmean, gstd = torch.mul(a, k).neg_(), torch.addcmul(k, b, k, value=-1.0)
-    if shared:
-        return gmean.sum(0, keepdim=True), gstd.sum(0, keepdim=True)
-    return gmean, gstd
+    return (gmean.sum(0, keepdim=True), gstd.sum(0, keepdim=True)) if shared else (gmean, gstd)
 
 
 def nll_from_moments(mean: Tensor, std: Tensor, a: Tensor, b: Tensor) -> Tensor:
-    """The gauged layer NLL as a differentiable function of ``mean`` and ``std`` (x constant).
-
-    ``a``, ``b`` are the per-channel moments of x_hat taken at ``mean0 = mean.detach()``, ``std0 =
-    std.detach()``; with ``d = mean0 - mean`` the expected squared deviation from ``mean`` is
-    ``std0**2 * b + 2 * d * std0 * a + d**2`` exactly, so value, gradient and curvature are the
-    NLL's own.
-    """
+    """The gauged layer NLL as a differentiable function of ``mean`` and ``std`` (x constant), from
+    the moments ``a``, ``b`` of x_hat at ``mean0, std0 = mean.detach(), std.detach()``: the mean
+    squared deviation from ``mean`` is ``std0**2 * b + 2 * d * std0 * a + d**2`` (``d = mean0 -
+    mean``) exactly, so value, gradient and curvature are the NLL's own."""
     mean0, std0 = mean.detach(), std.detach()
     d = mean0 - mean
     sq = std0 * std0 * b + 2.0 * d * std0 * a + d * d
@@ -192,14 +175,12 @@ def nll_from_moments(mean: Tensor, std: Tensor, a: Tensor, b: Tensor) -> Tensor:
 
 
 def gauged_nll(b: Tensor) -> Tensor:
-    """The gauged NLL's value from the second moments: ``0.5 * (mean(b) - 1)`` (0 when x ~ N(mu,
-    sigma^2))."""
+    """The gauged NLL's value from the second moments ``b``: ``0.5 * (mean(b) - 1)``."""
     return 0.5 * (b.mean() - 1.0)
 
 
 def _ones_as(t: Tensor) -> Tensor:
-    """A plain (C,) tensor of ones like ``t`` (never batched under vmap), kept per C, dtype and
-    device so that the eager route does not allocate it at each call."""
+    """A plain (C,) tensor of ones like ``t`` (never batched), cached per C, dtype and device."""
     if torch.compiler.is_compiling() or torch.is_inference_mode_enabled():  # (an inference tensor
         return torch.ones_like(t)                                            # would break autograd)
     key = (t.shape[0], t.dtype, t.device)
@@ -227,14 +208,11 @@ _SHIFT_MIN_N = 65536  # elements per channel from which that kernel's float32 su
 
 def channel_moments(x: Tensor, mean: Tensor, inv: Tensor) -> tuple[Tensor, Tensor]:
     """Per-channel ``a = mean(x_hat)`` and ``b = mean(x_hat ** 2)`` of ``x_hat = (x - mean) * inv``
-    from the channel mean and variance of ``x`` by ATen, one read of ``x`` where possible: ATen's
-    statistics kernel (one Welford pass), or on CPU for contiguous (N, C, *) inputs of 16k elements
-    or more, where that kernel is slow (BENCHMARKS.md), float32 row sums and 2-norms combined in
-    float64 (the second moment then loses ~1e-7 * (mean_x / std_x)**2 in relative precision).
-    Half-precision inputs, and on CPU float32 inputs from 2^16 elements per channel, are centred
-    on ``mean`` first: the kernel rounds half-precision statistics to their dtype, and its float32
-    sums lose a badly centred channel's mean. An empty batch: a = 0, b = 1.
-    """
+    from x's channel mean and variance: ATen's one-pass statistics kernel, or on CPU for large
+    contiguous (N, C, *) inputs, where it is slow, float32 row sums and 2-norms added in float64
+    (b then loses ~1e-7 * (mean_x / std_x)**2 relative precision). Half-precision inputs, and large
+    float32 channels on CPU, are centred on ``mean`` first: the kernel rounds half-precision
+    statistics, and its float32 sums lose a badly centred channel's mean. Empty: a = 0, b = 1."""
     cd = compute_dtype(x)
     n = x.numel() // x.shape[1]
     if n == 0:
@@ -256,13 +234,20 @@ def channel_moments(x: Tensor, mean: Tensor, inv: Tensor) -> tuple[Tensor, Tenso
     return a, torch.addcmul(a * a, var, inv * inv)  # b = (var + (m - mean)**2) / std**2
 
 
-def _eager_output_grads(gy: Tensor, x: Tensor, f: Factors, weight: Tensor | None, needs):
-    """The eager route's backward: ``gy * scale`` and the weight/bias sums of ATen's batch-norm
-    backward, for ``needs = (x, weight, bias)``; the formula's ops where a graph is recorded, for an
-    empty batch (ATen's kernel divides by N) and for a batched gradient (torch.func's, or
-    is_grads_batched's: that kernel has no batching rule)."""
-    if torch.is_grad_enabled() or x.numel() == 0 or _compat.transformed(gy):
+def _output_grads(route: Route, gy: Tensor, x: Tensor, f: Factors, weight: Tensor | None, needs):
+    """The output's gradients for ``needs = (x, weight, bias)``: the formula's ops on the traceable
+    route, where a graph is recorded, for an empty batch (ATen's kernel divides by N) and batched
+    gradients (it has no vmap rule); the compiled kernels where x, weight and bias all need
+    gradients and gy shares x's canonical layout and dtype; else ``gy * scale`` and the sums of
+    ATen's batch-norm backward."""
+    if (route is Route.TRACEABLE or torch.is_grad_enabled() or x.numel() == 0
+            or _compat.transformed(gy)):
         return output_grads(gy, x, f.mean, f.inv, weight)
+    if route is Route.COMPILED and all(needs) and gy.dtype == x.dtype:
+        gv, xv = _fused.canonical(gy), _fused.canonical(x)
+        if gv is not None and xv is not None and gv.shape == xv.shape:
+            gx, gw, gb = _fused.compiled(affine_backward, gv, xv, f.mean, f.inv, f.scale)
+            return _fused.uncanonical(gx, x), gw, gb
     need_x, need_weight, need_bias = needs
     # (in bfloat16/float16 the factor is rounded to gy's dtype: <= 2**-8 relative error in gx)
     gx = gy * _cast(f.scale, gy.dtype).reshape(channel_view(x)) if need_x else None
@@ -270,17 +255,6 @@ def _eager_output_grads(gy: Tensor, x: Tensor, f: Factors, weight: Tensor | None
         return gx, None, None
     w = None if weight is None else _cast(weight, f.inv.dtype)
     return gx, *_compat.batch_norm_sums(gy, x, w, f.mean, f.inv, need_weight, need_bias)
-
-
-def _compiled_output_grads(gy: Tensor, x: Tensor, f: Factors, weight: Tensor | None, needs):
-    """The compiled route's backward where x, weight and bias all need gradients and the gradient
-    shares x's canonical layout and dtype; else the eager route's."""
-    gv, xv = _fused.canonical(gy), _fused.canonical(x)
-    if (torch.is_grad_enabled() or not all(needs) or gy.dtype != x.dtype
-            or _compat.transformed(gy) or gv is None or xv is None or gv.shape != xv.shape):
-        return _eager_output_grads(gy, x, f, weight, needs)
-    gx, gw, gb = _fused.compiled(affine_backward, gv, xv, f.mean, f.inv, f.scale)
-    return _fused.uncanonical(gx, x), gw, gb
 
 
 def _step_forward(route: Route, x: Tensor, mean: Tensor, std: Tensor, weight: Tensor | None,
@@ -302,34 +276,26 @@ def _step_forward(route: Route, x: Tensor, mean: Tensor, std: Tensor, weight: Te
     return TrainOutput(y, a.where(finite, 0.0), b.where(finite, 1.0), finite), f
 
 
-def _step_backward(route: Route, gy: Tensor | None, x: Tensor, weight: Tensor | None, f: Factors,
-                   *, moments: tuple[Tensor, Tensor], nll_weight, shared: bool,
-                   needs_input_grad: tuple[bool, ...]):
+def _step_backward(ctx, route: Route, gy: Tensor | None, x: Tensor, weight: Tensor | None,
+                   f: Factors, moments: tuple[Tensor, Tensor]):
     """Gradients for ``(x, mean, std, weight, bias)``: the output's (mean/std constants) by the
-    route's kernels, ``nll_weight * dNLL`` for mean and std (none when ``nll_weight`` is None:
-    explicit mode; a constant in double backward)."""
-    needs = (needs_input_grad[0], *needs_input_grad[3:5])  # x, weight, bias
+    route's kernels, ``ctx.nll_weight * dNLL`` for mean and std (none when it is None: explicit
+    mode; a constant in double backward)."""
+    needs = (ctx.needs_input_grad[0], *ctx.needs_input_grad[3:5])  # x, weight, bias
     gx = gw = gb = gmean = gstd = None
     if gy is not None:  # (None: the output is unused; only the NLL gradient remains)
-        if route is Route.TRACEABLE:
-            out = output_grads(gy, x, f.mean, f.inv, weight)
-        elif route is Route.COMPILED:
-            out = _compiled_output_grads(gy, x, f, weight, needs)
-        else:
-            out = _eager_output_grads(gy, x, f, weight, needs)
+        out = _output_grads(route, gy, x, f, weight, needs)
         gx, gw, gb = (g if need else None for g, need in zip(out, needs, strict=True))
         if weight is not None and weight.dtype != f.inv.dtype:
             gw, gb = (None if g is None else g.to(weight.dtype) for g in (gw, gb))
-    if nll_weight is not None:
-        gmean, gstd = nll_grads(*moments, f.inv, resolve_weight(nll_weight), shared=shared)
+    if ctx.nll_weight is not None:
+        gmean, gstd = nll_grads(*moments, f.inv, resolve_weight(ctx.nll_weight), shared=ctx.shared)
     return gx, gmean, gstd, gw, gb
 
 
 class _Train(torch.autograd.Function):
-    """The eager and compiled routes' training step: ``(y, a, b, finite)``, the backward of ``y``
-    giving x, weight and bias the output's gradients and, unless ``nll_weight`` is None, mean and
-    std ``nll_weight * dNLL``. The classic style, whose ``apply`` costs less than
-    setup_context's."""
+    """The eager and compiled routes' training step (the classic style, whose ``apply`` costs less
+    than setup_context's): ``(y, a, b, finite)``; gradients by :func:`_step_backward`."""
 
     @staticmethod
     def forward(ctx, x, mean, std, weight, bias, nll_weight, route):
@@ -344,9 +310,7 @@ class _Train(torch.autograd.Function):
     @staticmethod
     def backward(ctx, gy, *_):
         x, weight = ctx.saved_tensors
-        return *_step_backward(ctx.route, gy, x, weight, ctx.factors, moments=ctx.moments,
-                               nll_weight=ctx.nll_weight, shared=ctx.shared,
-                               needs_input_grad=ctx.needs_input_grad), None, None
+        return *_step_backward(ctx, ctx.route, gy, x, weight, ctx.factors, ctx.moments), None, None
 
 
 class _TrainTraceable(torch.autograd.Function):
@@ -371,9 +335,8 @@ class _TrainTraceable(torch.autograd.Function):
     @staticmethod
     def backward(ctx, gy, *_):
         x, mean, std, weight, a, b = ctx.saved_tensors
-        return *_step_backward(Route.TRACEABLE, gy, x, weight, factors(mean, std, weight, x),
-                               moments=(a, b), nll_weight=ctx.nll_weight, shared=ctx.shared,
-                               needs_input_grad=ctx.needs_input_grad), None
+        f = factors(mean, std, weight, x)
+        return *_step_backward(ctx, Route.TRACEABLE, gy, x, weight, f, (a, b)), None
 
 
 class _ImplicitNll(torch.autograd.Function):
@@ -452,8 +415,7 @@ def eval_forward(x: Tensor, mean: Tensor, std: Tensor, weight: Tensor | None,
 
 def eval_forward_param(x: Tensor, mean: Tensor, raw_std: Tensor, std_param: str, eps: float,
                        gain: float, weight: Tensor | None, bias: Tensor | None) -> Tensor:
-    """:func:`eval_forward` with sigma given by its parameter: ``std_from_param(raw_std, std_param,
-    eps, gain)``."""
+    """:func:`eval_forward` with sigma ``std_from_param(raw_std, std_param, eps, gain)``."""
     route = _fused.choose_route(x, mean, raw_std, weight, bias, training=False)
     return _run(_EVAL, route, x, mean, raw_std, std_param, eps, gain, weight, bias)
 
@@ -462,14 +424,12 @@ def train_forward(x: Tensor, mean: Tensor, std: Tensor, weight: Tensor | None, b
                   nll_weight) -> TrainOutput:
     """Batchless normalisation of ``x`` in training: a :class:`TrainOutput` ``(y, a, b, finite)``.
 
-    ``y`` is :func:`eval_forward`'s output; ``a``, ``b`` are the per-channel moments of the
-    normalised input, from which the gauged layer NLL follows (:func:`gauged_nll`, or
-    :func:`nll_from_moments` for a value differentiable in mean/std); ``finite`` (C,) is False for
-    channels whose input held NaN/Inf, which add nothing to the NLL, or None when every channel is
-    known to be finite. With ``nll_weight`` None (explicit mode) mean/std get no gradient through
-    ``y`` (they stay inputs of its autograd node when it has one, so DDP's
-    ``find_unused_parameters`` counts them as used); otherwise (implicit mode, a number, tensor,
-    GradScaler or tuple of these) the backward of ``y`` gives them ``nll_weight * dNLL``.
+    ``y`` is :func:`eval_forward`'s output; ``a``, ``b`` the moments that give the gauged NLL
+    (:func:`gauged_nll`; :func:`nll_from_moments` differentiable in mean/std); channels whose input
+    held NaN/Inf add nothing to it. With ``nll_weight`` None (explicit mode) mean/std get no
+    gradient through ``y`` (yet stay inputs of its autograd node: DDP's ``find_unused_parameters``
+    counts them as used); else (implicit mode: a number, tensor, GradScaler or tuple of these) the
+    backward of ``y`` gives them ``nll_weight * dNLL``.
 
     Example::
 

@@ -1,29 +1,23 @@
 """Routes: which implementation runs a batchless layer's step, chosen once, up front.
 
-A training step is one pass over the input forward and one over the gradient and the input
-backward (BatchNorm needs two each way). The maths is :mod:`batchless.functional`'s; the routes
-differ in what computes it:
+A training step reads the input once forward, the gradient and the input once backward (BatchNorm:
+twice each way). The maths is :mod:`batchless.functional`'s; the routes differ in what computes it:
 
-* ``"native"``: one C++ autograd node around the native CPU kernels (float32 and bfloat16,
-  contiguous or channels-last), compiled once per machine by :func:`build_cpu_kernels`. Also an
-  evaluation forward that needs gradients (the node without an NLL).
-* ``"native-eval"``: the native affine kernel alone, for an evaluation forward without gradients.
+* ``"native"``: one C++ autograd node around the CPU kernels of :func:`build_cpu_kernels` (float32
+  and bfloat16, contiguous or channels-last), also for an evaluation forward that needs gradients;
+  ``"native-eval"``: their affine kernel alone, for one that does not.
 * ``"compiled"``: a Python autograd Function around kernels that ``torch.compile`` generates from
-  the formula (Triton on CUDA, C++ on CPU), one dynamic-shape graph per layout, dtype and device
-  type.
-* ``"eager"``: the same Function on PyTorch's own kernels; evaluation: one affine op.
+  the formula, one dynamic-shape graph per layout, dtype and device type; ``"eager"``: the same
+  Function on PyTorch's own kernels (evaluation: one affine op).
 * ``"traceable"``: inside whole-model ``torch.compile`` and ``torch.func`` transforms, the formula
-  as plain ops in a ``setup_context`` Function (evaluation: one affine op); the compiler fuses it
-  with its neighbours.
+  as plain ops in a ``setup_context`` Function, which the compiler fuses with its neighbours.
 
-:func:`choose_route` decides. By default (mode ``"auto"``, see :func:`set_fused`) CPU steps take the
-native kernels once they are built and CUDA steps the compiled ones; float64, float16 on CPU, other
-layouts, empty inputs, ``torch.jit.trace`` (which records only the dispatcher's ops) and
-forward-mode AD take the eager route. :func:`route` tells which route a layer's forward takes; each
-route runs in ``torch.profiler.record_function("batchless::<route>")``, so a profile shows it. If
-``torch.compile`` fails (no Triton, no C++ compiler), batchless warns once and leaves the compiled
-route. A backward that records a graph (double backward) or gets batched gradients computes the
-formula as differentiable ops on every route.
+:func:`choose_route` decides: by default (see :func:`set_fused`) the native kernels on CPU once
+built, the compiled ones on CUDA; float64, float16 on CPU, other layouts, empty inputs,
+``torch.jit.trace`` and forward-mode AD take the eager route, as does every step after
+``torch.compile`` failed (which warns once). :func:`route` tells a layer's route, and a profile
+shows it: ``record_function("batchless::<route>")``. A backward that records a graph (double
+backward) or gets batched gradients runs the formula as differentiable ops on every route.
 """
 
 from __future__ import annotations
@@ -59,11 +53,9 @@ def set_fused(mode: str) -> str:
     """Choose the kernels of the training routes; returns the previous mode.
 
     Args:
-        mode: ``"auto"`` (default): the native kernels on CPU once built
-            (:func:`build_cpu_kernels`), ``torch.compile``'s on CUDA; ``"compiled"``:
-            ``torch.compile``'s on every device, CPU included (each new input layout and dtype then
-            compiles once, a few seconds); ``"never"``: the eager route. Initially
-            ``$BATCHLESS_FUSED``, if set.
+        mode: ``"auto"`` (default): the native kernels on CPU once built, ``torch.compile``'s on
+            CUDA; ``"compiled"``: ``torch.compile``'s everywhere (a few seconds per new layout and
+            dtype); ``"never"``: the eager route. Initially ``$BATCHLESS_FUSED``, if set.
 
     Example::
 
@@ -81,11 +73,10 @@ def set_fused(mode: str) -> str:
 def build_cpu_kernels(verbose: bool = False) -> bool:
     """Make the native CPU kernels ready; True when they are.
 
-    Loads the cached build for this source, torch, Python and CPU where there is one (instantly),
-    else compiles it into the cache (once per machine, about a minute; needs a C++ compiler and
-    ``ninja``; ``verbose`` shows the compiler's output). Until then, CPU layers run on the eager
-    route, and the first one warns with the command that calls this. On failure, warns with the
-    compiler's first error line and returns False (training then stays on the eager route).
+    Loads the cached build for this source, torch, Python and CPU, else compiles it into the cache
+    (about a minute; needs a C++ compiler and ``ninja``; ``verbose`` shows the compiler's output).
+    Until then CPU layers run on the eager route, and the first one warns with the command that
+    calls this. On failure, warns with the compiler's first error line and returns False.
     """
     try:
         STATE.kernels = _cpu_kernels.load(build=True, verbose=verbose)
@@ -109,9 +100,7 @@ def native_kernels():
 
 def choose_route(x: Tensor, mean: Tensor, std: Tensor, weight: Tensor | None, bias: Tensor | None,
                  *, training: bool) -> Route:
-    """The route of a forward of ``x`` (N, C, *) with these per-channel tensors, now: the one place
-    that decides (the fused mode, the compiler and torch.func state, what the native kernels
-    take)."""
+    """The route a forward of ``x`` with these per-channel tensors takes now (decided here only)."""
     if torch.compiler.is_compiling() or _compat.transforms_active() or _compat.is_wrapped(x):
         return Route.TRACEABLE
     mode = STATE.mode
@@ -133,9 +122,8 @@ def choose_route(x: Tensor, mean: Tensor, std: Tensor, weight: Tensor | None, bi
 
 
 def route(x: Tensor, layer=None) -> Route:
-    """The route ``layer(x)`` takes now (given the layer's mode and parameters, the fused mode, grad
-    mode and transforms); without ``layer``, a training step of a float32 layer with weight and bias
-    on x's device.
+    """The route ``layer(x)`` takes now; without ``layer``, a training step of a float32 layer with
+    weight and bias on x's device.
 
     Example::
 
@@ -151,9 +139,8 @@ def route(x: Tensor, layer=None) -> Route:
 
 
 def path(x: Tensor) -> str:
-    """Whose kernels a training step of ``x`` runs: ``"native"``, ``"compiled"`` or ``"eager"``
-    (the traceable route's: eager; :func:`route` tells the route itself). A 0-d or 1-d ``x`` counts
-    as one instance of its elements."""
+    """Whose kernels a training step of ``x`` runs: ``"native"``, ``"compiled"`` or ``"eager"`` (the
+    traceable route's); a 0-d or 1-d ``x`` counts as one instance of its elements."""
     step = route(x if x.dim() > 1 else x.reshape(1, -1))
     return "eager" if step is Route.TRACEABLE else step.value
 
@@ -178,10 +165,8 @@ def uncanonical(y: Tensor, like: Tensor) -> Tensor:
 
 def compiled(fn, *args):
     """``fn(*args)`` by a ``torch.compile``'d copy of ``fn`` for its first argument's dim, dtype and
-    device type; ``fn`` itself once compiling has failed (which warns once).
-
-    Each key gets its own copy of ``fn``'s code object: torch.compile caches (and limits
-    recompilations) per code object, so that every key keeps a single dynamic-shape graph."""
+    device type (its own code object: torch.compile caches, and limits recompiles, per code object);
+    ``fn`` itself once compiling has failed (which warns once)."""
     if STATE.compile_failed:  # (a graph recorded before the failure still comes here)
         return fn(*args)
     # plain tensors only: dynamo keeps a Parameter's shape static, and C with it

@@ -32,61 +32,46 @@ _CONTRACT = r"""Normalises each channel by a learned Gaussian, ``(x - mean) / st
     and the layer works at batch size 1. See Berger & Uc Cetina, "Batchless Normalization",
     arXiv:2212.14729.
 
-    How fast ``std`` learns: it is stored as ``raw_std`` behind a gain,
-    :math:`\sigma = f(\text{std\_speed} \cdot \text{raw\_std})` with ``f`` the ``std_param``
-    parametrization (``exp`` by default), so an optimizer's step on ``raw_std`` moves ``std``'s
-    parametrization ``std_speed`` times as far as at 1 under Adam or AdamW (whose steps do not
-    depend on the gradient's scale), ``std_speed ** 2`` times as far under SGD. ``mean`` has no
-    gain. The default, 0.1, lets ``std`` learn 10x slower than the other parameters, which trains
-    more accurate networks (measurements: EXPERIMENTS.md); ``std_speed=1`` is the paper's method.
-    A slow ``std`` stays near its starting value for long: call :func:`batchless.init_from_data`
-    before training (or convert a trained BatchNorm model with :func:`batchless.convert_batchnorm`);
-    a layer whose first eager training forward finds ``mean`` and ``std`` still at ``init_mean``
-    and ``init_std`` warns, once per process.
-
-    Weight decay pulls ``mean`` towards 0 and ``raw_std`` towards 0 (``std`` towards 1 with
-    ``"log"``), away from the input's statistics: keep it off them with
-    :func:`batchless.param_groups`, e.g. ``torch.optim.AdamW(batchless.param_groups(model,
-    weight_decay=0.05), lr=1e-3)``. An optimizer about to step with weight decay on them
-    (``AdamW(model.parameters())`` decays every parameter by default) warns, once.
-
     Statistics cover every dimension but the channel dimension (dim 1): the batch and all spatial
     positions; with ``shared=True`` one Gaussian covers all channels too (the paper's cross-channel
     sharing; ``weight`` and ``bias`` stay per channel, as in ``nn.BatchNorm``).
 
-    Training vs evaluation: in training every forward computes the layer's gauged NLL from two
-    per-channel moments of the input (no copy of the activations is kept). With ``nll="implicit"``
-    (default) the backward of whatever loss you compute from the output also delivers the NLL
-    gradient (weight 1, or the weight set by :func:`batchless.nll_weight`) to ``mean`` and ``std``:
-    an unchanged training loop trains them. With ``nll="explicit"`` add it yourself: ``loss =
-    task_loss + batchless.nll_loss(model)``. In evaluation no NLL is recorded and nothing is
-    trained. Double backward (gradient penalties such as WGAN-GP or R1) differentiates the output's
-    gradients exactly, with mean/std constants as in the output; the implicit NLL gradient is a
-    constant there (explicit mode differentiates the NLL twice).
+    In training every forward computes the gauged NLL from two per-channel moments of the input
+    (keeping no copy of the activations). With ``nll="implicit"`` (default) the backward of any loss
+    computed from the output also gives ``mean`` and ``std`` the NLL gradient (weight 1, or
+    :func:`batchless.nll_weight`'s), so an unchanged training loop trains them; two backward passes
+    over one forward (``retain_graph=True``) give it twice, as ``(loss1 + loss2)`` would not. With
+    ``nll="explicit"`` add it yourself, ``loss = task_loss + batchless.nll_loss(model)``, from a
+    forward that records a graph (not the first one of ``torch.utils.checkpoint(...,
+    use_reentrant=True)``). In evaluation nothing is trained. Double backward (gradient penalties:
+    WGAN-GP, R1) differentiates the output's gradients exactly, mean/std constants as in the
+    output; the implicit NLL gradient is a constant there (explicit mode differentiates the NLL
+    twice). NaN/Inf inputs are counted and warned about (``nonfinite_batches``) outside
+    ``torch.compile``. Which implementation runs a step: :func:`batchless.fused.route`.
 
-    Implicit mode delivers the NLL gradient with each backward pass through the output: two backward
-    passes over one forward (``retain_graph=True``, one per loss) deliver it twice, as ``(loss1 +
-    loss2)`` would not; sum the losses, or use ``nll="explicit"``. Explicit mode needs the forward
-    to record a graph: under ``torch.utils.checkpoint(..., use_reentrant=True)``, whose first
-    forward runs without gradients, the statistics get no gradient (use ``use_reentrant=False`` or
-    implicit mode). NaN/Inf inputs are counted and warned about (``nonfinite_batches``) in eager
-    mode only, not inside ``torch.compile``. Which implementation runs a step:
-    :func:`batchless.fused.route`.
+    ``std`` is stored as ``raw_std`` behind a gain, :math:`\sigma = f(\text{std\_speed} \cdot
+    \text{raw\_std})` with ``f`` the ``std_param`` parametrization, so a step on ``raw_std`` moves
+    ``f``'s argument ``std_speed`` times as far as at 1 under Adam or AdamW, ``std_speed ** 2``
+    times under SGD; ``mean`` has no gain. The default, 0.1, trains more accurate networks
+    (EXPERIMENTS.md); 1 is the paper's method. A slow ``std`` stays near its start for long: call
+    :func:`batchless.init_from_data` before training (or convert a trained BatchNorm model with
+    :func:`batchless.convert_batchnorm`); a first eager training forward with ``mean`` and ``std``
+    still at ``init_mean`` and ``init_std`` warns, once per process.
+
+    Weight decay pulls ``mean`` and ``raw_std`` away from the input's statistics: keep it off them
+    with :func:`batchless.param_groups` (an optimizer about to step with it on them warns, once).
 
     Args:
         num_features: number of channels ``C``.
         eps: bounds ``std`` in the ``"abs"`` (std >= eps) and ``"inv"`` (std <= 1/eps)
             parametrizations. Default: 1e-5. Unlike in BatchNorm it is not added to a variance.
         affine: learn ``weight`` and ``bias`` (gamma, beta). Default: True.
-        std_param: parametrization of ``std`` by the raw parameter ``raw_std``: ``"log"`` (exp(s),
-            default), ``"abs"`` (abs(s) + eps) or ``"inv"`` (s stores 1/std).
-        init_mean, init_std: starting values of ``mean`` and ``std``. Default: 0 and 1. Prefer
-            :func:`batchless.init_from_data` before training.
+        std_param: parametrization of ``std`` by ``raw_std``: ``"log"`` (exp(s), default),
+            ``"abs"`` (abs(s) + eps) or ``"inv"`` (s stores 1/std).
+        init_mean, init_std: starting values of ``mean`` and ``std``. Default: 0 and 1.
         nll: ``"implicit"`` or ``"explicit"``, see above. Default: ``"implicit"``.
         shared: one Gaussian for all channels instead of one per channel. Default: False.
-        std_speed: a gain on ``std``'s parametrization, ``std = f(std_speed * raw_std)``: under
-            Adam or AdamW ``std`` learns ``std_speed`` times as fast as at 1 (under SGD
-            ``std_speed ** 2`` times), see above. Default: 0.1; 1 is the paper's method.
+        std_speed: the gain on ``std``'s parametrization, see above. Default: 0.1.
 """
 
 
@@ -110,31 +95,16 @@ class _BatchlessNorm(nn.Module):
     _version = 2  # 2: raw_std is stored behind the gain std_speed (1: without one, i.e. gain 1)
     _input_dims: tuple[int, ...] = ()
 
-    def __init__(
-        self,
-        num_features: int,
-        eps: float = 1e-5,
-        affine: bool = True,
-        std_param: str = "log",
-        init_mean: float = 0.0,
-        init_std: float = 1.0,
-        nll: str = "implicit",
-        shared: bool = False,
-        std_speed: float = 0.1,
-        device=None,
-        dtype=None,
-    ) -> None:
+    def __init__(self, num_features: int, eps: float = 1e-5, affine: bool = True,
+                 std_param: str = "log", init_mean: float = 0.0, init_std: float = 1.0,
+                 nll: str = "implicit", shared: bool = False, std_speed: float = 0.1,
+                 device=None, dtype=None) -> None:
         _check_arguments(num_features, eps, std_param, init_mean, init_std, nll, std_speed)
         super().__init__()
         factory = {"device": device, "dtype": dtype}
-        self.num_features = num_features
-        self.eps = eps
-        self.affine = affine
-        self.std_param = std_param
-        self.init_mean = init_mean
-        self.init_std = init_std
-        self.nll = nll
-        self.shared = shared
+        self.num_features, self.eps, self.affine = num_features, eps, affine
+        self.std_param, self.init_mean, self.init_std = std_param, init_mean, init_std
+        self.nll, self.shared = nll, shared
         self.std_speed = float(std_speed)  # (a Python number: a constant of the native node)
         stat_shape = (1,) if shared else (num_features,)
         self.mean = nn.Parameter(torch.empty(stat_shape, **factory))
@@ -146,7 +116,7 @@ class _BatchlessNorm(nn.Module):
             self.register_parameter("weight", None)
             self.register_parameter("bias", None)
         self._last = _LastForward()
-        self._nonfinite: Tensor | None = None
+        self._nonfinite: Tensor | None = None  # the count (and its host copy, off the CPU)
         self._nonfinite_host: Tensor | None = None
         self._warned_nonfinite = False
         self.reset_parameters()
@@ -170,8 +140,7 @@ class _BatchlessNorm(nn.Module):
 
     @torch.no_grad()
     def set_std(self, std: Tensor) -> None:
-        """Set ``raw_std`` so that ``std`` equals ``std`` (as closely as the parametrization
-        allows)."""
+        """Set ``raw_std`` so that ``std`` is ``std`` (as closely as the parametrization allows)."""
         raw = BF.param_from_std(std.to(self.raw_std), self.std_param, self.eps, self.std_speed)
         self.raw_std.copy_(raw)
         self._check_statistics = False
@@ -188,14 +157,11 @@ class _BatchlessNorm(nn.Module):
                                  f"{tuple(x.shape)})")
         if not x.is_floating_point():
             raise BatchlessError(f"{name} expects a floating-point input, got {x.dtype}")
-
-    def _check_parameters(self) -> None:
-        # torch's ExpandedWeights run only the functions they know (linear, conv, the built-in
-        # norms): on the native route ours would get no gradient, silently; on the others they
-        # fail on the first op they do not know. They replace all of a module's parameters at once.
+        # torch's ExpandedWeights (which replace all of a module's parameters) run only functions
+        # they know: ours would get no gradient on the native route, fail on the others
         if isinstance(self.mean, _compat.ExpandedWeight):
             raise BatchlessError(
-                f"{type(self).__name__} got torch's ExpandedWeights as parameters (Opacus's "
+                f"{name} got torch's ExpandedWeights as parameters (Opacus's "
                 "grad_sample_mode=\"ew\"), which cannot compute its per-sample gradients. "
                 "Use Opacus's default grad_sample_mode=\"hooks\" or "
                 "grad_sample_mode=\"functorch\", or torch.func.vmap over torch.func.grad: "
@@ -203,7 +169,6 @@ class _BatchlessNorm(nn.Module):
 
     def forward(self, x: Tensor) -> Tensor:
         self._check_input(x)
-        self._check_parameters()
         last = self._last
         if not self.training:
             if self.nll == "explicit":  # no NLL from this forward: nll_loss must not give the last
@@ -222,31 +187,24 @@ class _BatchlessNorm(nn.Module):
                        "nll='implicit'")
         weight_nll = None
         if implicit:  # activation checkpointing re-runs the forward in the backward: its weight
-            weight_nll = last.weight if eager and _compat.in_backward() else current_nll_weight()
-            last.weight = weight_nll
+            weight_nll = last.weight = (last.weight if eager and _compat.in_backward()
+                                        else current_nll_weight())
         out = BF.train_forward_param(x, self.mean, self.raw_std, self.std_param, self.eps,
                                      self.std_speed, self.weight, self.bias, weight_nll)
         # implicit: the NLL is only reported, so it is computed when asked for (see _last_nll)
-        if implicit:
-            last.nll, last.b = None, out.b
-        else:
-            last.nll, last.b = BF.nll_from_moments(self.mean, self.std, out.a, out.b), None
-        last.used = implicit
+        last.b, last.used = (out.b if implicit else None), implicit
+        last.nll = None if implicit else BF.nll_from_moments(self.mean, self.std, out.a, out.b)
         if out.finite is not None and eager and not _compat.is_wrapped(out.finite):
             self._count_nonfinite(out.finite)
         return out.y
 
     def _warn_if_initial_statistics(self) -> None:
-        """At the first eager training forward: warn (once per process) if ``mean`` and ``std``
-        still hold ``init_mean`` and ``init_std``, which a slow ``std`` takes many steps to leave.
-        Not under torch.func transforms or a trace, whose tensors hold no values to compare (the
-        next plain forward checks)."""
+        """Warn (once per process) if ``mean`` and ``std`` still hold ``init_mean``, ``init_std``;
+        not under torch.func or a trace, whose tensors hold no values (a later forward checks)."""
         if (_compat.transforms_active() or _compat.jit_tracing() or _compat.is_wrapped(self.mean)
                 or self.mean.is_meta):
             return
         self._check_statistics = False
-        if "initial statistics" in STATE.warned:
-            return
         with torch.no_grad():
             initial_raw = BF.param_from_std(torch.full_like(self.raw_std, self.init_std),
                                             self.std_param, self.eps, self.std_speed)
@@ -328,8 +286,7 @@ class _BatchlessNorm(nn.Module):
 
 
 class _LastForward:
-    """What the last training forward left behind (a plain object: nn.Module's __setattr__ is
-    slow)."""
+    """What the last training forward left (a plain object: nn.Module's __setattr__ is slow)."""
 
     def __init__(self) -> None:
         self.nll: Tensor | None = None  # the gauged NLL (explicit mode: differentiable in mean/std)
