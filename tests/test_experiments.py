@@ -240,6 +240,17 @@ def test_store_writes_once_and_reports(tmp_path, tiny_splits):
         assert db.execute("PRAGMA integrity_check").fetchone()[0] == "ok"
 
 
+def test_a_cell_with_fewer_seeds_than_its_row_says_so(tmp_path, tiny_splits):
+    path = str(tmp_path / "r.sqlite")
+    with ResultStore(path) as store:
+        for bs, seed in ((32, 0), (32, 1), (16, 0)):
+            cell = _cell(norm="none", bs=bs, seed=seed)
+            store.add(cell, train_cell(cell, tiny_splits))
+    (line,) = [x for x in report.table(report.load_rows(path)).splitlines() if x.startswith("| none |")]
+    cells = line.split(" | ")
+    assert "(n=1)" in cells[1] and "(n=" not in cells[2] and cells[-1] == "1–2 |"
+
+
 def test_a_cell_written_before_a_config_field_existed_reads_with_its_default(tmp_path, tiny_splits):
     path = str(tmp_path / "r.sqlite")
     cell = _cell(norm="batchless", bs=32)

@@ -158,6 +158,8 @@ def table(rows: list[dict], metric: str = "test_acc") -> str:
             entries = []
             for b in sizes:
                 text = _fmt(cells[b], metric) if b in cells else "—"
+                if b in cells and len(cells[b]) < ns[-1]:  # a cell with fewer seeds than its row's others
+                    text += f" (n={len(cells[b])})"
                 if b in cells and best.get(b) is not None and mean_std(cells[b])[0] == best[b]:
                     text = f"**{text}**"
                 entries.append(text + ("*" if (dataset, key[1], b) in edge and metric == "lr" else ""))
