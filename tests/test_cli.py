@@ -78,7 +78,7 @@ def test_sigkill_loses_at_most_the_running_cell(tmp_path):
     proc = subprocess.Popen([sys.executable, "-c", code, *argv], env=env,
                             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     try:
-        deadline = time.monotonic() + 60
+        deadline = time.monotonic() + 600  # generous: a loaded machine imports torch slowly
         while time.monotonic() < deadline and proc.poll() is None:
             if os.path.exists(results) and _count(results) >= 2:
                 break

@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # The probes of EXPERIMENTS.md ("Why batchless trailed, and what fixed it"), one at a time, each printing a
-# JSON line (probe.py) or a text block (growth.py, lag.py); results.jsonl holds what they printed here.
+# JSON line (probe.py) or a text block (growth.py, lag.py); results.jsonl and results.txt hold what they printed here.
 # probe.py runs its prototype layer with options '{"proj", "gain"}' and run settings '{"bs", "lr", "seed",
 # "opt", "wd", "stats_scale", "slow", "stats_opt", "ws", "norm"}' (defaults: batch 64, lr 3e-3, 8 epochs).
 # They patch batchless_experiments' model builder in-process: the layers are built with std_speed=1 there.
