@@ -240,6 +240,16 @@ def test_store_writes_once_and_reports(tmp_path, tiny_splits):
         assert db.execute("PRAGMA integrity_check").fetchone()[0] == "ok"
 
 
+def test_a_cell_another_sweep_stored_after_this_one_planned_is_not_trained_again(tmp_path, tiny_splits):
+    from batchless_experiments import sweep
+
+    cell = _cell(norm="none", bs=32)
+    with ResultStore(str(tmp_path / "r.sqlite")) as store:
+        store.add(cell, train_cell(cell, tiny_splits))  # by the other sweep, after this one's plan
+        line = sweep._train_and_store(cell, store, tiny_splits, "cpu", progress=False)
+        assert line.endswith("stored by another process meanwhile, skipped") and store.count() == 1
+
+
 def test_a_cell_with_fewer_seeds_than_its_row_says_so(tmp_path, tiny_splits):
     path = str(tmp_path / "r.sqlite")
     with ResultStore(path) as store:

@@ -104,6 +104,8 @@ def run_cells(cells: list[Cell], store: ResultStore, splits: data.Splits | None 
 
 
 def _train_and_store(cell: Cell, store: ResultStore, splits: data.Splits, device: str, progress: bool) -> str:
+    if store.has(cell):  # another sweep on the same store finished it since this one made its plan
+        return f"  {describe_cell(cell)}: stored by another process meanwhile, skipped"
     result = train_cell(cell, splits, device=device, progress=progress)
     written = store.add(cell, result)
     return (f"  {describe_cell(cell)}: test_acc={result.test_acc:.4f} val_acc={result.history[-1].val_acc:.4f} "
