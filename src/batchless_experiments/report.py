@@ -244,9 +244,10 @@ def curves(rows: list[dict], path: str, title: str | None = None) -> None:
             m = [statistics.fmean(a) for a in acc]
             sd = [statistics.stdev(a) if len(a) > 1 else 0.0 for a in acc]
             x = range(1, epochs + 1)
-            ax.plot(x, m, label=key[1])
+            color = f"C{labels.index(key) % 10}"  # a label keeps its colour in panels that lack others
+            ax.plot(x, m, label=key[1], color=color)
             ax.fill_between(x, [u - v for u, v in zip(m, sd, strict=True)],
-                            [u + v for u, v in zip(m, sd, strict=True)], alpha=0.2)
+                            [u + v for u, v in zip(m, sd, strict=True)], color=color, alpha=0.2)
         ax.set_title(f"bs {b}")
         ax.set_xlabel("epoch")
         ax.grid(alpha=0.3)
