@@ -21,11 +21,12 @@ s.backup(d); d.close(); s.close()" "results/$1.sqlite" "$D/stores/$1.sqlite"
 
 if have fashion; then  # the README's headline table, the lr choices, curves, JSON
   $B report --results results/fashion.sqlite --metrics test_acc,test_acc_25,test_acc_50,lr,val_acc_best,wall_s \
-    --plot $D/fashion_batch_size.png --curves $D/fashion_curves.png > $D/fashion.md
+    --curves $D/fashion_curves.png > $D/fashion.md
   $B report --results results/fashion.sqlite --json > $D/fashion.json
-  # the README's headline: test accuracy with the rows named as the README names them (batch size 1 joins
-  # it when its cells are complete: --batch-sizes 1,4,16,64,256)
-  $B report --results results/fashion.sqlite --metrics test_acc --batch-sizes 4,16,64,256 | sed -e 's/^| bn |/| BatchNorm |/' \
+  # the README's headline and the batch-size plot: test accuracy, rows named as the README names them
+  # (batch size 1 joins them when its cells are complete: --batch-sizes 1,4,16,64,256)
+  $B report --results results/fashion.sqlite --metrics test_acc --batch-sizes 4,16,64,256 \
+    --plot $D/fashion_batch_size.png | sed -e 's/^| bn |/| BatchNorm |/' \
     -e 's/^| gn |/| GroupNorm |/' -e 's/^| ln |/| LayerNorm |/' -e 's/^| batchless |/| batchless (paper) |/' \
     -e 's/^| batchless \[std_speed=0.1\] |/| batchless (default) |/' > $D/fashion_headline.md
 fi
