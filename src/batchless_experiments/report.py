@@ -171,9 +171,8 @@ def table(rows: list[dict], metric: str = "test_acc") -> str:
 
 def json_records(rows: list[dict]) -> list[dict]:
     keep = ("dataset", "norm", "label", "batch_size", "seed", "test_acc", "test_acc_25", "test_acc_50",
-            "test_loss", "val_acc_best",
-            "val_acc_best_epoch", "val_loss_best", "test_acc_at_best_val", "wall_s", "act_mem_mb", "max_rss_mb",
-            "config", "history")
+            "test_loss", "val_acc_best", "val_acc_best_epoch", "val_loss_best", "test_acc_at_best_val", "wall_s",
+            "act_mem_mb", "max_rss_mb", "config", "history")
     return [{k: _json_number(r[k]) for k in keep} for r in rows]
 
 
