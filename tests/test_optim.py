@@ -1,5 +1,6 @@
-"""Weight decay and the batchless statistics: bl.param_groups, and the warning of an optimizer about
-to decay them (once per optimizer, whatever copies, conversions and reloads the model went through)."""
+"""Weight decay and the batchless statistics: torch's optimizers step them as without weight decay
+(the library cancels it), any other optimizer warns once with the fix (bl.param_groups), whatever
+copies, conversions and reloads the model went through."""
 
 import copy
 import gc
@@ -11,16 +12,41 @@ import weakref
 import pytest
 import torch
 from torch import nn
+from torch.optim.optimizer import register_optimizer_step_pre_hook
 
 import batchless as bl
 from batchless import _state
 
-DECAYING = {  # the real torch optimizers, each with weight decay on every parameter
-    "AdamW": lambda params: torch.optim.AdamW(params, lr=1e-3),  # weight_decay=0.01 by default
-    "SGD": lambda params: torch.optim.SGD(params, lr=0.1, weight_decay=1e-4),
-    "Adam": lambda params: torch.optim.Adam(params, lr=1e-3, weight_decay=1e-4),
+optim = torch.optim
+# torch's optimizers, each with weight decay on every parameter (coupled unless said otherwise)
+TORCH = {
+    "AdamW": lambda params: optim.AdamW(params, lr=1e-2),  # decoupled, weight_decay=0.01 by default
+    "AdamW-foreach": lambda params: optim.AdamW(params, lr=1e-2, weight_decay=0.5, foreach=True),
+    "AdamW-fused": lambda params: optim.AdamW(params, lr=1e-2, weight_decay=0.5, fused=True),
+    "Adam": lambda params: optim.Adam(params, lr=1e-2, weight_decay=0.5),
+    "Adam-decoupled": lambda params: optim.Adam(params, lr=1e-2, weight_decay=0.5,
+                                            decoupled_weight_decay=True),
+    "Adam-maximize": lambda params: optim.Adam(params, lr=1e-2, weight_decay=0.5, maximize=True),
+    "SGD": lambda params: optim.SGD(params, lr=0.1, weight_decay=0.5),
+    "SGD-nesterov-fused": lambda params: optim.SGD(params, lr=0.1, momentum=0.9, nesterov=True,
+                                               weight_decay=0.5, fused=True),
+    "SGD-maximize-foreach": lambda params: optim.SGD(params, lr=0.1, momentum=0.9, weight_decay=0.5,
+                                                 maximize=True, foreach=True),
+    "NAdam": lambda params: optim.NAdam(params, lr=1e-2, weight_decay=0.5),
+    "NAdam-decoupled": lambda params: optim.NAdam(params, lr=1e-2, weight_decay=0.5,
+                                              decoupled_weight_decay=True),
+    "RAdam-decoupled": lambda params: optim.RAdam(params, lr=1e-2, weight_decay=0.5,
+                                              decoupled_weight_decay=True),
+    "Adamax": lambda params: optim.Adamax(params, lr=1e-2, weight_decay=0.5),
+    "RMSprop": lambda params: optim.RMSprop(params, lr=1e-2, weight_decay=0.5, momentum=0.5),
+    "Adagrad": lambda params: optim.Adagrad(params, lr=1e-2, weight_decay=0.5),
+    "Adadelta": lambda params: optim.Adadelta(params, lr=1.0, weight_decay=0.5),
+    "ASGD": lambda params: optim.ASGD(params, lr=1e-2, weight_decay=0.5),
 }
-OPTIMIZERS = {"AdamW": torch.optim.AdamW, "SGD": torch.optim.SGD, "Adam": torch.optim.Adam}
+
+
+class MyAdamW(torch.optim.AdamW):
+    """A subclass: its update may differ from AdamW's, so the library only warns."""
 
 
 def make_model() -> nn.Module:
@@ -30,9 +56,10 @@ def make_model() -> nn.Module:
     return model
 
 
-def steps(model: nn.Module, optimizer: torch.optim.Optimizer, n: int = 3) -> list:
+def steps(model: nn.Module, optimizer: torch.optim.Optimizer, n: int = 3, seed: int = 0) -> list:
     """The warnings about weight decay that ``n`` training steps give."""
     dtype = next(model.parameters()).dtype
+    torch.manual_seed(seed)
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
         for _ in range(n):
@@ -42,39 +69,106 @@ def steps(model: nn.Module, optimizer: torch.optim.Optimizer, n: int = 3) -> lis
     return [w for w in caught if "weight_decay" in str(w.message)]
 
 
-@pytest.mark.parametrize("name", DECAYING)
-def test_an_optimizer_decaying_the_statistics_warns_once_with_the_fix(name):
+def without_decay(model: nn.Module, make_optimizer, n: int = 3) -> nn.Module:
+    """A copy of ``model`` after ``n`` steps of the optimizer with the statistics in a group of
+    their own without weight decay (``bl.param_groups``'s)."""
+    twin = copy.deepcopy(model)
+    optimizer = make_optimizer(twin.parameters())
+    decay = optimizer.param_groups[0]["weight_decay"]
+    assert decay > 0
+    stats = {id(p) for p in bl.statistics_parameters(twin)}
+    stat_group = optimizer.param_groups[0] | {"params": [], "weight_decay": 0.0}
+    optimizer.param_groups[0]["params"] = [p for p in twin.parameters() if id(p) not in stats]
+    optimizer.add_param_group(stat_group | {"params": bl.statistics_parameters(twin)})
+    assert steps(twin, optimizer, n) == []
+    return twin
+
+
+def differences(model: nn.Module, twin: nn.Module) -> tuple[float, float]:
+    """The largest relative differences of the statistics and of the other parameters."""
+    def largest(pairs) -> float:
+        return max(float(((a - b).abs() / b.abs().clamp_min(1e-3)).max()) for a, b in pairs)
+
+    ids = {id(p) for p in bl.statistics_parameters(model)}
+    with torch.no_grad():
+        pairs = list(zip(model.parameters(), twin.parameters(), strict=True))
+        return (largest((p, q) for p, q in pairs if id(p) in ids),
+                largest((p, q) for p, q in pairs if id(p) not in ids))
+
+
+@pytest.mark.parametrize("name", TORCH)
+def test_torch_optimizers_step_the_statistics_without_weight_decay(name):
     model = make_model()
-    (caught,) = steps(model, DECAYING[name](model.parameters()))
+    twin = without_decay(model, TORCH[name])
+    assert steps(model, TORCH[name](model.parameters())) == []  # no warning: nothing to fix
+    statistics, rest = differences(model, twin)
+    assert statistics < 1e-5 and rest < 1e-5  # the others were decayed alike
+    # without the library, the statistics would have been decayed: a visible difference
+    plain = copy.deepcopy(model)
+    optimizer = TORCH[name](plain.parameters())
+    with _hook_removed():
+        steps(plain, optimizer)
+    assert not differences(plain, twin)[0] <= 1e-3  # (or NaN: SGD diverges)
+
+
+class _hook_removed:
+    def __enter__(self):
+        bl.optim._HOOK.remove()
+
+    def __exit__(self, *_):
+        bl.optim._HOOK = register_optimizer_step_pre_hook(bl.optim._exempt_statistics)
+
+
+def test_the_cancelled_decay_follows_the_learning_rate_schedule():
+    make = TORCH["AdamW-foreach"]
+    model, twin = make_model(), make_model()
+    twin.load_state_dict(model.state_dict())
+    opt, twin_opt = make(model.parameters()), make(bl.param_groups(twin, weight_decay=0.5))
+    for o in (opt, twin_opt):
+        o.param_groups[-1]["lr"] = 1e-2
+    schedules = [optim.lr_scheduler.StepLR(o, step_size=1, gamma=0.3) for o in (opt, twin_opt)]
+    for m, o, schedule in zip((model, twin), (opt, twin_opt), schedules, strict=True):
+        for step in range(4):
+            steps(m, o, n=1, seed=step)
+            schedule.step()
+    assert differences(model, twin)[0] < 1e-5
+
+
+def test_statistics_without_a_gradient_are_left_alone():
+    model = make_model()
+    before = [p.clone() for p in bl.statistics_parameters(model)]
+    optimizer = optim.AdamW(model.parameters(), lr=1e-2, weight_decay=0.5)
+    model[0].weight.sum().backward()  # only the conv gets a gradient
+    optimizer.step()
+    stats = bl.statistics_parameters(model)
+    assert all(torch.equal(a, b) for a, b in zip(before, stats, strict=True))
+
+
+def test_other_optimizers_warn_once_with_the_fix():
+    model = make_model()
+    (caught,) = steps(model, MyAdamW(model.parameters()))
     message = str(caught.message)
     assert caught.filename == __file__  # the user's optimizer.step() line
-    assert message.startswith(f"{name} is about to step with weight_decay=")
+    assert message.startswith("MyAdamW is about to step with weight_decay=0.01")
     assert "on 4 batchless statistics parameters" in message and "mean towards 0" in message
-    assert f"{name}(batchless.param_groups(model, weight_decay=" in message
-    assert steps(model, DECAYING[name](model.parameters())) != []  # once per optimizer, not process
-
-
-@pytest.mark.parametrize("name", DECAYING)
-def test_no_warning_for_param_groups(name):
+    assert "MyAdamW(batchless.param_groups(model, weight_decay=0.01)" in message
+    assert steps(model, MyAdamW(model.parameters())) != []  # once per optimizer, not process
+    # and the decay is not cancelled: the subclass's step may differ from AdamW's
     model = make_model()
-    optimizer = OPTIMIZERS[name](bl.param_groups(model, weight_decay=0.1), lr=1e-3)
-    assert steps(model, optimizer) == []
-    # the statistics' first step is the one they take without any weight decay
-    twin = copy.deepcopy(model)
-    for m, groups in ((model, bl.param_groups(model, weight_decay=0.5)), (twin, twin.parameters())):
-        torch.manual_seed(0)
-        steps(m, OPTIMIZERS[name](groups, lr=1e-2, weight_decay=0.0), n=1)
-    pairs = zip(bl.statistics_parameters(model), bl.statistics_parameters(twin), strict=True)
-    assert all(torch.equal(a, b) for a, b in pairs)
-    assert not torch.equal(model[0].weight, twin[0].weight)  # the weights were decayed
+    twin = without_decay(model, lambda params: MyAdamW(params, lr=1e-2, weight_decay=0.5))
+    steps(model, MyAdamW(model.parameters(), lr=1e-2, weight_decay=0.5))
+    assert differences(model, twin)[0] > 1e-3
+
+
+def test_no_warning_for_param_groups():
+    model = make_model()
+    assert steps(model, MyAdamW(bl.param_groups(model, weight_decay=0.1), lr=1e-3)) == []
 
 
 @pytest.mark.parametrize("optimizer", [
-    lambda params: torch.optim.AdamW(params, weight_decay=0.0),
-    lambda params: torch.optim.SGD(params, lr=0.1),
-    lambda params: torch.optim.Adam(params),
+    lambda params: MyAdamW(params, weight_decay=0.0),
     lambda params: torch.optim.Rprop(params),  # no weight_decay option at all
-], ids=["AdamW-wd0", "SGD", "Adam", "Rprop"])
+], ids=["wd0", "Rprop"])
 def test_no_warning_without_weight_decay(optimizer):
     model = make_model()
     assert steps(model, optimizer(model.parameters())) == []
@@ -85,15 +179,24 @@ def test_no_warning_for_statistics_in_a_group_without_weight_decay():
     stats = set(bl.statistics_parameters(model))
     groups = [{"params": [p for p in model.parameters() if p not in stats]},
               {"params": list(stats), "weight_decay": 0}]
-    assert steps(model, torch.optim.AdamW(groups, weight_decay=0.1)) == []
+    assert steps(model, MyAdamW(groups, weight_decay=0.1)) == []
+
+
+def test_statistics_added_in_a_later_group_are_found():
+    model = make_model()
+    stats = set(bl.statistics_parameters(model))
+    optimizer = MyAdamW([p for p in model.parameters() if p not in stats])
+    assert steps(model, optimizer) == []
+    optimizer.add_param_group({"params": list(stats)})
+    assert len(steps(model, optimizer)) == 1
 
 
 def test_no_warning_for_models_without_batchless_layers():
     model = nn.Sequential(nn.Conv2d(3, 4, 3), nn.BatchNorm2d(4), nn.Flatten(), nn.Linear(16, 5))
-    assert steps(model, torch.optim.AdamW(model.parameters())) == []
+    assert steps(model, MyAdamW(model.parameters())) == []
     statistics = make_model()  # batchless layers elsewhere in the process do not matter
-    assert steps(model, torch.optim.AdamW(model.parameters())) == []
-    assert len(steps(statistics, torch.optim.AdamW(statistics.parameters()))) == 1
+    assert steps(model, MyAdamW(model.parameters())) == []
+    assert len(steps(statistics, MyAdamW(statistics.parameters()))) == 1
 
 
 @pytest.mark.parametrize("copy_model", [
@@ -104,8 +207,10 @@ def test_no_warning_for_models_without_batchless_layers():
 ], ids=["deepcopy", "pickle", "to", "reused"])
 def test_the_statistics_are_recognised_in_copies(copy_model):
     model = copy_model(make_model())
-    assert len(steps(model, torch.optim.AdamW(model.parameters()))) == 1
-    assert steps(model, torch.optim.AdamW(bl.param_groups(model, weight_decay=0.01))) == []
+    assert len(steps(model, MyAdamW(model.parameters()))) == 1
+    twin = without_decay(model, TORCH["AdamW-foreach"])
+    steps(model, TORCH["AdamW-foreach"](model.parameters()))
+    assert differences(model, twin)[0] < 1e-5
 
 
 def test_the_statistics_are_recognised_when_new_parameters_replace_them():
@@ -117,28 +222,32 @@ def test_the_statistics_are_recognised_when_new_parameters_replace_them():
         torch.__future__.set_overwrite_module_params_on_conversion(False)
     state = {k: v.clone() for k, v in model.state_dict().items()}
     model.load_state_dict(state, assign=True)  # and again
-    assert len(steps(model, torch.optim.AdamW(model.parameters()))) == 1
+    assert len(steps(model, MyAdamW(model.parameters()))) == 1
 
 
 def test_a_converted_batchnorm_model():
     model = bl.convert_batchnorm(nn.Sequential(nn.Conv2d(3, 4, 3), nn.BatchNorm2d(4), nn.Flatten(),
                                                nn.Linear(16, 5), nn.BatchNorm1d(5)))
-    assert len(steps(model, torch.optim.AdamW(model.parameters()))) == 1
-    assert steps(model, torch.optim.AdamW(bl.param_groups(model, weight_decay=0.01))) == []
+    assert len(steps(model, MyAdamW(model.parameters()))) == 1
+    assert steps(model, MyAdamW(bl.param_groups(model, weight_decay=0.01))) == []
 
 
 def test_reloading_registers_the_hook_once():
     importlib.reload(bl.optim)
     importlib.reload(bl)
     model = make_model()
-    assert len(steps(model, torch.optim.AdamW(model.parameters()))) == 1
+    assert len(steps(model, MyAdamW(model.parameters()))) == 1
+    twin = without_decay(model, TORCH["SGD"])
+    steps(model, TORCH["SGD"](model.parameters()))  # cancelled once, not twice
+    assert differences(model, twin)[0] < 1e-5
 
 
 def test_the_registries_keep_nothing_alive():
     model = make_model()
-    optimizer = torch.optim.AdamW(model.parameters())
+    optimizer = MyAdamW(model.parameters())
     steps(model, optimizer, 1)
-    assert model[1] in _state.STATE.layers and optimizer in _state.STATE.checked_optimizers
+    assert model[1] in _state.STATE.layers and optimizer in _state.STATE.optimizers
+    assert optimizer in _state.STATE.warned_optimizers
     alive = [weakref.ref(model[1]), weakref.ref(optimizer)]
     del model, optimizer
     gc.collect()

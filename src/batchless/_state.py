@@ -32,8 +32,11 @@ class State:
     # every live batchless layer (each adds itself when built or unpickled), to recognise its
     # statistics among an optimizer's parameters; weak, so that it keeps no layer alive
     layers: weakref.WeakSet = dataclasses.field(default_factory=weakref.WeakSet)
-    # the optimizers whose first step was checked for weight decay on the statistics (optim.py)
-    checked_optimizers: weakref.WeakSet = dataclasses.field(default_factory=weakref.WeakSet)
+    # optimizer -> (its number of groups, (group, statistics in it)...) (optim.py)
+    optimizers: weakref.WeakKeyDictionary = dataclasses.field(
+        default_factory=weakref.WeakKeyDictionary)
+    # the optimizers that warned of weight decay on the statistics (optim.py)
+    warned_optimizers: weakref.WeakSet = dataclasses.field(default_factory=weakref.WeakSet)
 
 
 STATE = State()

@@ -58,8 +58,9 @@ _CONTRACT = r"""Normalises each channel by a learned Gaussian, ``(x - mean) / st
     :func:`batchless.convert_batchnorm`); a first eager training forward with ``mean`` and ``std``
     still at ``init_mean`` and ``init_std`` warns, once per process.
 
-    Weight decay pulls ``mean`` and ``raw_std`` away from the input's statistics: keep it off them
-    with :func:`batchless.param_groups` (an optimizer about to step with it on them warns, once).
+    Weight decay would pull ``mean`` and ``raw_std`` away from the input's statistics: torch's own
+    optimizers step them as without it (:mod:`batchless.optim`), others warn once with the fix,
+    :func:`batchless.param_groups`.
 
     Args:
         num_features: number of channels ``C``.

@@ -1,10 +1,18 @@
-"""Optimizers and the batchless statistics: :func:`param_groups` keeps weight decay off them, and
-an optimizer about to step with weight decay on them warns, once.
+"""Optimizers and the batchless statistics: weight decay never moves them.
 
-Weight decay pulls a layer's ``mean`` towards 0 and its ``raw_std`` towards 0 (``std`` towards 1
-with the default ``std_param="log"``), away from the statistics of its input that the NLL fits.
-``torch.optim.AdamW`` decays every parameter by default (``weight_decay=0.01``), and SGD's or
-Adam's ``weight_decay`` does the same through the gradient.
+Weight decay would pull a layer's ``mean`` towards 0 and its ``raw_std`` towards 0 (``std`` towards
+1 with the default ``std_param="log"``), away from the statistics of its input that the NLL fits,
+which costs accuracy. BatchNorm's statistics are buffers, which no optimizer decays; batchless's
+are parameters (so that gradient accumulation and DDP train them), and
+``torch.optim.AdamW(model.parameters())`` decays every parameter by default. So before every step
+of torch's own optimizers (these classes exactly: ``Adam, AdamW, NAdam, RAdam, Adamax, SGD,
+RMSprop, Adagrad, Adadelta, ASGD``) a global step pre-hook cancels what their weight decay would do
+to the statistics that have a gradient: coupled decay (``grad += weight_decay * param``) is taken
+off the gradient in advance, decoupled decay (``param *= 1 - lr * weight_decay``: AdamW,
+``decoupled_weight_decay=True``) divided out of the parameter. Their step is then the one of a
+group with ``weight_decay=0``, up to float rounding; the other parameters, batchless's ``weight``
+and ``bias`` among them, are decayed as before (as BatchNorm's are). Any other optimizer, a
+subclass included (its update may differ), warns once instead, with the fix: :func:`param_groups`.
 """
 
 from __future__ import annotations
@@ -23,7 +31,8 @@ from .modules import _real
 
 def param_groups(model: nn.Module, weight_decay: float, **group_options) -> list[dict]:
     """Optimizer parameter groups: weight decay on every trainable parameter but the batchless
-    statistics, in the style of timm's ``param_groups_weight_decay``.
+    statistics, in the style of timm's ``param_groups_weight_decay``; for optimizers other than
+    torch's own, whose decay of the statistics the library cancels by itself.
 
     The first group holds every parameter of ``model`` that requires grad, except the ``mean`` and
     ``raw_std`` of its batchless layers, with ``weight_decay``; the second holds those statistics
@@ -61,28 +70,60 @@ def param_groups(model: nn.Module, weight_decay: float, **group_options) -> list
     return [group for group in groups if group["params"]]
 
 
-def _check_weight_decay(optimizer: torch.optim.Optimizer, args, kwargs) -> None:
-    """Before any optimizer's step (a global step pre-hook): at its first step, warn if a group
-    with weight decay holds a batchless statistics parameter. Later steps cost one lookup."""
-    if torch.compiler.is_compiling() or optimizer in STATE.checked_optimizers:
+def _exempt_statistics(optimizer: torch.optim.Optimizer, args, kwargs) -> None:
+    """Before any optimizer's step (a global step pre-hook): cancel its weight decay on the
+    batchless statistics (torch's optimizers), or warn once (any other)."""
+    if torch.compiler.is_compiling() or not STATE.layers:
         return
-    STATE.checked_optimizers.add(optimizer)
-    if not STATE.layers:  # no batchless layer in this process
+    for group, statistics in _statistics_in_groups(optimizer):
+        weight_decay = group.get("weight_decay")
+        if not _decays(weight_decay):
+            continue
+        if type(optimizer) not in _TORCH_OPTIMIZERS:
+            _warn_once(optimizer, weight_decay)
+            continue
+        params = [p for p in statistics if p.grad is not None]
+        with torch.no_grad():
+            if group.get("decoupled_weight_decay", type(optimizer) is torch.optim.AdamW):
+                kept = 1.0 - float(group["lr"]) * float(weight_decay)
+                if params and kept > 0.0:
+                    torch._foreach_div_(params, kept)
+            elif params:  # the optimizer negates the gradient under maximize, then adds the decay
+                sign = -1.0 if group.get("maximize", False) else 1.0
+                torch._foreach_add_([p.grad for p in params], params,
+                                    alpha=-sign * float(weight_decay))
+
+
+_TORCH_OPTIMIZERS = frozenset(getattr(torch.optim, name) for name in (
+    "Adam", "AdamW", "NAdam", "RAdam", "Adamax", "SGD", "RMSprop", "Adagrad", "Adadelta", "ASGD"))
+
+
+def _statistics_in_groups(optimizer: torch.optim.Optimizer) -> list:
+    """``(group, its batchless statistics parameters)`` for the groups of ``optimizer`` that hold
+    any: found at its first step and again whenever its number of groups changes."""
+    count, found = STATE.optimizers.get(optimizer, (None, None))
+    if count != len(optimizer.param_groups):
+        ids = {id(p) for layer in STATE.layers for name in ("mean", "raw_std")
+               if (p := layer._parameters.get(name)) is not None}
+        found = [(group, statistics) for group in optimizer.param_groups
+                 if (statistics := [p for p in group["params"] if id(p) in ids])]
+        STATE.optimizers[optimizer] = (len(optimizer.param_groups), found)
+    return found
+
+
+def _warn_once(optimizer: torch.optim.Optimizer, weight_decay) -> None:
+    if optimizer in STATE.warned_optimizers:
         return
-    statistics = {id(p) for layer in STATE.layers for name in ("mean", "raw_std")
-                  if (p := layer._parameters.get(name)) is not None}
-    decayed = [(group["weight_decay"], p) for group in optimizer.param_groups
-               if _decays(group.get("weight_decay")) for p in group["params"]
-               if id(p) in statistics]
-    if not decayed:
-        return
-    name, weight_decay = type(optimizer).__name__, decayed[0][0]
-    warn(f"{name} is about to step with weight_decay={weight_decay} on {len(decayed)} batchless "
+    STATE.warned_optimizers.add(optimizer)
+    count = sum(len(statistics) for group, statistics in _statistics_in_groups(optimizer)
+                if _decays(group.get("weight_decay")))
+    name = type(optimizer).__name__
+    warn(f"{name} is about to step with weight_decay={weight_decay} on {count} batchless "
          "statistics parameters (the mean and raw_std of BatchlessNorm layers): weight decay pulls "
          "each mean towards 0 and raw_std towards 0 (std towards 1 with the default "
          "std_param='log'), away from the statistics of the layer's input that the NLL fits, "
-         "which costs accuracy (a little at the default std_speed, much with std_speed=1). Keep "
-         f"weight decay off them: {name}(batchless.param_groups(model, "
+         "which costs accuracy. batchless cancels that for torch's own optimizers, not for "
+         f"{name}. Keep weight decay off them: {name}(batchless.param_groups(model, "
          f"weight_decay={weight_decay}), lr=...)")
 
 
@@ -97,4 +138,4 @@ def _decays(weight_decay) -> bool:
 _HOOK = globals().get("_HOOK")
 if _HOOK is not None:
     _HOOK.remove()
-_HOOK = register_optimizer_step_pre_hook(_check_weight_decay)
+_HOOK = register_optimizer_step_pre_hook(_exempt_statistics)
