@@ -7,6 +7,8 @@
 #   run_fashion.sh main       none, BatchNorm, GroupNorm, LayerNorm, batchless (defaults) x batch sizes 1..256,
 #                             and batchless with sigma learning 10x slower (--std-speed 0.1, the library default)
 #   run_fashion.sh resnet     ResNet-8 (norm after every conv) at batch 64, 10 epochs
+#   run_fashion.sh adamw      the CNN at batch 64 under AdamW, weight decay 0.05 on every parameter, as
+#                             AdamW(model.parameters()) gives it (batchless cancels it on its statistics)
 set -euo pipefail
 cd "$(dirname "$0")/../.."
 B=".venv/bin/batchless"
@@ -18,9 +20,13 @@ main)  # batch size 1 last: its runs take 5 to 10 times longer than the others'
 main-bs) $B sweep "${FAIR[@]}" --norms none,bn,gn,ln,batchless --batch-sizes "$2" --results results/fashion.sqlite ;;
 variant-bs) $B sweep "${FAIR[@]}" --norms batchless --std-speed 0.1 --batch-sizes "$2" \
         --results results/fashion.sqlite ;;
-resnet)  # ResNet-8 (width 16, a norm after every conv), 10 epochs, one run at a time (${2:-1} jobs)
-  R=("${FAIR[@]}" --model resnet --epochs 10 --jobs "${2:-1}" --batch-sizes 64 --results results/fashion_resnet.sqlite)
-  $B sweep "${R[@]}" --norms none,bn,gn,batchless
+resnet)  # ResNet-8 (width 16, a norm after every conv), 10 epochs, ${2:-2} runs at a time
+  R=("${FAIR[@]}" --model resnet --epochs 10 --jobs "${2:-2}" --batch-sizes 64 --results results/fashion_resnet.sqlite)
+  $B sweep "${R[@]}" --norms none,bn,gn,ln,batchless
   $B sweep "${R[@]}" --norms batchless --std-speed 0.1 ;;
-*) echo "usage: $0 main|resnet" >&2; exit 2 ;;
+adamw)
+  W=("${FAIR[@]}" --optimizer adamw --weight-decay 0.05 --batch-sizes 64 --results results/fashion_adamw.sqlite)
+  $B sweep "${W[@]}" --norms none,bn,gn,ln
+  $B sweep "${W[@]}" --norms batchless --std-speed 0.1 ;;
+*) echo "usage: $0 main|resnet|adamw" >&2; exit 2 ;;
 esac
