@@ -144,6 +144,49 @@ def test_statistics_without_a_gradient_are_left_alone():
     assert all(torch.equal(a, b) for a, b in zip(before, stats, strict=True))
 
 
+@pytest.mark.parametrize("name", ["AdamW-fused", "SGD-nesterov-fused", "Adam-fused"])
+def test_a_grad_scaler_stepping_a_fused_optimizer(name):
+    """The scaler leaves the gradients scaled and hands the optimizer the scale and found_inf."""
+    make = TORCH.get(name) or (lambda params: optim.Adam(params, lr=1e-2, weight_decay=0.5,
+                                                        fused=True))
+    model = make_model()
+    twin = without_decay(model, make)
+    optimizer, scaler = make(model.parameters()), torch.amp.GradScaler("cpu", init_scale=1024.0)
+    torch.manual_seed(0)
+    for _ in range(3):
+        optimizer.zero_grad()
+        with bl.nll_weight(scaler):
+            loss = model(torch.randn(2, 3, 4, 4)).square().mean()
+        scaler.scale(loss).backward()
+        scaler.step(optimizer)
+        scaler.update()
+    assert getattr(optimizer, "_step_supports_amp_scaling", False)
+    assert differences(model, twin)[0] < 1e-5
+    # a step the scaler skips (an inf gradient) moves nothing, the statistics included
+    before = [p.clone() for p in model.parameters()]
+    optimizer.zero_grad()
+    with bl.nll_weight(scaler):
+        loss = model(torch.randn(2, 3, 4, 4)).square().mean()
+    scaler.scale(loss).backward()
+    model[0].weight.grad[0, 0, 0, 0] = float("inf")
+    scaler.step(optimizer)
+    assert all(torch.equal(a, b) for a, b in zip(before, model.parameters(), strict=True))
+
+
+def test_a_step_with_a_closure_warns_and_is_not_touched():
+    model = make_model()
+    optimizer = optim.AdamW(model.parameters(), lr=1e-2, weight_decay=0.5)
+
+    def closure():
+        optimizer.zero_grad()
+        loss = model(torch.randn(2, 3, 4, 4)).square().mean()
+        loss.backward()
+        return loss
+
+    with pytest.warns(UserWarning, match="but not in a step with a closure. Keep weight decay"):
+        optimizer.step(closure)
+
+
 def test_other_optimizers_warn_once_with_the_fix():
     model = make_model()
     (caught,) = steps(model, MyAdamW(model.parameters()))

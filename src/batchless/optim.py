@@ -72,26 +72,48 @@ def param_groups(model: nn.Module, weight_decay: float, **group_options) -> list
 
 def _exempt_statistics(optimizer: torch.optim.Optimizer, args, kwargs) -> None:
     """Before any optimizer's step (a global step pre-hook): cancel its weight decay on the
-    batchless statistics (torch's optimizers), or warn once (any other)."""
+    batchless statistics (torch's optimizers), or warn once (any other, or a step with a closure,
+    which recomputes the gradients after this hook)."""
     if torch.compiler.is_compiling() or not STATE.layers:
         return
+    closure = (args[1] if len(args) > 1 else None) or kwargs.get("closure")  # (args[0]: optimizer)
     for group, statistics in _statistics_in_groups(optimizer):
         weight_decay = group.get("weight_decay")
         if not _decays(weight_decay):
             continue
-        if type(optimizer) not in _TORCH_OPTIMIZERS:
-            _warn_once(optimizer, weight_decay)
+        if type(optimizer) not in _TORCH_OPTIMIZERS or closure is not None:
+            _warn_once(optimizer, weight_decay, closure is not None)
             continue
         params = [p for p in statistics if p.grad is not None]
-        with torch.no_grad():
-            if group.get("decoupled_weight_decay", type(optimizer) is torch.optim.AdamW):
-                kept = 1.0 - float(group["lr"]) * float(weight_decay)
-                if params and kept > 0.0:
-                    torch._foreach_div_(params, kept)
-            elif params:  # the optimizer negates the gradient under maximize, then adds the decay
-                sign = -1.0 if group.get("maximize", False) else 1.0
-                torch._foreach_add_([p.grad for p in params], params,
-                                    alpha=-sign * float(weight_decay))
+        if params:
+            with torch.no_grad():
+                _cancel(optimizer, group, params, float(weight_decay))
+
+
+def _cancel(optimizer, group: dict, params: list, weight_decay: float) -> None:
+    """Cancel the decay that ``optimizer``'s step would give ``params`` of ``group``. A GradScaler
+    stepping a fused optimizer leaves it the scale (its gradients are still scaled) and
+    ``found_inf`` (a skipped step, which decays nothing either)."""
+    scale, found_inf = getattr(optimizer, "grad_scale", None), getattr(optimizer, "found_inf", None)
+    if group.get("decoupled_weight_decay", type(optimizer) is torch.optim.AdamW):
+        decay = float(group["lr"]) * weight_decay  # the step multiplies by 1 - decay: divide first
+        if decay >= 1.0:
+            return
+        if found_inf is None:
+            torch._foreach_div_(params, 1.0 - decay)
+        else:
+            kept = 1.0 - decay * (1.0 - found_inf.clamp(max=1.0))
+            for p in params:
+                p.div_(kept.to(p))
+        return
+    # coupled: the step negates the gradient under maximize, unscales it, then adds the decay
+    alpha = (1.0 if group.get("maximize", False) else -1.0) * weight_decay
+    grads = [p.grad for p in params]
+    if scale is None:
+        torch._foreach_add_(grads, params, alpha=alpha)
+    else:
+        for g, p in zip(grads, params, strict=True):
+            g.add_(p * scale.to(p), alpha=alpha)
 
 
 _TORCH_OPTIMIZERS = frozenset(getattr(torch.optim, name) for name in (
@@ -111,7 +133,7 @@ def _statistics_in_groups(optimizer: torch.optim.Optimizer) -> list:
     return found
 
 
-def _warn_once(optimizer: torch.optim.Optimizer, weight_decay) -> None:
+def _warn_once(optimizer: torch.optim.Optimizer, weight_decay, closure: bool) -> None:
     if optimizer in STATE.warned_optimizers:
         return
     STATE.warned_optimizers.add(optimizer)
@@ -122,8 +144,9 @@ def _warn_once(optimizer: torch.optim.Optimizer, weight_decay) -> None:
          "statistics parameters (the mean and raw_std of BatchlessNorm layers): weight decay pulls "
          "each mean towards 0 and raw_std towards 0 (std towards 1 with the default "
          "std_param='log'), away from the statistics of the layer's input that the NLL fits, "
-         "which costs accuracy. batchless cancels that for torch's own optimizers, not for "
-         f"{name}. Keep weight decay off them: {name}(batchless.param_groups(model, "
+         "which costs accuracy. batchless cancels that for torch's own optimizers, "
+         + ("but not in a step with a closure. " if closure else f"not for {name}. ")
+         + f"Keep weight decay off them: {name}(batchless.param_groups(model, "
          f"weight_decay={weight_decay}), lr=...)")
 
 
