@@ -35,6 +35,11 @@ if have fashion_resnet; then
     > $D/fashion_resnet.md
   $B report --results results/fashion_resnet.sqlite --json > $D/fashion_resnet.json
 fi
+for store in sgd_mnist1d sgd_fold; do  # issue 17's SGD probes on MNIST-1D (probes/sgd_mnist1d.sh)
+  if have $store; then
+    $B report --results results/$store.sqlite --metrics test_acc,test_acc_25,lr > $D/$store.md
+  fi
+done
 if have mnist1d; then
   $B report --results results/mnist1d.sqlite --norms none,bn,gn,ln,batchless --base-only \
     --metrics test_acc,val_acc_best --plot $D/mnist1d_batch_size.png > $D/mnist1d_headline.md
