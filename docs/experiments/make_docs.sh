@@ -35,7 +35,7 @@ if have fashion_resnet; then
     > $D/fashion_resnet.md
   $B report --results results/fashion_resnet.sqlite --json > $D/fashion_resnet.json
 fi
-for store in sgd_mnist1d sgd_fold; do  # issue 17's SGD probes on MNIST-1D (probes/sgd_mnist1d.sh)
+for store in sgd_mnist1d sgd_fold adam_mnist1d adam_fold; do  # MNIST-1D, fair protocol (probes/mnist1d_fair.sh)
   if have $store; then
     $B report --results results/$store.sqlite --metrics test_acc,test_acc_25,lr > $D/$store.md
   fi
