@@ -173,9 +173,15 @@ def test_a_grad_scaler_stepping_a_fused_optimizer(name):
     assert all(torch.equal(a, b) for a, b in zip(before, model.parameters(), strict=True))
 
 
-def test_a_step_with_a_closure_warns_and_is_not_touched():
+@pytest.mark.parametrize("name", ["AdamW", "SGD"])
+@pytest.mark.parametrize("keyword", [False, True])
+def test_a_step_with_a_closure(name, keyword):
+    """The closure computes the gradients inside the step (as Lightning's loop does): the decay is
+    cancelled after it, before the update."""
     model = make_model()
-    optimizer = optim.AdamW(model.parameters(), lr=1e-2, weight_decay=0.5)
+    twin = without_decay(model, TORCH[name])
+    optimizer = TORCH[name](model.parameters())
+    torch.manual_seed(0)
 
     def closure():
         optimizer.zero_grad()
@@ -183,8 +189,11 @@ def test_a_step_with_a_closure_warns_and_is_not_touched():
         loss.backward()
         return loss
 
-    with pytest.warns(UserWarning, match="but not in a step with a closure. Keep weight decay"):
-        optimizer.step(closure)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        for _ in range(3):
+            loss = optimizer.step(closure=closure) if keyword else optimizer.step(closure)
+    assert loss.dim() == 0 and differences(model, twin)[0] < 1e-5
 
 
 def test_other_optimizers_warn_once_with_the_fix():

@@ -70,19 +70,34 @@ def param_groups(model: nn.Module, weight_decay: float, **group_options) -> list
     return [group for group in groups if group["params"]]
 
 
-def _exempt_statistics(optimizer: torch.optim.Optimizer, args, kwargs) -> None:
+def _exempt_statistics(optimizer: torch.optim.Optimizer, args, kwargs):
     """Before any optimizer's step (a global step pre-hook): cancel its weight decay on the
-    batchless statistics (torch's optimizers), or warn once (any other, or a step with a closure,
-    which recomputes the gradients after this hook)."""
+    batchless statistics (torch's optimizers), or warn once (any other). A step with a closure
+    computes the gradients inside the step: the closure is wrapped to cancel after it runs."""
     if torch.compiler.is_compiling() or not STATE.layers:
-        return
+        return None
     closure = (args[1] if len(args) > 1 else None) or kwargs.get("closure")  # (args[0]: optimizer)
+    if closure is None or type(optimizer) not in _TORCH_OPTIMIZERS:
+        _exempt_now(optimizer)
+        return None
+
+    def closure_then_cancel():
+        loss = closure()
+        _exempt_now(optimizer)
+        return loss
+
+    if len(args) > 1:
+        return (args[0], closure_then_cancel, *args[2:]), kwargs
+    return args, {**kwargs, "closure": closure_then_cancel}
+
+
+def _exempt_now(optimizer: torch.optim.Optimizer) -> None:
     for group, statistics in _statistics_in_groups(optimizer):
         weight_decay = group.get("weight_decay")
         if not _decays(weight_decay):
             continue
-        if type(optimizer) not in _TORCH_OPTIMIZERS or closure is not None:
-            _warn_once(optimizer, weight_decay, closure is not None)
+        if type(optimizer) not in _TORCH_OPTIMIZERS:
+            _warn_once(optimizer, weight_decay)
             continue
         params = [p for p in statistics if p.grad is not None]
         if params:
@@ -133,7 +148,7 @@ def _statistics_in_groups(optimizer: torch.optim.Optimizer) -> list:
     return found
 
 
-def _warn_once(optimizer: torch.optim.Optimizer, weight_decay, closure: bool) -> None:
+def _warn_once(optimizer: torch.optim.Optimizer, weight_decay) -> None:
     if optimizer in STATE.warned_optimizers:
         return
     STATE.warned_optimizers.add(optimizer)
@@ -144,9 +159,8 @@ def _warn_once(optimizer: torch.optim.Optimizer, weight_decay, closure: bool) ->
          "statistics parameters (the mean and raw_std of BatchlessNorm layers): weight decay pulls "
          "each mean towards 0 and raw_std towards 0 (std towards 1 with the default "
          "std_param='log'), away from the statistics of the layer's input that the NLL fits, "
-         "which costs accuracy. batchless cancels that for torch's own optimizers, "
-         + ("but not in a step with a closure. " if closure else f"not for {name}. ")
-         + f"Keep weight decay off them: {name}(batchless.param_groups(model, "
+         "which costs accuracy. batchless cancels that for torch's own optimizers, not for "
+         f"{name}. Keep weight decay off them: {name}(batchless.param_groups(model, "
          f"weight_decay={weight_decay}), lr=...)")
 
 
