@@ -146,3 +146,31 @@ def test_no_weight_is_left_in_force_after_a_skipped_batch_or_fit():
     trainer.fit(Skipping(make_model()), loader)
     assert Skipping.weights == [(1 / K,)] * 3  # one batch per epoch, each with the weight of one block
     assert bl.weighting.current_nll_weight() == 1.0
+
+
+def test_weight_decay_does_not_reach_the_statistics():
+    """Lightning steps the optimizer with a closure; AdamW's decay of mean and raw_std is cancelled in
+    it as in a plain loop: the statistics end as with a group without decay, the rest decayed."""
+
+    class Decaying(Classifier):
+        def __init__(self, model, groups):
+            super().__init__(model)
+            self.groups = groups
+
+        def configure_optimizers(self):
+            return torch.optim.AdamW(self.groups(self.model), lr=0.05, weight_decay=0.5)
+
+    def fit(groups):
+        module = Decaying(make_model(), groups)
+        x, y = make_data()
+        loader = torch.utils.data.DataLoader(torch.utils.data.TensorDataset(x, y), batch_size=MICRO)
+        trainer = L.Trainer(accelerator="cpu", devices=1, max_steps=3, logger=False, enable_checkpointing=False,
+                            enable_progress_bar=False, enable_model_summary=False)
+        trainer.fit(module, loader)
+        return dict(module.model.named_parameters())
+
+    got = fit(lambda m: m.parameters())
+    want = fit(lambda m: bl.param_groups(m, weight_decay=0.5))
+    for name in want:
+        torch.testing.assert_close(got[name], want[name], rtol=1e-5, atol=1e-6)
+    assert not torch.equal(got["0.weight"], make_model()[0].weight)  # they trained (and decayed)
