@@ -6,7 +6,8 @@
 #                              and with a natural-gradient (EMA) step on the statistics (rate = learning rate)
 #   mnist1d_fair.sh sgd fold   batchless with its data-init statistics folded into the layer before it
 #                              (fold_init.py: the same function at init, std 1, so no 1/std^2 on SGD's rate)
-#   mnist1d_fair.sh adam       Adam (grid around 3e-3): the norms and the default; `adam fold` as above
+#   mnist1d_fair.sh adam       Adam (grid around 3e-3): the norms and the default; `adam fold` as above;
+#                              `adam speeds`: batchless at std_speed 0.03 and 0.3
 set -euo pipefail
 cd "$(dirname "$0")/../../.."
 P=docs/experiments/probes
@@ -15,6 +16,12 @@ opt=${1:-sgd}
 case $opt in sgd) lr=0.1 ;; adam) lr=3e-3 ;; *) echo "usage: $0 sgd|adam [fold]" >&2; exit 2 ;; esac
 A=(--dataset mnist1d --optimizer $opt --lr $lr --lr-grid 0.333,1,3 --extend-grid 2 --seeds 3 --jobs 1 --threads 1
    --epochs 20 --schedule cosine --batch-sizes "${BS:-64}")
+if [ "${2:-}" = speeds ]; then
+  for speed in 0.03 0.3; do
+    $B sweep "${A[@]}" --norms batchless --std-speed $speed --results "results/${opt}_mnist1d.sqlite"
+  done
+  exit
+fi
 if [ "${2:-}" = fold ]; then
   speeds=$([ "$opt" = sgd ] && echo "0.1 1" || echo 0.1)
   for speed in $speeds; do
