@@ -250,6 +250,24 @@ def test_a_cell_another_sweep_stored_after_this_one_planned_is_not_trained_again
         assert line.endswith("stored by another process meanwhile, skipped") and store.count() == 1
 
 
+@pytest.mark.parametrize("jobs, threads", [(1, None), (2, 1)])
+def test_the_last_cell_of_a_parallel_sweep_runs_on_one_thread(tmp_path, tiny_splits, monkeypatch, jobs, threads):
+    """With --jobs 2 and one cell left the sweep trains it in its own process: on one thread, as its
+    workers train theirs (several threads on 2 shared cores slow a batch-size-1 run many times over)."""
+    from batchless_experiments import sweep
+
+    seen = []
+    monkeypatch.setattr(sweep, "_train_and_store", lambda *a, **k: seen.append(torch.get_num_threads()) or "")
+    before = torch.get_num_threads()
+    torch.set_num_threads(2)
+    try:
+        with ResultStore(str(tmp_path / "r.sqlite")) as store:
+            sweep.run_cells([_cell(norm="none", bs=32)], store, tiny_splits, jobs=jobs)
+        assert seen == [threads or 2] and torch.get_num_threads() == 2
+    finally:
+        torch.set_num_threads(before)
+
+
 def test_a_cell_with_fewer_seeds_than_its_row_says_so(tmp_path, tiny_splits):
     path = str(tmp_path / "r.sqlite")
     with ResultStore(path) as store:

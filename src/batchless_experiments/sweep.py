@@ -13,6 +13,8 @@ import dataclasses
 import multiprocessing
 from collections.abc import Iterable
 
+import torch
+
 from . import data, tuning
 from .options import (
     add_training_options,
@@ -97,9 +99,15 @@ def run_cells(cells: list[Cell], store: ResultStore, splits: data.Splits | None 
         with multiprocessing.get_context("spawn").Pool(jobs, _worker_init, (source, store.path, device)) as pool:
             for line in progress_bar(pool.imap_unordered(_worker_run, todo), len(todo), "cells", leave=True):
                 log_line(line)
-    else:
-        for cell in progress_bar(todo, len(todo), "cells", leave=True):
-            log_line(_train_and_store(cell, store, splits, device, progress=True))
+    else:  # in this process; with jobs > 1 (one cell left) on one thread, as a worker would run it
+        threads = torch.get_num_threads()
+        if jobs > 1:
+            torch.set_num_threads(1)
+        try:
+            for cell in progress_bar(todo, len(todo), "cells", leave=True):
+                log_line(_train_and_store(cell, store, splits, device, progress=True))
+        finally:
+            torch.set_num_threads(threads)
     return len(todo)
 
 
