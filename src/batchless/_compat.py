@@ -22,6 +22,8 @@ transforms_active = torch._C._are_functorch_transforms_active  # a torch.func tr
 jit_tracing = torch._C._is_tracing  # torch.jit.trace recording?
 profiling = torch.autograd._profiler_enabled  # cheap (record_function is not); not traceable
 _graph_task_id = torch._C._current_graph_task_id  # -1: no backward running
+# one kernel launch for a list of tensors, as torch's optimizers step them (optim.py)
+foreach_add_, foreach_div_ = torch._foreach_add_, torch._foreach_div_
 
 
 def in_backward() -> bool:

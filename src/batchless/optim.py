@@ -23,6 +23,7 @@ import torch
 from torch import nn
 from torch.optim.optimizer import register_optimizer_step_pre_hook
 
+from . import _compat
 from ._state import STATE
 from .errors import BatchlessError, check_module, warn
 from .loss import statistics_parameters
@@ -115,7 +116,7 @@ def _cancel(optimizer, group: dict, params: list, weight_decay: float) -> None:
         if decay >= 1.0:
             return
         if found_inf is None:
-            torch._foreach_div_(params, 1.0 - decay)
+            _compat.foreach_div_(params, 1.0 - decay)
         else:
             kept = 1.0 - decay * (1.0 - found_inf.clamp(max=1.0))
             for p in params:
@@ -125,7 +126,7 @@ def _cancel(optimizer, group: dict, params: list, weight_decay: float) -> None:
     alpha = (1.0 if group.get("maximize", False) else -1.0) * weight_decay
     grads = [p.grad for p in params]
     if scale is None:
-        torch._foreach_add_(grads, params, alpha=alpha)
+        _compat.foreach_add_(grads, params, alpha=alpha)
     else:
         for g, p in zip(grads, params, strict=True):
             g.add_(p * scale.to(p), alpha=alpha)
