@@ -73,14 +73,9 @@ def without_decay(model: nn.Module, make_optimizer, n: int = 3) -> nn.Module:
     """A copy of ``model`` after ``n`` steps of the optimizer with the statistics in a group of
     their own without weight decay (``bl.param_groups``'s)."""
     twin = copy.deepcopy(model)
-    optimizer = make_optimizer(twin.parameters())
-    decay = optimizer.param_groups[0]["weight_decay"]
+    decay = make_optimizer(twin.parameters()).param_groups[0]["weight_decay"]  # (never stepped)
     assert decay > 0
-    stats = {id(p) for p in bl.statistics_parameters(twin)}
-    stat_group = optimizer.param_groups[0] | {"params": [], "weight_decay": 0.0}
-    optimizer.param_groups[0]["params"] = [p for p in twin.parameters() if id(p) not in stats]
-    optimizer.add_param_group(stat_group | {"params": bl.statistics_parameters(twin)})
-    assert steps(twin, optimizer, n) == []
+    assert steps(twin, make_optimizer(bl.param_groups(twin, weight_decay=decay)), n) == []
     return twin
 
 

@@ -77,14 +77,15 @@ def _exempt_statistics(optimizer: torch.optim.Optimizer, args, kwargs):
     computes the gradients inside the step: the closure is wrapped to cancel after it runs."""
     if torch.compiler.is_compiling() or not STATE.layers:
         return None
+    known = type(optimizer) in _TORCH_OPTIMIZERS
     closure = (args[1] if len(args) > 1 else None) or kwargs.get("closure")  # (args[0]: optimizer)
-    if closure is None or type(optimizer) not in _TORCH_OPTIMIZERS:
-        _exempt_now(optimizer)
+    if closure is None or not known:
+        _exempt_now(optimizer, known)
         return None
 
     def closure_then_cancel():
         loss = closure()
-        _exempt_now(optimizer)
+        _exempt_now(optimizer, known)
         return loss
 
     if len(args) > 1:
@@ -92,12 +93,12 @@ def _exempt_statistics(optimizer: torch.optim.Optimizer, args, kwargs):
     return args, {**kwargs, "closure": closure_then_cancel}
 
 
-def _exempt_now(optimizer: torch.optim.Optimizer) -> None:
+def _exempt_now(optimizer: torch.optim.Optimizer, known: bool) -> None:
     for group, statistics in _statistics_in_groups(optimizer):
         weight_decay = group.get("weight_decay")
         if not _decays(weight_decay):
             continue
-        if type(optimizer) not in _TORCH_OPTIMIZERS:
+        if not known:
             _warn_once(optimizer, weight_decay)
             continue
         params = [p for p in statistics if p.grad is not None]
