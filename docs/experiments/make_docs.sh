@@ -24,7 +24,6 @@ if have fashion; then  # the README's headline table, the lr choices, curves, JS
     --curves $D/fashion_curves.png > $D/fashion.md
   $B report --results results/fashion.sqlite --json > $D/fashion.json
   # the README's headline and the batch-size plot: test accuracy, rows named as the README names them
-  # (batch size 1: the paper's layer has seed 0 only so far, shown as (n=1))
   $B report --results results/fashion.sqlite --metrics test_acc --batch-sizes 1,4,16,64,256 \
     --plot $D/fashion_batch_size.png | sed -e 's/^| bn |/| BatchNorm |/' \
     -e 's/^| gn |/| GroupNorm |/' -e 's/^| ln |/| LayerNorm |/' -e 's/^| batchless |/| batchless (paper) |/' \
@@ -35,7 +34,11 @@ if have fashion_resnet; then
     > $D/fashion_resnet.md
   $B report --results results/fashion_resnet.sqlite --json > $D/fashion_resnet.json
 fi
-for store in sgd_mnist1d sgd_fold adam_mnist1d adam_fold; do  # MNIST-1D, fair protocol (probes/mnist1d_fair.sh)
+if have fashion_variants; then
+  $B report --results results/fashion_variants.sqlite --metrics test_acc,test_acc_25,test_acc_50,lr \
+    > $D/fashion_variants.md
+fi
+for store in sgd_mnist1d sgd_fold adam_mnist1d adam_fold adam_frozen adam_variants adam_radial; do  # MNIST-1D, fair protocol (probes/mnist1d_fair.sh)
   if have $store; then
     $B report --results results/$store.sqlite --metrics test_acc,test_acc_25,lr > $D/$store.md
   fi
