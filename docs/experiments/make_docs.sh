@@ -34,10 +34,11 @@ if have fashion_resnet; then
     > $D/fashion_resnet.md
   $B report --results results/fashion_resnet.sqlite --json > $D/fashion_resnet.json
 fi
-if have fashion_variants; then
-  $B report --results results/fashion_variants.sqlite --metrics test_acc,test_acc_25,test_acc_50,lr \
-    > $D/fashion_variants.md
-fi
+for store in fashion_variants fashion_resnet_variants; do  # run_fashion.sh variants: the statistics' speeds
+  if have $store; then
+    $B report --results results/$store.sqlite --metrics test_acc,test_acc_25,test_acc_50,lr > $D/$store.md
+  fi
+done
 for store in sgd_mnist1d sgd_fold adam_mnist1d adam_fold adam_frozen adam_variants adam_radial; do  # MNIST-1D, fair protocol (probes/mnist1d_fair.sh)
   if have $store; then
     $B report --results results/$store.sqlite --metrics test_acc,test_acc_25,lr > $D/$store.md

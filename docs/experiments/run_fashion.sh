@@ -10,6 +10,11 @@
 #   run_fashion.sh adamw      the CNN at batch 64 under AdamW, weight decay 0.05 on every parameter, as
 #                             AdamW(model.parameters()) gives it (batchless cancels it on its statistics)
 #   run_fashion.sh sgd        the CNN at batch 64 under SGD with momentum 0.9 (grid around 0.05)
+#   run_fashion.sh variants [SIZES [MODEL]]
+#                             the statistics' speeds (issue 17) at batch sizes SIZES (default 64,256) of the cnn
+#                             or resnet: frozen at the data init (their lr x 1e-4), and the mean 10x slower (lr x
+#                             0.1) with std at the default (under Adam a step on mean moves it stats-lr-scale x lr,
+#                             one on std's parametrization std_speed x stats-lr-scale x lr)
 set -euo pipefail
 cd "$(dirname "$0")/../.."
 B=".venv/bin/batchless"
@@ -33,5 +38,11 @@ sgd)
   S=("${FAIR[@]}" --optimizer sgd --lr 0.05 --batch-sizes 64 --results results/fashion_sgd.sqlite)
   $B sweep "${S[@]}" --norms none,bn,gn,ln
   $B sweep "${S[@]}" --norms batchless --std-speed 0.1 ;;
-*) echo "usage: $0 main|resnet|adamw|sgd" >&2; exit 2 ;;
+variants)
+  model=${3:-cnn}; store=results/fashion_variants.sqlite; epochs=20
+  [ "$model" = resnet ] && store=results/fashion_resnet_variants.sqlite && epochs=10
+  V=("${FAIR[@]}" --model "$model" --epochs $epochs --norms batchless --batch-sizes "${2:-64,256}" --results $store)
+  $B sweep "${V[@]}" --std-speed 0.1 --stats-lr-scale 1e-4
+  $B sweep "${V[@]}" --std-speed 1 --stats-lr-scale 0.1 ;;
+*) echo "usage: $0 main|resnet|adamw|sgd|variants" >&2; exit 2 ;;
 esac

@@ -7,7 +7,13 @@
 #   mnist1d_fair.sh sgd fold   batchless with its data-init statistics folded into the layer before it
 #                              (fold_init.py: the same function at init, std 1, so no 1/std^2 on SGD's rate)
 #   mnist1d_fair.sh adam       Adam (grid around 3e-3): the norms and the default; `adam fold` as above;
-#                              `adam speeds`: batchless at std_speed 0.03 and 0.3
+#                              `adam speeds`: batchless at std_speed 0.03 and 0.3; `adam frozen`: the
+#                              default with its statistics frozen at the data init (their lr x 1e-4);
+#                              `adam radial`: the default with radial.py's per-instance gradient projection;
+#                              `adam variants`: the statistics' speeds apart (Adam: a step on raw_std moves std
+#                              by std_speed x stats-lr-scale x lr, on mean by stats-lr-scale x lr): std at 0.01,
+#                              the mean frozen (1e-3 x) with std at the default 0.1; the mean at 0.1 and 0.01 x
+#                              with std at 0.1
 set -euo pipefail
 cd "$(dirname "$0")/../../.."
 P=docs/experiments/probes
@@ -19,6 +25,25 @@ A=(--dataset mnist1d --optimizer $opt --lr $lr --lr-grid 0.333,1,3 --extend-grid
 if [ "${2:-}" = speeds ]; then
   for speed in 0.03 0.3; do
     $B sweep "${A[@]}" --norms batchless --std-speed $speed --results "results/${opt}_mnist1d.sqlite"
+  done
+  exit
+fi
+if [ "${2:-}" = frozen ]; then
+  $B sweep "${A[@]}" --norms batchless --std-speed 0.1 --stats-lr-scale 1e-4 --results "results/${opt}_frozen.sqlite"
+  exit
+fi
+if [ "${2:-}" = variants ]; then
+  V=(--norms batchless --results "results/${opt}_variants.sqlite")
+  $B sweep "${A[@]}" "${V[@]}" --std-speed 0.01
+  $B sweep "${A[@]}" "${V[@]}" --std-speed 100 --stats-lr-scale 1e-3
+  $B sweep "${A[@]}" "${V[@]}" --std-speed 1 --stats-lr-scale 0.1
+  $B sweep "${A[@]}" "${V[@]}" --std-speed 10 --stats-lr-scale 0.01
+  exit
+fi
+if [ "${2:-}" = radial ]; then
+  for speed in 0.1 1; do
+    .venv/bin/python $P/radial.py sweep "${A[@]}" --norms batchless --std-speed $speed \
+      --results "results/${opt}_radial.sqlite"
   done
   exit
 fi
