@@ -9,12 +9,12 @@ def naive_std(raw, std_param, eps, gain):
             "inv": lambda: 1.0 / (torch.abs(s) + eps)}[std_param]()
 
 
-def naive_forward(x, mean, raw, weight, bias, std_param, eps, gain):
+def naive_forward(x, raw_mean, raw, weight, bias, std_param, eps, gain, mean_gain=1.0):
     """Returns (y, gauged nll) with the method's stop-gradients, elementwise, channel dim 1; sigma is
-    ``std_param``'s function of ``gain * raw``."""
+    ``std_param``'s function of ``gain * raw``, mu is ``mean_gain * raw_mean``."""
     shape = (1, -1) + (1,) * (x.dim() - 2)
     sigma = naive_std(raw, std_param, eps, gain).expand(x.shape[1]).reshape(shape)
-    mu = mean.expand(x.shape[1]).reshape(shape)
+    mu = (mean_gain * raw_mean).expand(x.shape[1]).reshape(shape)
     y = (x - mu.detach()) / sigma.detach()
     if weight is not None:
         y = y * weight.reshape(shape) + bias.reshape(shape)

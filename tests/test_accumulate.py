@@ -23,8 +23,8 @@ def make_model(nll, seed=0):
     )
     with torch.no_grad():  # statistics away from the data's, so that the NLL gradients are large
         for _, layer in bl.loss.batchless_layers(model):
-            layer.mean.uniform_(-1, 1)
-            layer.set_std(torch.rand_like(layer.mean) + 0.5)
+            layer.set_mean(torch.empty_like(layer.raw_mean).uniform_(-1, 1))
+            layer.set_std(torch.rand_like(layer.raw_mean) + 0.5)
     return model
 
 
@@ -44,7 +44,7 @@ def test_micro_batch_gradients_equal_full_batch(nll, m):
     x, y = DATA
     model = make_model(nll)
     want_loss, want = full_batch_grads(model, x, y)
-    assert want["0.mean"].abs().max() > 1e-3  # the statistics do get an NLL gradient
+    assert want["0.raw_mean"].abs().max() > 1e-3  # the statistics do get an NLL gradient
     model.zero_grad()
     loss = bl.accumulate(model, F.cross_entropy, x, y, micro_batch_size=m)
     assert abs(loss.item() - want_loss.item()) <= 1e-6 and not loss.requires_grad
@@ -61,10 +61,10 @@ def test_a_layer_frozen_with_eval_adds_no_nll(nll):
     model[2].eval()
     model.zero_grad()
     bl.accumulate(model, F.cross_entropy, x, y, micro_batch_size=4)
-    assert model[2].mean.grad is None and model[0].mean.grad.abs().max() > 0
+    assert model[2].raw_mean.grad is None and model[0].raw_mean.grad.abs().max() > 0
     model.zero_grad()
     (F.cross_entropy(model(x), y) + bl.nll_loss(model)).backward()
-    assert model[2].mean.grad is None and model[0].mean.grad.abs().max() > 0
+    assert model[2].raw_mean.grad is None and model[0].raw_mean.grad.abs().max() > 0
 
 
 @pytest.mark.parametrize("reentrant", [False, True])
@@ -125,7 +125,7 @@ def test_enclosing_nll_weight_scales_both_modes():
     assert_all_close(grads["explicit"], grads["implicit"], torch.float32)
     model = make_model("implicit")
     bl.accumulate(model, F.cross_entropy, x, y, micro_batch_size=3)
-    torch.testing.assert_close(grads["implicit"]["0.mean"], model[0].mean.grad * 0.25)
+    torch.testing.assert_close(grads["implicit"]["0.raw_mean"], model[0].raw_mean.grad * 0.25)
 
 
 class Wrapper(nn.Module):

@@ -211,8 +211,8 @@ def test_to_batchnorm_keeps_eval_output(shared):
                           nn.Flatten(), nn.Linear(4 * 4 * 4, 5), bl.BatchlessNorm1d(5, affine=False)).eval()
     with torch.no_grad():
         for _, layer in bl.loss.batchless_layers(model):
-            layer.mean.uniform_(-3, 3)
-            layer.set_std(torch.rand_like(layer.mean) * 3 + 0.1)
+            layer.set_mean(torch.empty_like(layer.raw_mean).uniform_(-3, 3))
+            layer.set_std(torch.rand_like(layer.raw_mean) * 3 + 0.1)
             if layer.affine:
                 layer.weight.uniform_(-2, 2)
                 layer.bias.uniform_(-1, 1)

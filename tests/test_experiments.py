@@ -18,8 +18,9 @@ import pytest
 import torch
 
 from batchless_experiments import cifar, data, report, tuning
+from batchless_experiments.cli import build_parser
 from batchless_experiments.models import NORMS, build_model, statistics_parameters
-from batchless_experiments.options import config_for_norm
+from batchless_experiments.options import config_for_norm, config_from_args
 from batchless_experiments.store import ResultStore
 from batchless_experiments.sweep import plan
 from batchless_experiments.train import Cell, EMAStatistics, TrainConfig, batches, train_cell
@@ -365,12 +366,16 @@ def test_cells_record_test_accuracy_at_the_quarters(tiny_splits):
     assert result.history[-1].test_acc == result.test_acc
 
 
-def test_std_speed_reaches_every_batchless_layer():
+@pytest.mark.parametrize("name", ["std_speed", "mean_speed"])
+def test_the_speeds_reach_every_batchless_layer(name):
     import batchless as bl
 
     for speed in (1.0, 0.1):
-        model = build_model("fashion-mnist", "batchless", std_speed=speed)
+        model = build_model("fashion-mnist", "batchless", **{name: speed})
         layers = [m for m in model.modules() if isinstance(m, (bl.BatchlessNorm1d, bl.BatchlessNorm2d))]
-        assert len(layers) == 6 and {m.std_speed for m in layers} == {speed}
-    with pytest.raises(ValueError, match="std_speed must be > 0"):
-        TrainConfig(std_speed=0)
+        assert len(layers) == 6 and {getattr(m, name) for m in layers} == {speed}
+    with pytest.raises(ValueError, match=f"{name} must be > 0"):
+        TrainConfig(**{name: 0})
+    args = build_parser().parse_args(["sweep", "--dataset", "mnist1d", "--norms", "batchless", "--batch-sizes", "4",
+                                      "--results", "r.sqlite", f"--{name.replace('_', '-')}", "0.3"])
+    assert getattr(config_from_args(args, "mnist1d"), name) == 0.3

@@ -16,8 +16,8 @@ def randomize(model):
     """Non-trivial statistics and affine parameters for every batchless layer."""
     with torch.no_grad():
         for _, layer in bl.loss.batchless_layers(model):
-            layer.mean.uniform_(-2, 2)
-            layer.set_std(torch.rand_like(layer.mean) * 2 + 0.1)
+            layer.set_mean(torch.empty_like(layer.raw_mean).uniform_(-2, 2))
+            layer.set_std(torch.rand_like(layer.raw_mean) * 2 + 0.1)
             if layer.affine:
                 layer.weight.uniform_(-2, 2)
                 layer.bias.uniform_(-1, 1)

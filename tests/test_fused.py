@@ -196,7 +196,7 @@ def test_native_kernels_say_what_they_support(cpu_kernels):
     for mean in (c[:2], c.double().to("meta")):
         assert not cpu_kernels.supports(x, mean, c, None, None)
     with pytest.raises(RuntimeError, match="unsupported"):
-        cpu_kernels.train(x.double(), c, c, "log", 0.0, 1.0, None, None, 1.0)
+        cpu_kernels.train(x.double(), c, c, "log", 0.0, 1.0, 1.0, None, None, 1.0)
 
 
 @pytest.mark.parametrize("std_param", STD_PARAMS)
@@ -218,7 +218,7 @@ def test_native_node_against_the_python_formula(cpu_kernels, std_param, shared, 
     gx, gweight, gbias = BF.affine_backward(g, x.detach(), *f)
     gmean, gstd = BF.nll_grads(a, b, f.inv, 1.0, shared=shared)
     (graw,) = torch.autograd.grad(std, layer.raw_std, gstd)
-    want = {"x": gx, "mean": gmean, "raw_std": graw, "weight": gweight, "bias": gbias}
+    want = {"x": gx, "raw_mean": gmean * layer.mean_speed, "raw_std": graw, "weight": gweight, "bias": gbias}
     assert_all_close(got, want, torch.float32)
     assert_close(y, y_formula, torch.float32)
     assert_close(layer._last.b, b, torch.float32)
@@ -342,8 +342,8 @@ def test_saved_input_given_back_in_another_layout(route, shape):
     with torch.autograd.graph.saved_tensors_hooks(transposed, lambda t: t):
         y = layer(x)
     g = torch.randn(shape)
-    got = torch.autograd.grad(y, [x, layer.weight, layer.mean], g)
-    want = torch.autograd.grad(layer(x), [x, layer.weight, layer.mean], g)
+    got = torch.autograd.grad(y, [x, layer.weight, layer.raw_mean], g)
+    want = torch.autograd.grad(layer(x), [x, layer.weight, layer.raw_mean], g)
     torch.testing.assert_close(got, want)
 
 
@@ -361,8 +361,8 @@ def test_double_backward_under_torch_func_matches_the_formula():
         return torch.func.functional_call(layer, params, (x,))
 
     def formula(params, x):
-        return naive_forward(x, params["mean"], params["raw_std"], params["weight"], params["bias"],
-                             "log", layer.eps, layer.std_speed)[0]
+        return naive_forward(x, params["raw_mean"], params["raw_std"], params["weight"], params["bias"],
+                             "log", layer.eps, layer.std_speed, layer.mean_speed)[0]
 
     got, want = (torch.func.grad(penalty)(params, f) for f in (ours, formula))
     assert want["weight"].abs().min() > 0

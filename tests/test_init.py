@@ -82,7 +82,7 @@ def test_badly_scaled_data_in_micro_batches_of_one():
         model[1].weight.mul_(50)
     bl.init_from_data(model, data)
     assert model.training and model[0].training
-    assert model[0].mean.grad is None and model[0]._last_nll is None
+    assert model[0].raw_mean.grad is None and model[0]._last_nll is None
     assert (model[0].mean - 1000).abs().max() < 50
     assert_standardized(model, data)
 
@@ -113,7 +113,7 @@ def test_measuring_all_layers_in_one_pass_would_fail():
         stats[layer] = (mean * layer.std.detach() + layer.mean.detach(), std * layer.std.detach())
     for layer, (mean, std) in stats.items():
         with torch.no_grad():
-            layer.mean.copy_(mean)
+            layer.set_mean(mean)
             layer.set_std(std)
     with pytest.raises(AssertionError):
         assert_standardized(model, tensors)

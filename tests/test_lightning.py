@@ -87,7 +87,7 @@ def ratios(got, want):
     return {name: ((got[name] * want[name]).sum() / want[name].square().sum()).item() for name in want}
 
 
-STATS = ("1.mean", "1.raw_std")
+STATS = ("1.raw_mean", "1.raw_std")
 
 
 def test_every_trainer_has_one_nll_weight_callback():

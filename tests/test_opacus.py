@@ -23,7 +23,7 @@ pytestmark = [
 ]
 
 B, CLIP = 8, 0.05
-STATS = ("1.mean", "1.raw_std")
+STATS = ("1.raw_mean", "1.raw_std")
 
 
 def make_model():

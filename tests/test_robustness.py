@@ -67,8 +67,8 @@ def test_onnx_export_of_folded_model(tmp_path):
     model = conv_model().eval()
     with torch.no_grad():
         for layer in (model[1], model[5]):
-            layer.mean.uniform_(-1, 1)
-            layer.set_std(torch.rand_like(layer.mean) + 0.5)
+            layer.set_mean(torch.empty_like(layer.raw_mean).uniform_(-1, 1))
+            layer.set_std(torch.rand_like(layer.raw_mean) + 0.5)
     folded = bl.fold(model)
     x = torch.randn(2, 3, 6, 6)
     path = tmp_path / "folded.onnx"
@@ -211,9 +211,9 @@ def test_half_precision_statistics_are_not_rounded(dtype, shape, route):
     for layer_dtype, x_in in ((torch.float32, x), (torch.float64, x.double())):
         layer = (bl.BatchlessNorm1d if len(shape) == 2 else bl.BatchlessNorm2d)(4, dtype=layer_dtype)
         with torch.no_grad():
-            layer.mean.fill_(100.0)
+            layer.set_mean(torch.full_like(layer.raw_mean, 100.0))
         layer(x_in).sum().backward()
-        grads.append(layer.mean.grad.double())
+        grads.append(layer.raw_mean.grad.double())
     torch.testing.assert_close(grads[0], grads[1], rtol=0, atol=1e-5)
 
 
@@ -236,7 +236,7 @@ def test_explicit_mode_records_no_graph_when_only_the_statistics_train(route):
     layer.weight.requires_grad_(False), layer.bias.requires_grad_(False)
     assert not layer(torch.randn(2, 3, 4, 4)).requires_grad
     bl.nll_loss(layer).backward()
-    assert layer.mean.grad is not None
+    assert layer.raw_mean.grad is not None
 
 
 def test_scalar_tensor_initial_statistics():
@@ -267,9 +267,9 @@ def test_non_finite_batch_keeps_statistics(nll, bad, route):
         y = layer(x)
     loss = y[:, [0, 2]].sum() + (bl.nll_loss(layer) if nll == "explicit" else 0)
     loss.backward()
-    assert torch.isfinite(layer.mean.grad).all() and torch.isfinite(layer.raw_std.grad).all()
-    assert layer.mean.grad[1] == 0 and layer.raw_std.grad[1] == 0  # the bad channel's NLL was dropped
-    assert layer.mean.grad[0] != 0  # the good channels still learn
+    assert torch.isfinite(layer.raw_mean.grad).all() and torch.isfinite(layer.raw_std.grad).all()
+    assert layer.raw_mean.grad[1] == 0 and layer.raw_std.grad[1] == 0  # the bad channel's NLL was dropped
+    assert layer.raw_mean.grad[0] != 0  # the good channels still learn
     assert layer.nonfinite_batches == 1
     with warnings.catch_warnings():
         warnings.simplefilter("error")  # warned once, counted always
@@ -315,7 +315,7 @@ def test_properties(n, spatial, std_param, affine, init_mean, init_std, scale, d
     y = layer(x)
     y.sum().backward()
     assert torch.isfinite(y).all() and torch.isfinite(x.grad).all()
-    assert torch.isfinite(layer.mean.grad).all() and torch.isfinite(layer.raw_std.grad).all()
+    assert torch.isfinite(layer.raw_mean.grad).all() and torch.isfinite(layer.raw_std.grad).all()
     layer.eval()
     torch.testing.assert_close(layer(x), y, rtol=1e-5, atol=1e-5)  # train and eval: one formula
     clone = cls(2, std_param=std_param, affine=affine, dtype=dtype)

@@ -1,8 +1,8 @@
 """The layer's variants as data, in the style of PyTorch's ModuleInfo (common_modules.py).
 
 One description of a layer and its input (:class:`Variant`: rank, std_param, nll mode, shared, affine,
-std_speed, dtype, memory layout, route) that the property tests iterate; one way to build both, to run a step and
-the reference's step (tests/reference.py, the one reference); shared tolerances; the routes.
+std_speed, mean_speed, dtype, memory layout, route) that the property tests iterate; one way to build both, to run a
+step and the reference's step (tests/reference.py, the one reference); shared tolerances; the routes.
 """
 
 from __future__ import annotations
@@ -23,7 +23,7 @@ CLASSES = {2: bl.BatchlessNorm1d, 3: bl.BatchlessNorm1d, 4: bl.BatchlessNorm2d, 
 STD_PARAMS = ("log", "abs", "inv")
 STD_SPEEDS = (1.0, 0.1)  # the paper's method, the library's default
 NLL_MODES = ("implicit", "explicit")
-PARAMS = ("mean", "raw_std", "weight", "bias")
+PARAMS = ("raw_mean", "raw_std", "weight", "bias")
 CAN_BUILD = _cpu_kernels.can_build()
 CUDA = pytest.mark.skipif(not torch.cuda.is_available(), reason="no CUDA")
 # The set_fused mode, and the NLL weight block, that force each route (if the input allows it);
@@ -55,6 +55,7 @@ class Variant:
     shared: bool = False
     affine: bool = True
     std_speed: float = 0.1
+    mean_speed: float = 0.1
     dtype: torch.dtype = torch.float64  # the input's
     layout: torch.memory_format = torch.contiguous_format
     route: str = "eager"
@@ -64,7 +65,7 @@ class Variant:
     def __str__(self) -> str:
         fields = [self.route, "x".join(map(str, self.shape)), str(self.dtype)[6:], self.std_param,
                   self.nll, "shared" * self.shared, "no-affine" * (not self.affine),
-                  f"speed{self.std_speed:g}", self.device,
+                  f"speed{self.std_speed:g}", f"mean{self.mean_speed:g}", self.device,
                   {torch.channels_last: "cl", torch.channels_last_3d: "cl3d"}.get(self.layout, "")]
         return "-".join(f for f in fields if f)
 
@@ -74,10 +75,10 @@ class Variant:
         dtype = self.param_dtype or (torch.float32 if self.dtype.itemsize == 2 else self.dtype)
         layer = CLASSES[len(self.shape)](self.shape[1], std_param=self.std_param, nll=self.nll,
                                          shared=self.shared, affine=self.affine, std_speed=self.std_speed,
-                                         dtype=dtype, device=self.device)
+                                         mean_speed=self.mean_speed, dtype=dtype, device=self.device)
         with torch.no_grad():
-            layer.mean.uniform_(-1, 1)
-            layer.set_std(torch.rand_like(layer.mean) + 0.5)
+            layer.set_mean(torch.rand_like(layer.raw_mean) * 2 - 1)
+            layer.set_std(torch.rand_like(layer.raw_mean) + 0.5)
             if self.affine:
                 layer.weight.uniform_(0.5, 1.5)
                 layer.bias.uniform_(-1, 1)
@@ -105,11 +106,12 @@ def variants(*, base: Variant = Variant(), **axes) -> list[Variant]:
 
 
 # The property table: the formula in float64 over every option (the eager route: exact; the paper's
-# std_speed 1 on one shape: the gain does not depend on it), and every route over dtypes and memory layouts in
-# float32 and bfloat16.
+# std_speed and mean_speed 1 on one shape: the gains do not depend on it), and every route over dtypes and memory
+# layouts in float32 and bfloat16.
 FORMULA = variants(shape=[(5, 3), (4, 3, 7), (3, 3, 4, 5), (2, 3, 2, 3, 4), (4, 3, 1400), (4, 3, 40, 40)],
                    std_param=STD_PARAMS, nll=NLL_MODES, shared=[False, True])
-FORMULA += variants(base=Variant(std_speed=1.0), std_param=STD_PARAMS, nll=NLL_MODES, shared=[False, True])
+FORMULA += variants(base=Variant(std_speed=1.0, mean_speed=1.0), std_param=STD_PARAMS, nll=NLL_MODES,
+                    shared=[False, True])
 LAYOUTS = [  # (shape, dtype, memory layout, affine, shared)
     ((4, 6, 5, 7), torch.float32, torch.contiguous_format, True, False),
     ((4, 6, 5, 7), torch.float32, torch.channels_last, True, False),
@@ -156,8 +158,8 @@ def reference_step(layer, x: torch.Tensor, g: torch.Tensor | None = None, traini
     leaves = {"x": x.detach().double().requires_grad_(x.requires_grad)}
     leaves.update((n, p.detach().double().requires_grad_(p.requires_grad))
                   for n, p in layer.named_parameters())
-    y, nll = naive_forward(leaves["x"], leaves["mean"], leaves["raw_std"], leaves.get("weight"),
-                           leaves.get("bias"), layer.std_param, layer.eps, layer.std_speed)
+    y, nll = naive_forward(leaves["x"], leaves["raw_mean"], leaves["raw_std"], leaves.get("weight"),
+                           leaves.get("bias"), layer.std_param, layer.eps, layer.std_speed, layer.mean_speed)
     g = torch.ones_like(y) if g is None else g.double()
     loss = (y * g).sum() + (nll if training and x.shape[0] else 0)
     wanted = {n: t for n, t in leaves.items() if t.requires_grad}

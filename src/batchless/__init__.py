@@ -8,7 +8,7 @@ Example::
     >>> import torch, batchless as bl
     >>> model = torch.nn.Sequential(torch.nn.Conv2d(3, 8, 3), bl.BatchlessNorm2d(8))
     >>> model(torch.randn(1, 3, 8, 8)).sum().backward()  # mean/std get their NLL gradient too
-    >>> model[1].mean.grad.shape
+    >>> model[1].raw_mean.grad.shape
     torch.Size([8])
 """
 

@@ -270,11 +270,13 @@ at::Tensor as_float(const at::Tensor& t) {  // t itself when it is contiguous fl
 
 // The per-channel factors as one (5, C) float32 tensor, rows: mean, inv = 1 / std, scale = weight /
 // std, shift = bias - mean * scale, and d std / d (the std argument), gain included; sigma is
-// batchless.functional.std_from_param of the std argument. mean and std are (C,) or shared (1,);
+// batchless.functional.std_from_param of the std argument, mu mean_from_param of the mean argument
+// (mean_gain times it). mean and std are (C,) or shared (1,);
 // one plain loop, as a handful of ATen calls on (C,) vectors costs more than the whole layer on
 // small inputs.
 at::Tensor factors_of(const at::Tensor& mean, const at::Tensor& std_, const std::string& std_param,
-                      double eps, double gain, const c10::optional<at::Tensor>& weight,
+                      double eps, double gain, double mean_gain,
+                      const c10::optional<at::Tensor>& weight,
                       const c10::optional<at::Tensor>& bias, int64_t C) {
   const bool is_log = std_param == "log", is_abs = std_param == "abs", is_inv = std_param == "inv";
   TORCH_CHECK(is_log || is_abs || is_inv || std_param == "std", "batchless: unknown std_param '",
@@ -287,10 +289,12 @@ at::Tensor factors_of(const at::Tensor& mean, const at::Tensor& std_, const std:
   const float* bp = b.defined() ? b.data_ptr<float>() : nullptr;
   const bool m1 = m.numel() != C, s1 = s.numel() != C;
   const float e = static_cast<float>(eps), g = static_cast<float>(gain);
+  const float h = static_cast<float>(mean_gain);
   auto f = at::empty({5, C}, m.options());
   float* fp = f.data_ptr<float>();
   for (int64_t c = 0; c < C; ++c) {
-    const float mu = mp[m1 ? 0 : c], raw = g * sp[s1 ? 0 : c];  // (as float32 torch: raw * gain)
+    // (as float32 torch computes raw * gain; a gain of 1 leaves the mean as it is)
+    const float mu = h == 1.f ? mp[m1 ? 0 : c] : h * mp[m1 ? 0 : c], raw = g * sp[s1 ? 0 : c];
     const float sign = raw > 0 ? 1.f : (raw < 0 ? -1.f : 0.f);
     float sd = raw, d = 1.f;
     if (is_log) sd = std::exp(raw), d = sd;
@@ -305,12 +309,12 @@ at::Tensor factors_of(const at::Tensor& mean, const at::Tensor& std_, const std:
 
 // Evaluation forward, y = (x - mean) / std * weight + bias, without autograd.
 at::Tensor batchless_eval(const at::Tensor& x, const at::Tensor& mean, const at::Tensor& std_,
-                          const std::string& std_param, double eps, double gain,
+                          const std::string& std_param, double eps, double gain, double mean_gain,
                           const c10::optional<at::Tensor>& weight,
                           const c10::optional<at::Tensor>& bias) {
   TORCH_CHECK(supports(x, mean, std_, weight, bias), "batchless: eval: unsupported tensors");
   const Layout v = layout_of(x);
-  const auto f = factors_of(mean, std_, std_param, eps, gain, weight, bias, v.C);
+  const auto f = factors_of(mean, std_, std_param, eps, gain, mean_gain, weight, bias, v.C);
   const float* fp = f.data_ptr<float>();
   auto y = at::empty_like(x);
   dispatch(x, [&](auto zero) {
@@ -376,26 +380,27 @@ std::vector<at::Tensor> formula_backward(const at::Tensor& gy, const at::Tensor&
 }
 
 // The training step as one autograd node, for a float NLL weight (or none: explicit mode, or the
-// weight is read at backward time by the caller); sigma's parametrization (gain included) is inside
-// the node too. Gradients: x, weight, bias by the kernel above (the gradient copied into x's layout
-// when it arrives in another); mean and the std argument: nll_weight * dNLL, dNLL/d(mean, std) =
-// (-a, 1 - b) / (C std) (batchless.functional.nll_grads), chained through d std / d (the std
-// argument) and summed over channels for a shared Gaussian. Mean and std are constants in the
+// weight is read at backward time by the caller); the parametrizations of mu and sigma (gains
+// included) are inside the node too. Gradients: x, weight, bias by the kernel above (the gradient
+// copied into x's layout when it arrives in another); the mean and std arguments: nll_weight * dNLL,
+// dNLL/d(mu, std) = (-a, 1 - b) / (C std) (batchless.functional.nll_grads), chained through
+// mean_gain and d std / d (the std argument), and summed over channels for a shared Gaussian. Mean and std are constants in the
 // output, and the NLL gradient is one in double backward.
 struct Train : public torch::autograd::Function<Train> {
   static torch::autograd::variable_list forward(
       torch::autograd::AutogradContext* ctx, const at::Tensor& x, const at::Tensor& mean,
       const at::Tensor& std_, const std::string& std_param, double eps, double gain,
-      const c10::optional<at::Tensor>& weight, const c10::optional<at::Tensor>& bias,
-      c10::optional<double> nll_weight) {
+      double mean_gain, const c10::optional<at::Tensor>& weight,
+      const c10::optional<at::Tensor>& bias, c10::optional<double> nll_weight) {
     const Layout v = layout_of(x);
-    const auto f = factors_of(mean, std_, std_param, eps, gain, weight, bias, v.C);
+    const auto f = factors_of(mean, std_, std_param, eps, gain, mean_gain, weight, bias, v.C);
     auto out = forward_with(x, v, f);  // y, a, b, finite (an output: empty, not undefined)
     if (!out[3].defined()) out[3] = at::empty({0}, x.options().dtype(at::kBool));
     ctx->save_for_backward({x, weight ? *weight : at::Tensor()});
     auto& data = ctx->saved_data;
     data["f"] = f, data["a"] = out[1], data["b"] = out[2];  // intermediates: no version counter
     data["nll_weight"] = nll_weight ? *nll_weight : -1.0;
+    data["mean_gain"] = mean_gain;
     data["shared"] = std::vector<bool>{mean.numel() != v.C, std_.numel() != v.C};
     if (bias) data["bias_dtype"] = bias->scalar_type();  // (absent: no bias, no gradient)
     ctx->mark_non_differentiable({out[1], out[2], out[3]});
@@ -435,31 +440,32 @@ struct Train : public torch::autograd::Function<Train> {
       gmean = at::empty({shared[0] ? 1 : C}, f.options());
       gstd = at::empty({shared[1] ? 1 : C}, f.options());
       float *gm = gmean.data_ptr<float>(), *gs = gstd.data_ptr<float>(), sum_m = 0.f, sum_s = 0.f;
+      const float h = static_cast<float>(data["mean_gain"].toDouble());
       for (int64_t c = 0; c < C; ++c) {
         const float k = fp[C + c] * static_cast<float>(nll_weight / C);
-        const float m = -ap[c] * k, s = (1.f - bp[c]) * k * fp[4 * C + c];
+        const float m = -ap[c] * k * h, s = (1.f - bp[c]) * k * fp[4 * C + c];
         if (shared[0]) sum_m += m; else gm[c] = m;  // a shared (1,) Gaussian: the sum over channels
         if (shared[1]) sum_s += s; else gs[c] = s;
       }
       if (shared[0]) gm[0] = sum_m;
       if (shared[1]) gs[0] = sum_s;
     }
-    // (no gradient for std_param, eps, gain and nll_weight)
-    return {gx, gmean, gstd, at::Tensor(), at::Tensor(), at::Tensor(), gweight, gbias,
+    // (no gradient for std_param, eps, the gains and nll_weight)
+    return {gx, gmean, gstd, at::Tensor(), at::Tensor(), at::Tensor(), at::Tensor(), gweight, gbias,
             at::Tensor()};
   }
 };
 
-// train(x, mean, std, std_param, eps, gain, weight, bias, nll_weight) -> [y, a, b, finite] through
-// the Train node; finite is None when every channel is finite.
+// train(x, mean, std, std_param, eps, gain, mean_gain, weight, bias, nll_weight) -> [y, a, b,
+// finite] through the Train node; finite is None when every channel is finite.
 torch::autograd::variable_list train(const at::Tensor& x, const at::Tensor& mean,
                                      const at::Tensor& std_, const std::string& std_param,
-                                     double eps, double gain,
+                                     double eps, double gain, double mean_gain,
                                      const c10::optional<at::Tensor>& weight,
                                      const c10::optional<at::Tensor>& bias,
                                      c10::optional<double> nll_weight) {
   TORCH_CHECK(supports(x, mean, std_, weight, bias), "batchless: train: unsupported tensors");
-  auto out = Train::apply(x, mean, std_, std_param, eps, gain, weight, bias, nll_weight);
+  auto out = Train::apply(x, mean, std_, std_param, eps, gain, mean_gain, weight, bias, nll_weight);
   if (out[3].numel() == 0) out[3] = at::Tensor();
   return out;
 }

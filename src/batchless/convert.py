@@ -113,7 +113,7 @@ def register_conversion(cls: type, fn: Conversion | None) -> None:
           (0): Conv2d(3, 8, kernel_size=(3, 3), stride=(1, 1))
           (1): Sequential(
             (0): BatchlessNorm2d(8, eps=1e-05, affine=True, std_param='log', nll='implicit',
-                                 std_speed=0.1)
+                                 std_speed=0.1, mean_speed=0.1)
             (1): ReLU()
           )
         )
@@ -294,7 +294,7 @@ def _from_batchnorm(bn: _BatchNorm, layer_kwargs: dict) -> nn.Module:
     layer = _TO_BATCHLESS[_batchnorm_base(bn)](bn.num_features, affine=bn.affine,
                                                device=bn.running_mean.device,
                                                dtype=bn.running_mean.dtype, **kwargs)
-    layer.mean.copy_(bn.running_mean)
+    layer.set_mean(bn.running_mean)
     layer.set_std((bn.running_var.double() + bn.eps).sqrt())
     _copy_affine(bn, layer)
     layer.train(bn.training)

@@ -13,10 +13,13 @@ The output treats :math:`\mu, \sigma` as constants, the NLL treats ``x`` as one,
 only two per-channel moments of the input, ``a = mean_c(x_hat)`` and ``b = mean_c(x_hat ** 2)``:
 ``dNLL/dmu_c = -a_c / (C sigma_c)``, ``dNLL/dsigma_c = (1 - b_c) / (C sigma_c)``. A layer stores
 sigma as a raw parameter ``r`` behind a gain ``g`` (its ``std_speed``): :math:`\sigma = f(g\,r)`,
-``f`` a parametrization of :func:`std_from_param`, so ``dNLL/dr = g f'(g r) dNLL/dsigma``.
+``f`` a parametrization of :func:`std_from_param`, so ``dNLL/dr = g f'(g r) dNLL/dsigma``; and mu
+as ``m`` behind its own gain ``h`` (``mean_speed``): :math:`\mu = h\,m`, ``dNLL/dm = h dNLL/dmu``
+(:func:`mean_from_param`).
 
 Each formula exists once, here: :func:`affine_forward`, :func:`affine_backward`
-(:func:`output_grads`), :func:`nll_grads`, :func:`std_from_param` (inverse: :func:`param_from_std`);
+(:func:`output_grads`), :func:`nll_grads`, :func:`std_from_param` (inverse: :func:`param_from_std`),
+:func:`mean_from_param`;
 the routes of :mod:`batchless.fused` run them, or kernels tested against them. Statistics are
 computed in float32 (float64 for float64 inputs); outputs come back in the input dtype.
 """
@@ -79,6 +82,12 @@ def std_from_param(raw: Tensor, std_param: str, eps: float, gain: float) -> Tens
     ``1 / (|s| + eps)``; ``"std"``: ``s`` is sigma. ``gain`` (> 0) is a layer's ``std_speed``.
     """
     return _parametrization(std_param)[0](raw if gain == 1.0 else raw * gain, eps)
+
+
+def mean_from_param(raw: Tensor, gain: float) -> Tensor:
+    """mu as a differentiable function of the raw parameter ``raw``: ``gain * raw`` (``gain`` > 0,
+    a layer's ``mean_speed``; ``raw`` itself at 1)."""
+    return raw if gain == 1.0 else raw * gain
 
 
 def param_from_std(std: Tensor, std_param: str, eps: float, gain: float) -> Tensor:
@@ -357,33 +366,35 @@ class _ImplicitNll(torch.autograd.Function):
         return gy, gmean, gstd, None, None, None
 
 
-def _train_native(x, mean, raw_std, std_param, eps, gain, weight, bias, nll_weight) -> TrainOutput:
+def _train_native(x, raw_mean, raw_std, std_param, eps, gain, mean_gain, weight, bias,
+                  nll_weight) -> TrainOutput:
     number = as_number(nll_weight)
     if nll_weight is None or number is not None:
         return TrainOutput._make(_fused.native_kernels().train(
-            x, mean, raw_std, std_param, eps, gain, weight, bias, number))
+            x, raw_mean, raw_std, std_param, eps, gain, mean_gain, weight, bias, number))
     # a weight read at backward time (a tensor, a GradScaler): _ImplicitNll delivers the NLL
-    out = _train_native(x, mean.detach(), raw_std.detach(), std_param, eps, gain, weight, bias,
-                        None)
-    std = std_from_param(raw_std, std_param, eps, gain)
+    out = _train_native(x, raw_mean.detach(), raw_std.detach(), std_param, eps, gain, mean_gain,
+                        weight, bias, None)
+    mean, std = mean_from_param(raw_mean, mean_gain), std_from_param(raw_std, std_param, eps, gain)
     return out._replace(y=_ImplicitNll.apply(out.y, mean, std, out.a, out.b, nll_weight))
 
 
-def _train_python(route: Route, x, mean, raw_std, std_param, eps, gain, weight, bias,
-                  nll_weight) -> TrainOutput:
-    std = std_from_param(raw_std, std_param, eps, gain)
+def _train_python(route: Route, x, raw_mean, raw_std, std_param, eps, gain, mean_gain, weight,
+                  bias, nll_weight) -> TrainOutput:
+    mean, std = mean_from_param(raw_mean, mean_gain), std_from_param(raw_std, std_param, eps, gain)
     if route is Route.TRACEABLE:
         return TrainOutput(*_TrainTraceable.apply(x, mean, std, weight, bias, nll_weight))
     return TrainOutput(*_Train.apply(x, mean, std, weight, bias, nll_weight, route))
 
 
-def _eval_native(x, mean, raw_std, *args) -> Tensor:
+def _eval_native(x, raw_mean, raw_std, *args) -> Tensor:
     """The native node without an NLL (mean and std constants): frozen-statistics fine-tuning."""
-    return _train_native(x, mean.detach(), raw_std.detach(), *args, None).y
+    return _train_native(x, raw_mean.detach(), raw_std.detach(), *args, None).y
 
 
-def _eval_python(x, mean, raw_std, std_param, eps, gain, weight, bias) -> Tensor:
+def _eval_python(x, raw_mean, raw_std, std_param, eps, gain, mean_gain, weight, bias) -> Tensor:
     with _compat.autocast_off(x):
+        mean = mean_from_param(raw_mean, mean_gain)
         f = factors(mean, std_from_param(raw_std, std_param, eps, gain), weight, x)
         return affine(x, f.mean, f.scale, bias)
 
@@ -413,11 +424,13 @@ def eval_forward(x: Tensor, mean: Tensor, std: Tensor, weight: Tensor | None,
     return eval_forward_param(x, mean, std, "std", 0.0, 1.0, weight, bias)
 
 
-def eval_forward_param(x: Tensor, mean: Tensor, raw_std: Tensor, std_param: str, eps: float,
-                       gain: float, weight: Tensor | None, bias: Tensor | None) -> Tensor:
-    """:func:`eval_forward` with sigma ``std_from_param(raw_std, std_param, eps, gain)``."""
-    route = _fused.choose_route(x, mean, raw_std, weight, bias, training=False)
-    return _run(_EVAL, route, x, mean, raw_std, std_param, eps, gain, weight, bias)
+def eval_forward_param(x: Tensor, raw_mean: Tensor, raw_std: Tensor, std_param: str, eps: float,
+                       gain: float, weight: Tensor | None, bias: Tensor | None, *,
+                       mean_gain: float = 1.0) -> Tensor:
+    """:func:`eval_forward` with sigma ``std_from_param(raw_std, std_param, eps, gain)`` and mu
+    ``mean_from_param(raw_mean, mean_gain)``."""
+    route = _fused.choose_route(x, raw_mean, raw_std, weight, bias, training=False)
+    return _run(_EVAL, route, x, raw_mean, raw_std, std_param, eps, gain, mean_gain, weight, bias)
 
 
 def train_forward(x: Tensor, mean: Tensor, std: Tensor, weight: Tensor | None, bias: Tensor | None,
@@ -442,12 +455,14 @@ def train_forward(x: Tensor, mean: Tensor, std: Tensor, weight: Tensor | None, b
     return train_forward_param(x, mean, std, "std", 0.0, 1.0, weight, bias, nll_weight)
 
 
-def train_forward_param(x: Tensor, mean: Tensor, raw_std: Tensor, std_param: str, eps: float,
-                        gain: float, weight: Tensor | None, bias: Tensor | None,
-                        nll_weight) -> TrainOutput:
-    """:func:`train_forward` with sigma given by its parameter, as in :func:`eval_forward_param`
-    (on the native route the parametrization's gradient is part of the layer's one node)."""
+def train_forward_param(x: Tensor, raw_mean: Tensor, raw_std: Tensor, std_param: str, eps: float,
+                        gain: float, weight: Tensor | None, bias: Tensor | None, nll_weight, *,
+                        mean_gain: float = 1.0) -> TrainOutput:
+    """:func:`train_forward` with mu and sigma given by their parameters, as in
+    :func:`eval_forward_param` (on the native route the parametrizations' gradients are part of the
+    layer's one node)."""
     if nll_weight is None and not any(t is not None and t.requires_grad for t in (x, weight, bias)):
-        mean, raw_std = mean.detach(), raw_std.detach()  # nothing to differentiate: no graph
-    route = _fused.choose_route(x, mean, raw_std, weight, bias, training=True)
-    return _run(_TRAIN, route, x, mean, raw_std, std_param, eps, gain, weight, bias, nll_weight)
+        raw_mean, raw_std = raw_mean.detach(), raw_std.detach()  # nothing to differentiate
+    route = _fused.choose_route(x, raw_mean, raw_std, weight, bias, training=True)
+    return _run(_TRAIN, route, x, raw_mean, raw_std, std_param, eps, gain, mean_gain, weight, bias,
+                nll_weight)

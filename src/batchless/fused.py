@@ -134,7 +134,7 @@ def route(x: Tensor, layer=None) -> Route:
     if layer is None:
         ones = torch.ones(x.shape[1], device=x.device)
         return choose_route(x, ones, ones, ones, ones, training=True)
-    return choose_route(x, layer.mean, layer.raw_std, layer.weight, layer.bias,
+    return choose_route(x, layer.raw_mean, layer.raw_std, layer.weight, layer.bias,
                         training=layer.training)
 
 

@@ -232,5 +232,5 @@ def _measure_and_set(model, batches, stratum, calls, max_batches, names) -> None
             raise BatchlessError(f"init_from_data: layer {names[layer]} saw no input "
                                  "elements (all batches empty?); pass batches with at least one "
                                  "instance")
-        layer.mean.copy_(m.mean.to(layer.mean))  # (under init_from_data's no_grad)
+        layer.set_mean(m.mean)
         layer.set_std(m.std())

@@ -52,7 +52,7 @@ def nll_loss(model: nn.Module) -> Tensor:
 
 
 def statistics_parameters(model: nn.Module) -> Iterator[nn.Parameter]:
-    """Every ``mean`` and ``raw_std`` parameter of the model's batchless layers.
+    """Every ``raw_mean`` and ``raw_std`` parameter of the model's batchless layers.
 
     For optimizer parameter groups, e.g. no weight decay (what :func:`batchless.param_groups`
     builds) and their own learning rate::
@@ -65,5 +65,5 @@ def statistics_parameters(model: nn.Module) -> Iterator[nn.Parameter]:
         >>> opt = torch.optim.AdamW(groups)
     """
     for _, layer in batchless_layers(model, "statistics_parameters"):
-        yield layer.mean
+        yield layer.raw_mean
         yield layer.raw_std

@@ -52,8 +52,11 @@ _CONTRACT = r"""Normalises each channel by a learned Gaussian, ``(x - mean) / st
     ``std`` is stored as ``raw_std`` behind a gain, :math:`\sigma = f(\text{std\_speed} \cdot
     \text{raw\_std})` with ``f`` the ``std_param`` parametrization, so a step on ``raw_std`` moves
     ``f``'s argument ``std_speed`` times as far as at 1 under Adam or AdamW, ``std_speed ** 2``
-    times under SGD; ``mean`` has no gain. The default, 0.1, trains more accurate networks
-    (EXPERIMENTS.md); 1 is the paper's method. A slow ``std`` stays near its start for long: call
+    times under SGD; ``mean`` likewise as ``raw_mean``, :math:`\mu = \text{mean\_speed} \cdot
+    \text{raw\_mean}`. The defaults, 0.1, train more accurate networks (EXPERIMENTS.md); 1 and 1
+    are the paper's method. ``mean`` and ``std`` are computed from the raw parameters (as with
+    ``torch.nn.utils.parametrize``: set them with :meth:`set_mean` and :meth:`set_std`, not in
+    place). Slow statistics stay near their start for long: call
     :func:`batchless.init_from_data` before training (or convert a trained BatchNorm model with
     :func:`batchless.convert_batchnorm`); a first eager training forward with ``mean`` and ``std``
     still at ``init_mean`` and ``init_std`` warns, once per process.
@@ -73,6 +76,7 @@ _CONTRACT = r"""Normalises each channel by a learned Gaussian, ``(x - mean) / st
         nll: ``"implicit"`` or ``"explicit"``, see above. Default: ``"implicit"``.
         shared: one Gaussian for all channels instead of one per channel. Default: False.
         std_speed: the gain on ``std``'s parametrization, see above. Default: 0.1.
+        mean_speed: the gain on ``mean``, see above. Default: 0.1.
 """
 
 
@@ -93,22 +97,26 @@ def _doc(name: str, inputs: str, example: str) -> str:
 class _BatchlessNorm(nn.Module):
     """The layer, whatever its input rank: the 1d/2d/3d classes differ only in ``_input_dims``."""
 
-    _version = 2  # 2: raw_std is stored behind the gain std_speed (1: without one, i.e. gain 1)
+    # 2: raw_std is stored behind the gain std_speed (1: without one, i.e. gain 1); 3: the mean too,
+    # as raw_mean behind mean_speed (2: a parameter `mean`, i.e. gain 1)
+    _version = 3
     _input_dims: tuple[int, ...] = ()
 
     def __init__(self, num_features: int, eps: float = 1e-5, affine: bool = True,
                  std_param: str = "log", init_mean: float = 0.0, init_std: float = 1.0,
                  nll: str = "implicit", shared: bool = False, std_speed: float = 0.1,
-                 device=None, dtype=None) -> None:
-        _check_arguments(num_features, eps, std_param, init_mean, init_std, nll, std_speed)
+                 mean_speed: float = 0.1, device=None, dtype=None) -> None:
+        _check_arguments(num_features, eps, std_param, init_mean, init_std, nll, std_speed,
+                         mean_speed)
         super().__init__()
         factory = {"device": device, "dtype": dtype}
         self.num_features, self.eps, self.affine = num_features, eps, affine
         self.std_param, self.init_mean, self.init_std = std_param, init_mean, init_std
         self.nll, self.shared = nll, shared
         self.std_speed = float(std_speed)  # (a Python number: a constant of the native node)
+        self.mean_speed = float(mean_speed)
         stat_shape = (1,) if shared else (num_features,)
-        self.mean = nn.Parameter(torch.empty(stat_shape, **factory))
+        self.raw_mean = nn.Parameter(torch.empty(stat_shape, **factory))
         self.raw_std = nn.Parameter(torch.empty(stat_shape, **factory))
         if affine:
             self.weight = nn.Parameter(torch.empty(num_features, **factory))
@@ -125,14 +133,26 @@ class _BatchlessNorm(nn.Module):
 
     def reset_parameters(self) -> None:
         with torch.no_grad():
-            self.mean.fill_(self.init_mean)
+            self.set_mean(torch.full_like(self.raw_mean, self.init_mean))
             self.set_std(torch.full_like(self.raw_std, self.init_std))
             if self.affine:
                 nn.init.ones_(self.weight)
                 nn.init.zeros_(self.bias)
         # whether the first eager training forward checks that the statistics left their initial
-        # values (set_std, init_from_data, convert_batchnorm and load_state_dict set them)
+        # values (set_mean, set_std, init_from_data, convert_batchnorm and load_state_dict set them)
         self._check_statistics = True
+
+    @property
+    def mean(self) -> Tensor:
+        """mu: ``mean_speed * raw_mean``, differentiable in ``raw_mean`` (``raw_mean`` itself at
+        ``mean_speed=1``)."""
+        return BF.mean_from_param(self.raw_mean, self.mean_speed)
+
+    @torch.no_grad()
+    def set_mean(self, mean: Tensor) -> None:
+        """Set ``raw_mean`` so that ``mean`` is ``mean`` (up to float rounding)."""
+        self.raw_mean.copy_(mean.to(self.raw_mean) / self.mean_speed)
+        self._check_statistics = False
 
     @property
     def std(self) -> Tensor:
@@ -160,7 +180,7 @@ class _BatchlessNorm(nn.Module):
             raise BatchlessError(f"{name} expects a floating-point input, got {x.dtype}")
         # torch's ExpandedWeights (which replace all of a module's parameters) run only functions
         # they know: ours would get no gradient on the native route, fail on the others
-        if isinstance(self.mean, _compat.ExpandedWeight):
+        if isinstance(self.raw_mean, _compat.ExpandedWeight):
             raise BatchlessError(
                 f"{name} got torch's ExpandedWeights as parameters (Opacus's "
                 "grad_sample_mode=\"ew\"), which cannot compute its per-sample gradients. "
@@ -174,8 +194,9 @@ class _BatchlessNorm(nn.Module):
         if not self.training:
             if self.nll == "explicit":  # no NLL from this forward: nll_loss must not give the last
                 last.nll, last.used = None, True
-            return BF.eval_forward_param(x, self.mean, self.raw_std, self.std_param, self.eps,
-                                         self.std_speed, self.weight, self.bias)
+            return BF.eval_forward_param(x, self.raw_mean, self.raw_std, self.std_param, self.eps,
+                                         self.std_speed, self.weight, self.bias,
+                                         mean_gain=self.mean_speed)
         implicit = self.nll == "implicit"
         eager = not torch.compiler.is_compiling()
         if eager and self._check_statistics:
@@ -190,8 +211,9 @@ class _BatchlessNorm(nn.Module):
         if implicit:  # activation checkpointing re-runs the forward in the backward: its weight
             weight_nll = last.weight = (last.weight if eager and _compat.in_backward()
                                         else current_nll_weight())
-        out = BF.train_forward_param(x, self.mean, self.raw_std, self.std_param, self.eps,
-                                     self.std_speed, self.weight, self.bias, weight_nll)
+        out = BF.train_forward_param(x, self.raw_mean, self.raw_std, self.std_param, self.eps,
+                                     self.std_speed, self.weight, self.bias, weight_nll,
+                                     mean_gain=self.mean_speed)
         # implicit: the NLL is only reported, so it is computed when asked for (see _last_nll)
         last.b, last.used = (out.b if implicit else None), implicit
         last.nll = None if implicit else BF.nll_from_moments(self.mean, self.std, out.a, out.b)
@@ -202,15 +224,16 @@ class _BatchlessNorm(nn.Module):
     def _warn_if_initial_statistics(self) -> None:
         """Warn (once per process) if ``mean`` and ``std`` still hold ``init_mean``, ``init_std``;
         not under torch.func or a trace, whose tensors hold no values (a later forward checks)."""
-        if (_compat.transforms_active() or _compat.jit_tracing() or _compat.is_wrapped(self.mean)
-                or self.mean.is_meta):
+        if (_compat.transforms_active() or _compat.jit_tracing()
+                or _compat.is_wrapped(self.raw_mean) or self.raw_mean.is_meta):
             return
         self._check_statistics = False
         with torch.no_grad():
             initial_raw = BF.param_from_std(torch.full_like(self.raw_std, self.init_std),
                                             self.std_param, self.eps, self.std_speed)
+            initial_mean = torch.full_like(self.raw_mean, self.init_mean) / self.mean_speed
             initial = (torch.equal(self.raw_std, initial_raw)
-                       and bool((self.mean == self.init_mean).all()))
+                       and torch.equal(self.raw_mean, initial_mean))
         if initial:
             _warn_once("initial statistics", f"{type(self).__name__}({self.num_features}) started "
                        f"training with its mean and std still at init_mean={self.init_mean} and "
@@ -254,7 +277,8 @@ class _BatchlessNorm(nn.Module):
     def extra_repr(self) -> str:
         s = (f"{self.num_features}, eps={self.eps}, affine={self.affine}, "
              f"std_param={self.std_param!r}, nll={self.nll!r}")
-        return s + (", shared=True" if self.shared else "") + f", std_speed={self.std_speed}"
+        return (s + (", shared=True" if self.shared else "")
+                + f", std_speed={self.std_speed}, mean_speed={self.mean_speed}")
 
     def _load_from_state_dict(self, state_dict, prefix, local_metadata, strict, missing_keys,
                               unexpected_keys, error_msgs):
@@ -263,14 +287,18 @@ class _BatchlessNorm(nn.Module):
                 f"the checkpoint holds a BatchNorm at {prefix[:-1] or 'the root'!r} (running_mean/"
                 f"running_var), but this is a {type(self).__name__}: load it into the original "
                 "BatchNorm model and convert it with batchless.convert_batchnorm(model)")
-        raw_std, version = prefix + "raw_std", local_metadata.get("version")
+        raw_std, raw_mean = prefix + "raw_std", prefix + "raw_mean"
+        version = local_metadata.get("version")
+        # (load_state_dict passes a copy of the user's dict: replacing entries is safe)
         if (version is None or version < 2) and raw_std in state_dict:
             # saved before std_speed existed, with gain 1: the same std takes raw_std / std_speed
-            # (load_state_dict passes a copy of the user's dict: replacing an entry is safe)
             state_dict[raw_std] = state_dict[raw_std] / self.std_speed
+        if (version is None or version < 3) and prefix + "mean" in state_dict:
+            # saved before mean_speed existed, as `mean`: the same mean takes mean / mean_speed
+            state_dict[raw_mean] = state_dict.pop(prefix + "mean") / self.mean_speed
         super()._load_from_state_dict(state_dict, prefix, local_metadata, strict, missing_keys,
                                       unexpected_keys, error_msgs)
-        if raw_std in state_dict or prefix + "mean" in state_dict:
+        if raw_std in state_dict or raw_mean in state_dict:
             self._check_statistics = False  # loaded statistics are the user's
 
     def __getstate__(self):
@@ -282,6 +310,10 @@ class _BatchlessNorm(nn.Module):
     def __setstate__(self, state):
         state.setdefault("std_speed", 1.0)  # pickled before std_speed existed: it had gain 1
         state.setdefault("_check_statistics", False)
+        if "mean" in state["_parameters"]:  # pickled before mean_speed existed: gain 1
+            state["_parameters"] = {("raw_mean" if k == "mean" else k): v
+                                    for k, v in state["_parameters"].items()}
+            state["mean_speed"] = 1.0
         super().__setstate__(state)
         STATE.layers.add(self)  # unpickled or deep-copied: a new layer, see __init__
 
@@ -318,7 +350,8 @@ def _real(value) -> bool:
     return isinstance(value, numbers.Real) and not isinstance(value, bool)
 
 
-def _check_arguments(num_features, eps, std_param, init_mean, init_std, nll, std_speed) -> None:
+def _check_arguments(num_features, eps, std_param, init_mean, init_std, nll, std_speed,
+                     mean_speed) -> None:
     if isinstance(num_features, bool) or not isinstance(num_features, int) or num_features <= 0:
         raise BatchlessError(f"num_features must be a positive int (the channel count C), got "
                              f"{num_features!r}")
@@ -333,9 +366,10 @@ def _check_arguments(num_features, eps, std_param, init_mean, init_std, nll, std
         raise BatchlessError(f"init_mean must be a number, got {init_mean!r}")
     if nll not in NLL_MODES:
         raise BatchlessError(f"nll must be one of {NLL_MODES}, got {nll!r}")
-    if not _real(std_speed) or not (math.isfinite(std_speed) and std_speed > 0):
-        raise BatchlessError(f"std_speed must be a finite number > 0 (1: the paper's method), got "
-                             f"{std_speed!r}")
+    for name, speed in (("std_speed", std_speed), ("mean_speed", mean_speed)):
+        if not _real(speed) or not (math.isfinite(speed) and speed > 0):
+            raise BatchlessError(f"{name} must be a finite number > 0 (1: the paper's method), "
+                                 f"got {speed!r}")
 
 
 def _warn_once(key: str, message: str) -> None:

@@ -1,11 +1,11 @@
 """Optimizers and the batchless statistics: weight decay never moves them.
 
-Weight decay would pull a layer's ``mean`` towards 0 and its ``raw_std`` towards 0 (``std`` towards
-1 with the default ``std_param="log"``), away from the statistics of its input that the NLL fits,
-which costs accuracy. BatchNorm's statistics are buffers, which no optimizer decays; batchless's
-are parameters (so that gradient accumulation and DDP train them), and
-``torch.optim.AdamW(model.parameters())`` decays every parameter by default. So before every step
-of torch's own optimizers (these classes exactly: ``Adam, AdamW, NAdam, RAdam, Adamax, SGD,
+Weight decay would pull a layer's ``raw_mean`` towards 0 (``mean`` with it) and its ``raw_std``
+towards 0 (``std`` towards 1 with the default ``std_param="log"``), away from the statistics of its
+input that the NLL fits, which costs accuracy. BatchNorm's statistics are buffers, which no
+optimizer decays; batchless's are parameters (so that gradient accumulation and DDP train them),
+and ``torch.optim.AdamW(model.parameters())`` decays every parameter by default. So before every
+step of torch's own optimizers (these classes exactly: ``Adam, AdamW, NAdam, RAdam, Adamax, SGD,
 RMSprop, Adagrad, Adadelta, ASGD``) a global step pre-hook cancels what their weight decay would do
 to the statistics that have a gradient: coupled decay (``grad += weight_decay * param``) is taken
 off the gradient in advance, decoupled decay (``param *= 1 - lr * weight_decay``: AdamW,
@@ -35,10 +35,10 @@ def param_groups(model: nn.Module, weight_decay: float, **group_options) -> list
     statistics, in the style of timm's ``param_groups_weight_decay``; for optimizers other than
     torch's own, whose decay of the statistics the library cancels by itself.
 
-    The first group holds every parameter of ``model`` that requires grad, except the ``mean`` and
-    ``raw_std`` of its batchless layers, with ``weight_decay``; the second holds those statistics
-    with ``weight_decay=0.0``. Each parameter appears once; an empty group is left out.
-    ``group_options`` (e.g. ``lr``) go into both groups. Nothing else changes from
+    The first group holds every parameter of ``model`` that requires grad, except the
+    ``raw_mean`` and ``raw_std`` of its batchless layers, with ``weight_decay``; the second holds
+    those statistics with ``weight_decay=0.0``. Each parameter appears once; an empty group is
+    left out. ``group_options`` (e.g. ``lr``) go into both groups. Nothing else changes from
     ``model.parameters()``: biases and norm weights keep ``weight_decay``, as they would there.
 
     Args:
@@ -142,7 +142,7 @@ def _statistics_in_groups(optimizer: torch.optim.Optimizer) -> list:
     any: found at its first step and again whenever its number of groups changes."""
     count, found = STATE.optimizers.get(optimizer, (None, None))
     if count != len(optimizer.param_groups):
-        ids = {id(p) for layer in STATE.layers for name in ("mean", "raw_std")
+        ids = {id(p) for layer in STATE.layers for name in ("raw_mean", "raw_std")
                if (p := layer._parameters.get(name)) is not None}
         found = [(group, statistics) for group in optimizer.param_groups
                  if (statistics := [p for p in group["params"] if id(p) in ids])]
@@ -158,8 +158,8 @@ def _warn_once(optimizer: torch.optim.Optimizer, weight_decay) -> None:
                 if _decays(group.get("weight_decay")))
     name = type(optimizer).__name__
     warn(f"{name} is about to step with weight_decay={weight_decay} on {count} batchless "
-         "statistics parameters (the mean and raw_std of BatchlessNorm layers): weight decay pulls "
-         "each mean towards 0 and raw_std towards 0 (std towards 1 with the default "
+         "statistics parameters (the raw_mean and raw_std of BatchlessNorm layers): weight decay "
+         "pulls each mean towards 0 and raw_std towards 0 (std towards 1 with the default "
          "std_param='log'), away from the statistics of the layer's input that the NLL fits, "
          "which costs accuracy. batchless cancels that for torch's own optimizers, not for "
          f"{name}. Keep weight decay off them: {name}(batchless.param_groups(model, "

@@ -22,7 +22,7 @@ from .options import (
     apply_threads,
     config_from_args,
     int_list,
-    library_std_speed,
+    library_default,
     norm_list,
     positive_int,
 )
@@ -105,6 +105,7 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
                    help="folder of the Fashion-MNIST IDX files (default /usr/share/datasets/fashion-mnist)")
     p.add_argument("--jobs", type=positive_int, default=2, help="runs at a time, one thread each (default 2)")
     add_training_options(p, epochs=None, num_samples=None, threads=1)
-    # the fair protocol's centre learning rate and the library's own std_speed: what a user gets
-    p.set_defaults(func=run, schedule="cosine", lr=DEMO_LR, std_speed=library_std_speed())
+    # the fair protocol's centre learning rate and the library's own speeds: what a user gets
+    p.set_defaults(func=run, schedule="cosine", lr=DEMO_LR, std_speed=library_default("std_speed"),
+                   mean_speed=library_default("mean_speed"))
     return p

@@ -141,12 +141,16 @@ def add_training_options(p: argparse.ArgumentParser, *, epochs: int | None, num_
     g.add_argument("--std-speed", type=positive_float, default=d.std_speed,
                    help="the layers' std_speed: sigma learns this many times as fast as at 1 under Adam "
                         f"(default {d.std_speed:g}, the paper's method; the library's own default is "
-                        f"{library_std_speed():g})")
+                        f"{library_default('std_speed'):g})")
+    g.add_argument("--mean-speed", type=positive_float, default=d.mean_speed,
+                   help="the layers' mean_speed: mu learns this many times as fast as at 1 under Adam "
+                        f"(default {d.mean_speed:g}, the paper's method; the library's own default is "
+                        f"{library_default('mean_speed'):g})")
 
 
 def config_from_args(args: argparse.Namespace, dataset: str) -> TrainConfig:
     fields = ("epochs", "lr", "num_samples", "model", "width", "optimizer", "weight_decay", "schedule", "data_init",
-              "init_samples", "stats_lr_scale", "stats_optimizer", "nll_mode", "nll_weight", "std_speed")
+              "init_samples", "stats_lr_scale", "stats_optimizer", "nll_mode", "nll_weight", "std_speed", "mean_speed")
     return TrainConfig(dataset=dataset, **{k: getattr(args, k) for k in fields})
 
 
@@ -159,13 +163,13 @@ def config_for_norm(config: TrainConfig, norm: str) -> TrainConfig:
     return dataclasses.replace(config, **{k: getattr(default, k) for k in BATCHLESS_OPTIONS})
 
 
-def library_std_speed() -> float:
-    """The default ``std_speed`` of the library's layers (what a user gets without asking)."""
+def library_default(name: str) -> float:
+    """The default of the library's layers' argument ``name`` (what a user gets without asking)."""
     import inspect
 
     import batchless as bl
 
-    return inspect.signature(bl.BatchlessNorm2d).parameters["std_speed"].default
+    return inspect.signature(bl.BatchlessNorm2d).parameters[name].default
 
 
 def apply_threads(args: argparse.Namespace) -> None:

@@ -41,7 +41,7 @@ SGD_MOMENTUM = 0.9
 RESULT_VERSION = 2  # bump when the training protocol changes, so old cells are not mistaken for new ones
 # Options that only change batchless layers: other norms' cells run with their defaults (one shared baseline).
 BATCHLESS_OPTIONS = ("data_init", "init_samples", "stats_lr_scale", "stats_optimizer", "nll_mode", "nll_weight",
-                     "std_speed")
+                     "std_speed", "mean_speed")
 
 
 def _choice(name: str, value: str, allowed: tuple[str, ...]) -> None:
@@ -77,6 +77,7 @@ class TrainConfig:
     nll_mode: str = "implicit"
     nll_weight: float = 1.0
     std_speed: float = 1.0  # the layer's std_speed: 1 is the paper's method (the library's default is 0.1)
+    mean_speed: float = 1.0  # the layer's mean_speed: 1 is the paper's method
     version: int = RESULT_VERSION
 
     def __post_init__(self) -> None:
@@ -90,7 +91,7 @@ class TrainConfig:
         for name in ("epochs", "width", "init_samples"):
             if getattr(self, name) is not None and getattr(self, name) < 1:
                 raise ValueError(f"{name} must be >= 1; received {getattr(self, name)}")
-        for name in ("lr", "stats_lr_scale", "std_speed"):
+        for name in ("lr", "stats_lr_scale", "std_speed", "mean_speed"):
             if not getattr(self, name) > 0:
                 raise ValueError(f"{name} must be > 0; received {getattr(self, name)}")
         for name in ("nll_weight", "weight_decay"):
@@ -169,24 +170,19 @@ class EMAStatistics:
     natural-gradient step ``mu -= rate * C sigma^2 * dNLL/dmu`` is ``mu += rate * (mean_c(x) - mu)``, the
     update of BatchNorm's running mean with momentum ``rate``; likewise sigma moves toward the batch's
     root mean square deviation. The raw sigma parameter (log, abs or inv) is stepped through the chain rule
-    ``dsigma/draw``, obtained with autograd, so this works for every parametrization.
+    ``dsigma/draw``, obtained with autograd, so this works for every parametrization; mu, stored as
+    ``raw_mean = mu / mean_speed``, through ``dmu/draw_mean = mean_speed``.
     """
 
     def __init__(self, model: nn.Module, rate: float) -> None:
         stats = {id(p) for p in statistics_parameters(model)}
         self.rate = rate
-        self.layers = []
-        for m in model.modules():
-            own = [p for p in m.parameters(recurse=False) if id(p) in stats]
-            if own:
-                raw = [p for p in own if p is not m.mean]
-                if len(raw) != 1:
-                    raise ValueError(f"expected one raw sigma parameter in {type(m).__name__}; found {len(raw)}")
-                self.layers.append((m, m.mean, raw[0]))
+        self.layers = [m for m in model.modules() if id(getattr(m, "raw_mean", None)) in stats]
 
     @torch.no_grad()
     def step(self) -> None:
-        for m, mu, raw in self.layers:
+        for m in self.layers:
+            mu, raw = m.raw_mean, m.raw_std
             if mu.grad is None:
                 continue
             with torch.enable_grad():
@@ -194,7 +190,7 @@ class EMAStatistics:
                 dsigma = torch.autograd.grad(sigma.sum(), raw)[0]
             c = mu.numel()
             var = sigma.detach() ** 2
-            mu.sub_(self.rate * c * var * mu.grad)
+            mu.sub_(self.rate * c * var / m.mean_speed**2 * mu.grad)
             dsigma = dsigma.sign() * dsigma.abs().clamp_min(1e-12) + (dsigma == 0)
             raw.sub_(self.rate * c * var / (2 * dsigma**2) * raw.grad)
             mu.grad = None
@@ -318,7 +314,7 @@ def train_cell(cell: Cell, splits: Splits, *, device: str = "cpu", progress: boo
     start = time.perf_counter()
     torch.manual_seed(cell.seed)
     model = build_model(cfg.dataset, cell.norm, model=cfg.model, nll=cfg.nll_mode, width=cfg.width,
-                        num_classes=splits.num_classes, std_speed=cfg.std_speed)
+                        num_classes=splits.num_classes, std_speed=cfg.std_speed, mean_speed=cfg.mean_speed)
     x, y = splits.x_train.to(device), splits.y_train.to(device)
     xv, yv = splits.x_val.to(device), splits.y_val.to(device)
     xt, yt = splits.x_test.to(device), splits.y_test.to(device)
