@@ -27,7 +27,8 @@ if have fashion; then  # the README's headline table, the lr choices, curves, JS
   $B report --results results/fashion.sqlite --metrics test_acc --batch-sizes 1,4,16,64,256 \
     --plot $D/fashion_batch_size.png | sed -e 's/^| bn |/| BatchNorm |/' \
     -e 's/^| gn |/| GroupNorm |/' -e 's/^| ln |/| LayerNorm |/' -e 's/^| batchless |/| batchless (paper) |/' \
-    -e 's/^| batchless \[std_speed=0.1\] |/| batchless (default) |/' > $D/fashion_headline.md
+    -e 's/^| batchless \[std_speed=0.1\] |/| batchless (`std_speed=0.1`: the previous default) |/' \
+    -e 's/^| batchless \[mean_speed=0.1, std_speed=0.1\] |/| batchless (default) |/' > $D/fashion_headline.md
 fi
 if have fashion_resnet; then
   $B report --results results/fashion_resnet.sqlite --metrics test_acc,lr --curves $D/fashion_resnet_curves.png \

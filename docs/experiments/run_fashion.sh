@@ -4,8 +4,9 @@
 # grid of 3 (x3 apart, centred on 3e-3 at batch 64 and scaled by the square root of the batch size), cosine
 # decay over 20 epochs, then 3 seeds at the chosen rate. 12,000 images of the training set (9,600 to train on,
 # 2,400 to validate on), the full 10,000-image test set. Two runs at a time, one thread each.
-#   run_fashion.sh main       none, BatchNorm, GroupNorm, LayerNorm, batchless (defaults) x batch sizes 1..256,
-#                             and batchless with sigma learning 10x slower (--std-speed 0.1, the library default)
+#   run_fashion.sh main       none, BatchNorm, GroupNorm, LayerNorm, batchless (the paper's method) x batch sizes
+#                             1..256, batchless with sigma learning 10x slower (--std-speed 0.1, the library's
+#                             previous default) and with mu 10x slower too (--mean-speed 0.1, the library default)
 #   run_fashion.sh resnet     ResNet-8 (norm after every conv) at batch 64, 10 epochs
 #   run_fashion.sh adamw      the CNN at batch 64 under AdamW, weight decay 0.05 on every parameter, as
 #                             AdamW(model.parameters()) gives it (batchless cancels it on its statistics)
@@ -22,22 +23,25 @@ FAIR=(--dataset fashion-mnist --num-samples 12000 --epochs 20 --schedule cosine 
       --seeds 3 --jobs 2)
 case "${1:-main}" in
 main)  # batch size 1 last: its runs take 5 to 10 times longer than the others'
-  for sizes in 4,16,64,256 1; do "$0" main-bs "$sizes"; "$0" variant-bs "$sizes"; done ;;
+  for sizes in 4,16,64,256 1; do "$0" main-bs "$sizes"; "$0" variant-bs "$sizes"; "$0" default-bs "$sizes"; done ;;
 main-bs) $B sweep "${FAIR[@]}" --norms none,bn,gn,ln,batchless --batch-sizes "$2" --results results/fashion.sqlite ;;
 variant-bs) $B sweep "${FAIR[@]}" --norms batchless --std-speed 0.1 --batch-sizes "$2" \
+        --results results/fashion.sqlite ;;
+default-bs) $B sweep "${FAIR[@]}" --norms batchless --std-speed 0.1 --mean-speed 0.1 --batch-sizes "$2" \
         --results results/fashion.sqlite ;;
 resnet)  # ResNet-8 (width 16, a norm after every conv), 10 epochs, ${2:-2} runs at a time
   R=("${FAIR[@]}" --model resnet --epochs 10 --jobs "${2:-2}" --batch-sizes 64 --results results/fashion_resnet.sqlite)
   $B sweep "${R[@]}" --norms none,bn,gn,ln,batchless
-  $B sweep "${R[@]}" --norms batchless --std-speed 0.1 ;;
+  $B sweep "${R[@]}" --norms batchless --std-speed 0.1
+  $B sweep "${R[@]}" --norms batchless --std-speed 0.1 --mean-speed 0.1 ;;
 adamw)
   W=("${FAIR[@]}" --optimizer adamw --weight-decay 0.05 --batch-sizes 64 --results results/fashion_adamw.sqlite)
   $B sweep "${W[@]}" --norms none,bn,gn,ln
-  $B sweep "${W[@]}" --norms batchless --std-speed 0.1 ;;
+  $B sweep "${W[@]}" --norms batchless --std-speed 0.1 --mean-speed 0.1 ;;
 sgd)
   S=("${FAIR[@]}" --optimizer sgd --lr 0.05 --batch-sizes 64 --results results/fashion_sgd.sqlite)
   $B sweep "${S[@]}" --norms none,bn,gn,ln
-  $B sweep "${S[@]}" --norms batchless --std-speed 0.1 ;;
+  $B sweep "${S[@]}" --norms batchless --std-speed 0.1 --mean-speed 0.1 ;;
 variants)
   model=${3:-cnn}; store=results/fashion_variants.sqlite; epochs=20
   [ "$model" = resnet ] && store=results/fashion_resnet_variants.sqlite && epochs=10
