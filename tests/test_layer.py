@@ -241,8 +241,9 @@ def test_init_values_and_parameter_set(std_param, std_speed):
     torch.testing.assert_close(layer.raw_mean.detach(), layer.mean.detach() / layer.mean_speed)
     assert [n for n, _ in layer.named_parameters()] == ["raw_mean", "raw_std", "weight", "bias"]
     assert list(bl.statistics_parameters(layer)) == [layer.raw_mean, layer.raw_std]
-    paper = bl.BatchlessNorm2d(5, mean_speed=1.0)
-    assert paper.mean is paper.raw_mean  # the paper's method: the parameter is the mean
+    paper = bl.BatchlessNorm2d(5, std_speed=1.0)  # the paper's method, by one argument: the mean follows std
+    assert (paper.std_speed, paper.mean_speed) == (1.0, 1.0) and paper.mean is paper.raw_mean
+    assert (layer.mean_speed, bl.BatchlessNorm2d(5, std_speed=1.0, mean_speed=0.3).mean_speed) == (std_speed, 0.3)
     no_affine = bl.BatchlessNorm2d(5, affine=False)
     assert no_affine.weight is None and no_affine.bias is None
     assert bl.BatchlessNorm2d(5, shared=True).mean.shape == (1,)

@@ -53,8 +53,8 @@ _CONTRACT = r"""Normalises each channel by a learned Gaussian, ``(x - mean) / st
     \text{raw\_std})` with ``f`` the ``std_param`` parametrization, so a step on ``raw_std`` moves
     ``f``'s argument ``std_speed`` times as far as at 1 under Adam or AdamW, ``std_speed ** 2``
     times under SGD; ``mean`` likewise as ``raw_mean``, :math:`\mu = \text{mean\_speed} \cdot
-    \text{raw\_mean}`. The defaults, 0.1, train more accurate networks (EXPERIMENTS.md); 1 and 1
-    are the paper's method. ``mean`` and ``std`` are computed from the raw parameters (as with
+    \text{raw\_mean}` (by default at ``std_speed``). The default, 0.1 for both, trains more
+    accurate networks (EXPERIMENTS.md); ``std_speed=1`` (both at 1) is the paper's method. ``mean`` and ``std`` are computed from the raw parameters (as with
     ``torch.nn.utils.parametrize``: set them with :meth:`set_mean` and :meth:`set_std`, not in
     place). Slow statistics stay near their start for long: call
     :func:`batchless.init_from_data` before training (or convert a trained BatchNorm model with
@@ -76,7 +76,7 @@ _CONTRACT = r"""Normalises each channel by a learned Gaussian, ``(x - mean) / st
         nll: ``"implicit"`` or ``"explicit"``, see above. Default: ``"implicit"``.
         shared: one Gaussian for all channels instead of one per channel. Default: False.
         std_speed: the gain on ``std``'s parametrization, see above. Default: 0.1.
-        mean_speed: the gain on ``mean``, see above. Default: 0.1.
+        mean_speed: the gain on ``mean``, see above. Default: None, ``std_speed``'s value.
 """
 
 
@@ -105,7 +105,8 @@ class _BatchlessNorm(nn.Module):
     def __init__(self, num_features: int, eps: float = 1e-5, affine: bool = True,
                  std_param: str = "log", init_mean: float = 0.0, init_std: float = 1.0,
                  nll: str = "implicit", shared: bool = False, std_speed: float = 0.1,
-                 mean_speed: float = 0.1, device=None, dtype=None) -> None:
+                 mean_speed: float | None = None, device=None, dtype=None) -> None:
+        mean_speed = std_speed if mean_speed is None else mean_speed
         _check_arguments(num_features, eps, std_param, init_mean, init_std, nll, std_speed,
                          mean_speed)
         super().__init__()

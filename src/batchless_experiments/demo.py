@@ -22,7 +22,7 @@ from .options import (
     apply_threads,
     config_from_args,
     int_list,
-    library_default,
+    library_speeds,
     norm_list,
     positive_int,
 )
@@ -106,6 +106,6 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
     p.add_argument("--jobs", type=positive_int, default=2, help="runs at a time, one thread each (default 2)")
     add_training_options(p, epochs=None, num_samples=None, threads=1)
     # the fair protocol's centre learning rate and the library's own speeds: what a user gets
-    p.set_defaults(func=run, schedule="cosine", lr=DEMO_LR, std_speed=library_default("std_speed"),
-                   mean_speed=library_default("mean_speed"))
+    std_speed, mean_speed = library_speeds()
+    p.set_defaults(func=run, schedule="cosine", lr=DEMO_LR, std_speed=std_speed, mean_speed=mean_speed)
     return p

@@ -141,11 +141,11 @@ def add_training_options(p: argparse.ArgumentParser, *, epochs: int | None, num_
     g.add_argument("--std-speed", type=positive_float, default=d.std_speed,
                    help="the layers' std_speed: sigma learns this many times as fast as at 1 under Adam "
                         f"(default {d.std_speed:g}, the paper's method; the library's own default is "
-                        f"{library_default('std_speed'):g})")
+                        f"{library_speeds()[0]:g})")
     g.add_argument("--mean-speed", type=positive_float, default=d.mean_speed,
                    help="the layers' mean_speed: mu learns this many times as fast as at 1 under Adam "
                         f"(default {d.mean_speed:g}, the paper's method; the library's own default is "
-                        f"{library_default('mean_speed'):g})")
+                        f"{library_speeds()[1]:g})")
 
 
 def config_from_args(args: argparse.Namespace, dataset: str) -> TrainConfig:
@@ -163,13 +163,12 @@ def config_for_norm(config: TrainConfig, norm: str) -> TrainConfig:
     return dataclasses.replace(config, **{k: getattr(default, k) for k in BATCHLESS_OPTIONS})
 
 
-def library_default(name: str) -> float:
-    """The default of the library's layers' argument ``name`` (what a user gets without asking)."""
-    import inspect
-
+def library_speeds() -> tuple[float, float]:
+    """``(std_speed, mean_speed)`` of the library's layers by default (what a user gets without asking)."""
     import batchless as bl
 
-    return inspect.signature(bl.BatchlessNorm2d).parameters[name].default
+    layer = bl.BatchlessNorm1d(1)
+    return layer.std_speed, layer.mean_speed
 
 
 def apply_threads(args: argparse.Namespace) -> None:
