@@ -54,7 +54,8 @@ _CONTRACT = r"""Normalises each channel by a learned Gaussian, ``(x - mean) / st
     ``f``'s argument ``std_speed`` times as far as at 1 under Adam or AdamW, ``std_speed ** 2``
     times under SGD; ``mean`` likewise as ``raw_mean``, :math:`\mu = \text{mean\_speed} \cdot
     \text{raw\_mean}` (by default at ``std_speed``). The default, 0.1 for both, trains more
-    accurate networks (EXPERIMENTS.md); ``std_speed=1`` (both at 1) is the paper's method. ``mean`` and ``std`` are computed from the raw parameters (as with
+    accurate networks (EXPERIMENTS.md); ``std_speed=1`` (both at 1) is the paper's method.
+    ``mean`` and ``std`` are computed from the raw parameters (as with
     ``torch.nn.utils.parametrize``: set them with :meth:`set_mean` and :meth:`set_std`, not in
     place). Slow statistics stay near their start for long: call
     :func:`batchless.init_from_data` before training (or convert a trained BatchNorm model with
