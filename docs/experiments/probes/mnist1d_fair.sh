@@ -58,6 +58,7 @@ fi
 S=(--results "results/${opt}_mnist1d.sqlite")
 $B sweep "${A[@]}" "${S[@]}" --norms none,bn,gn,ln,batchless
 $B sweep "${A[@]}" "${S[@]}" --norms batchless --std-speed 0.1
+$B sweep "${A[@]}" "${S[@]}" --norms batchless --std-speed 0.1 --mean-speed 0.1  # the library's default
 if [ "$opt" = sgd ]; then
   $B sweep "${A[@]}" "${S[@]}" --norms batchless --std-speed 0.1 --stats-optimizer ema
   $B sweep "${A[@]}" "${S[@]}" --norms batchless --stats-optimizer ema
