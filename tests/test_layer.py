@@ -339,6 +339,23 @@ def test_a_layer_pickled_before_the_speeds_keeps_its_function():
     torch.testing.assert_close(loaded(x), layer(x), rtol=0, atol=0)
 
 
+def test_writing_into_the_computed_mean_raises_instead_of_doing_nothing():
+    layer = bl.BatchlessNorm1d(3)  # mean_speed 0.1: mean is computed from raw_mean
+    with torch.no_grad():
+        layer.mean.copy_(torch.tensor([1.0, 2.0, 3.0]))  # the habit from BatchNorm's running_mean
+    with pytest.raises(ValueError, match=r"mean was written to in place.*layer.set_mean"):
+        layer(torch.randn(4, 3))
+    layer(torch.randn(4, 3))  # said once; set_mean is the way
+    layer.set_mean(torch.tensor([1.0, 2.0, 3.0]))
+    torch.testing.assert_close(layer.mean.detach(), torch.tensor([1.0, 2.0, 3.0]))
+    layer(torch.randn(4, 3))
+    paper = bl.BatchlessNorm1d(3, std_speed=1.0)  # mean is the parameter: writing into it works
+    with torch.no_grad():
+        paper.mean.copy_(torch.tensor([1.0, 2.0, 3.0]))
+    paper(torch.randn(4, 3))
+    torch.testing.assert_close(paper.raw_mean.detach(), torch.tensor([1.0, 2.0, 3.0]))
+
+
 def test_loading_a_batchnorm_checkpoint_points_to_convert():
     with pytest.raises(ValueError, match="convert_batchnorm"):
         bl.BatchlessNorm2d(4).load_state_dict(torch.nn.BatchNorm2d(4).state_dict())

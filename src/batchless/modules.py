@@ -147,8 +147,12 @@ class _BatchlessNorm(nn.Module):
     @property
     def mean(self) -> Tensor:
         """mu: ``mean_speed * raw_mean``, differentiable in ``raw_mean`` (``raw_mean`` itself at
-        ``mean_speed=1``)."""
-        return BF.mean_from_param(self.raw_mean, self.mean_speed)
+        ``mean_speed=1``). A new tensor otherwise: writing into it changes nothing, so the next
+        forward raises if the last one given out was written to (use :meth:`set_mean`)."""
+        mean = BF.mean_from_param(self.raw_mean, self.mean_speed)
+        if mean is not self.raw_mean:
+            self._last.given_mean = (mean, mean._version)
+        return mean
 
     @torch.no_grad()
     def set_mean(self, mean: Tensor) -> None:
@@ -193,6 +197,13 @@ class _BatchlessNorm(nn.Module):
     def forward(self, x: Tensor) -> Tensor:
         self._check_input(x)
         last = self._last
+        given = last.given_mean  # (set by the `mean` property only, never under torch.compile)
+        if given is not None and given[0]._version != given[1]:
+            last.given_mean = None
+            raise BatchlessError(
+                f"{type(self).__name__}({self.num_features}).mean was written to in place, which "
+                f"does not change the layer: mean is computed from raw_mean (mean_speed="
+                f"{self.mean_speed}). Set it with layer.set_mean(values)")
         if not self.training:
             if self.nll == "explicit":  # no NLL from this forward: nll_loss must not give the last
                 last.nll, last.used = None, True
@@ -218,7 +229,8 @@ class _BatchlessNorm(nn.Module):
                                      mean_gain=self.mean_speed)
         # implicit: the NLL is only reported, so it is computed when asked for (see _last_nll)
         last.b, last.used = (out.b if implicit else None), implicit
-        last.nll = None if implicit else BF.nll_from_moments(self.mean, self.std, out.a, out.b)
+        last.nll = None if implicit else BF.nll_from_moments(
+            BF.mean_from_param(self.raw_mean, self.mean_speed), self.std, out.a, out.b)
         if out.finite is not None and eager and not _compat.is_wrapped(out.finite):
             self._count_nonfinite(out.finite)
         return out.y
@@ -328,6 +340,7 @@ class _LastForward:
         self.b: Tensor | None = None  # implicit mode: the moments the NLL is computed from if asked
         self.used = True  # whether nll_loss collected the NLL since (explicit mode)
         self.weight = 1.0  # the NLL weight of the last forward outside a backward (implicit mode)
+        self.given_mean: tuple[Tensor, int] | None = None  # the last `mean` given out, its version
 
 
 class BatchlessNorm1d(_BatchlessNorm):
