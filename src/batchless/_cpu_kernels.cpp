@@ -293,8 +293,8 @@ at::Tensor factors_of(const at::Tensor& mean, const at::Tensor& std_, const std:
   auto f = at::empty({5, C}, m.options());
   float* fp = f.data_ptr<float>();
   for (int64_t c = 0; c < C; ++c) {
-    // (as float32 torch computes raw * gain; a gain of 1 leaves the mean as it is)
-    const float mu = h == 1.f ? mp[m1 ? 0 : c] : h * mp[m1 ? 0 : c], raw = g * sp[s1 ? 0 : c];
+    // (as float32 torch computes raw * gain; exact at a gain of 1)
+    const float mu = h * mp[m1 ? 0 : c], raw = g * sp[s1 ? 0 : c];
     const float sign = raw > 0 ? 1.f : (raw < 0 ? -1.f : 0.f);
     float sd = raw, d = 1.f;
     if (is_log) sd = std::exp(raw), d = sd;
@@ -384,8 +384,8 @@ std::vector<at::Tensor> formula_backward(const at::Tensor& gy, const at::Tensor&
 // included) are inside the node too. Gradients: x, weight, bias by the kernel above (the gradient
 // copied into x's layout when it arrives in another); the mean and std arguments: nll_weight * dNLL,
 // dNLL/d(mu, std) = (-a, 1 - b) / (C std) (batchless.functional.nll_grads), chained through
-// mean_gain and d std / d (the std argument), and summed over channels for a shared Gaussian. Mean and std are constants in the
-// output, and the NLL gradient is one in double backward.
+// mean_gain and d std / d (the std argument), and summed over channels for a shared Gaussian. Mean
+// and std are constants in the output, and the NLL gradient is one in double backward.
 struct Train : public torch::autograd::Function<Train> {
   static torch::autograd::variable_list forward(
       torch::autograd::AutogradContext* ctx, const at::Tensor& x, const at::Tensor& mean,

@@ -19,7 +19,7 @@ as ``m`` behind its own gain ``h`` (``mean_speed``): :math:`\mu = h\,m`, ``dNLL/
 
 Each formula exists once, here: :func:`affine_forward`, :func:`affine_backward`
 (:func:`output_grads`), :func:`nll_grads`, :func:`std_from_param` (inverse: :func:`param_from_std`),
-:func:`mean_from_param`;
+:func:`mean_from_param` (inverse: :func:`param_from_mean`);
 the routes of :mod:`batchless.fused` run them, or kernels tested against them. Statistics are
 computed in float32 (float64 for float64 inputs); outputs come back in the input dtype.
 """
@@ -88,6 +88,11 @@ def mean_from_param(raw: Tensor, gain: float) -> Tensor:
     """mu as a differentiable function of the raw parameter ``raw``: ``gain * raw`` (``gain`` > 0,
     a layer's ``mean_speed``; ``raw`` itself at 1)."""
     return raw if gain == 1.0 else raw * gain
+
+
+def param_from_mean(mean: Tensor, gain: float) -> Tensor:
+    """The raw parameter whose :func:`mean_from_param` is ``mean``, up to float rounding."""
+    return mean / gain
 
 
 def param_from_std(std: Tensor, std_param: str, eps: float, gain: float) -> Tensor:

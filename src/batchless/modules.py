@@ -157,7 +157,7 @@ class _BatchlessNorm(nn.Module):
     @torch.no_grad()
     def set_mean(self, mean: Tensor) -> None:
         """Set ``raw_mean`` so that ``mean`` is ``mean`` (up to float rounding)."""
-        self.raw_mean.copy_(mean.to(self.raw_mean) / self.mean_speed)
+        self.raw_mean.copy_(BF.param_from_mean(mean.to(self.raw_mean), self.mean_speed))
         self._check_statistics = False
 
     @property
@@ -245,7 +245,8 @@ class _BatchlessNorm(nn.Module):
         with torch.no_grad():
             initial_raw = BF.param_from_std(torch.full_like(self.raw_std, self.init_std),
                                             self.std_param, self.eps, self.std_speed)
-            initial_mean = torch.full_like(self.raw_mean, self.init_mean) / self.mean_speed
+            initial_mean = BF.param_from_mean(torch.full_like(self.raw_mean, self.init_mean),
+                                              self.mean_speed)
             initial = (torch.equal(self.raw_std, initial_raw)
                        and torch.equal(self.raw_mean, initial_mean))
         if initial:
@@ -309,7 +310,8 @@ class _BatchlessNorm(nn.Module):
             state_dict[raw_std] = state_dict[raw_std] / self.std_speed
         if (version is None or version < 3) and prefix + "mean" in state_dict:
             # saved before mean_speed existed, as `mean`: the same mean takes mean / mean_speed
-            state_dict[raw_mean] = state_dict.pop(prefix + "mean") / self.mean_speed
+            state_dict[raw_mean] = BF.param_from_mean(state_dict.pop(prefix + "mean"),
+                                                      self.mean_speed)
         super()._load_from_state_dict(state_dict, prefix, local_metadata, strict, missing_keys,
                                       unexpected_keys, error_msgs)
         if raw_std in state_dict or raw_mean in state_dict:
