@@ -14,6 +14,8 @@
 #                              by std_speed x stats-lr-scale x lr, on mean by stats-lr-scale x lr): std at 0.01,
 #                              the mean frozen (1e-3 x) with std at the default 0.1; the mean at 0.1 and 0.01 x
 #                              with std at 0.1
+#   mnist1d_fair.sh adam batchfree   the batch-free norms (none, GroupNorm, LayerNorm) and the library's
+#                              default (std and mean 10x slower), e.g. at BS=1, where BatchNorm does not apply
 set -euo pipefail
 cd "$(dirname "$0")/../../.."
 P=docs/experiments/probes
@@ -26,6 +28,12 @@ if [ "${2:-}" = speeds ]; then
   for speed in 0.03 0.3; do
     $B sweep "${A[@]}" --norms batchless --std-speed $speed --results "results/${opt}_mnist1d.sqlite"
   done
+  exit
+fi
+if [ "${2:-}" = batchfree ]; then
+  S=(--results "results/${opt}_mnist1d.sqlite")
+  $B sweep "${A[@]}" "${S[@]}" --norms none,gn,ln
+  $B sweep "${A[@]}" "${S[@]}" --norms batchless --std-speed 0.1 --mean-speed 0.1
   exit
 fi
 if [ "${2:-}" = frozen ]; then
