@@ -14,15 +14,18 @@
 #                              by std_speed x stats-lr-scale x lr, on mean by stats-lr-scale x lr): std at 0.01,
 #                              the mean frozen (1e-3 x) with std at the default 0.1; the mean at 0.1 and 0.01 x
 #                              with std at 0.1
-#   mnist1d_fair.sh adam batchfree   the batch-free norms (none, GroupNorm, LayerNorm) and the library's
-#                              default (std and mean 10x slower), e.g. at BS=1, where BatchNorm does not apply
+#   mnist1d_fair.sh OPT default   the norms $NORMS (default none,bn,gn,ln; at BS=1, where BatchNorm does not
+#                              apply: NORMS=none,gn,ln) and the library's default (std and mean 10x slower)
+#   mnist1d_fair.sh adamw ...  AdamW, weight decay 0.05 on every parameter (grid around 3e-3)
 set -euo pipefail
 cd "$(dirname "$0")/../../.."
 P=docs/experiments/probes
 B=.venv/bin/batchless
 opt=${1:-sgd}
-case $opt in sgd) lr=0.1 ;; adam) lr=3e-3 ;; *) echo "usage: $0 sgd|adam [fold]" >&2; exit 2 ;; esac
-A=(--dataset mnist1d --optimizer $opt --lr $lr --lr-grid 0.333,1,3 --extend-grid 2 --seeds 3 --jobs 1 --threads 1
+wd=()
+case $opt in sgd) lr=0.1 ;; adam) lr=3e-3 ;; adamw) lr=3e-3; wd=(--weight-decay 0.05) ;;
+  *) echo "usage: $0 sgd|adam|adamw [MODE]" >&2; exit 2 ;; esac
+A=(--dataset mnist1d --optimizer $opt --lr $lr "${wd[@]}" --lr-grid 0.333,1,3 --extend-grid 2 --seeds 3 --jobs 1 --threads 1
    --epochs 20 --schedule cosine --batch-sizes "${BS:-64}")
 if [ "${2:-}" = speeds ]; then
   for speed in 0.03 0.3; do
@@ -30,9 +33,9 @@ if [ "${2:-}" = speeds ]; then
   done
   exit
 fi
-if [ "${2:-}" = batchfree ]; then
+if [ "${2:-}" = default ]; then
   S=(--results "results/${opt}_mnist1d.sqlite")
-  $B sweep "${A[@]}" "${S[@]}" --norms none,gn,ln
+  $B sweep "${A[@]}" "${S[@]}" --norms "${NORMS:-none,bn,gn,ln}"
   $B sweep "${A[@]}" "${S[@]}" --norms batchless --std-speed 0.1 --mean-speed 0.1
   exit
 fi
