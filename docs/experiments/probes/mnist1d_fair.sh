@@ -16,6 +16,8 @@
 #                              with std at 0.1
 #   mnist1d_fair.sh OPT default   the norms $NORMS (default none,bn,gn,ln; at BS=1, where BatchNorm does not
 #                              apply: NORMS=none,gn,ln) and the library's default (std and mean 10x slower)
+#   mnist1d_fair.sh OPT nobias    batchless without a bias in the layer before it (nobias.py), at the previous
+#                              default's speeds (std 0.1, mean 1), the library default's and the paper's
 #   mnist1d_fair.sh adamw ...  AdamW, weight decay 0.05 on every parameter (grid around 3e-3)
 set -euo pipefail
 cd "$(dirname "$0")/../../.."
@@ -37,6 +39,13 @@ if [ "${2:-}" = default ]; then
   S=(--results "results/${opt}_mnist1d.sqlite")
   $B sweep "${A[@]}" "${S[@]}" --norms "${NORMS:-none,bn,gn,ln}"
   $B sweep "${A[@]}" "${S[@]}" --norms batchless --std-speed 0.1 --mean-speed 0.1
+  exit
+fi
+if [ "${2:-}" = nobias ]; then
+  for speeds in "--std-speed 0.1" "--std-speed 0.1 --mean-speed 0.1" "--std-speed 1"; do
+    # shellcheck disable=SC2086  # (two options in one word)
+    .venv/bin/python $P/nobias.py sweep "${A[@]}" --norms batchless $speeds --results "results/${opt}_nobias.sqlite"
+  done
   exit
 fi
 if [ "${2:-}" = frozen ]; then
