@@ -43,7 +43,7 @@ def test_readme_migrate_init_fold_does_what_it_says():
 
 PUBLIC_MODULES = ["batchless", "batchless.accumulate", "batchless.convert", "batchless.fold",
                   "batchless.functional", "batchless.fused", "batchless.init", "batchless.loss",
-                  "batchless.modules", "batchless.optim", "batchless.weighting"]
+                  "batchless.modules", "batchless.optim", "batchless.standardize", "batchless.weighting"]
 
 
 @pytest.mark.parametrize("module", PUBLIC_MODULES)

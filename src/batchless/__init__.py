@@ -20,6 +20,7 @@ from .init import init_from_data
 from .loss import nll_loss, statistics_parameters
 from .modules import BatchlessNorm1d, BatchlessNorm2d, BatchlessNorm3d
 from .optim import param_groups
+from .standardize import standardize_weights
 from .weighting import nll_weight
 
 __version__ = "0.1.0"
@@ -37,6 +38,7 @@ __all__ = [
     "nll_weight",
     "param_groups",
     "register_conversion",
+    "standardize_weights",
     "statistics_parameters",
     "to_batchnorm",
 ]

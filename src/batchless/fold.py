@@ -15,18 +15,17 @@ import warnings
 from collections import Counter
 
 import torch
-from torch import Tensor, fx, nn
+from torch import Tensor, nn
+from torch.nn.utils import parametrize
 
 from ._compat import HOOK_DICTS
+from ._graph import producer_pairs
 from .convert import replace_modules
 from .errors import BatchlessError, check_module
 from .functional import channel_view
 from .loss import batchless_layers
 from .modules import BatchlessNorm1d, _BatchlessNorm
-
-# Producer layers a batchless layer can fold into, with the channel dimension of their weight (dim
-# 0).
-_FOLDABLE = (nn.Conv1d, nn.Conv2d, nn.Conv3d, nn.Linear)
+from .standardize import is_standardized
 
 
 class ChannelAffine(nn.Module):
@@ -87,7 +86,8 @@ def fold(model: nn.Module, *, inplace: bool = False) -> nn.Module:
     the ``torch.fx`` graph of the model: every call of the layer takes the direct output of such a
     producer, that output is used nowhere else, the producer is called once, the producer and the
     layer are each registered under one name only, the producer's parameters belong to it alone (no
-    tied weights), neither has forward hooks, the producer has no parametrizations and as many
+    tied weights), neither has forward hooks, the producer has no parametrizations (but
+    :func:`~batchless.standardize_weights`', whose weight it keeps) and as many
     output channels as the layer (for ``nn.Linear``: the layer normalizes its ``(N, C)`` output; a
     Linear applied to ``(N, L, features)`` followed by a layer over ``L`` with ``L == out_features``
     is the one case this cannot tell apart). The layer becomes ``nn.Identity``. Every other
@@ -131,7 +131,7 @@ def fold(model: nn.Module, *, inplace: bool = False) -> nn.Module:
     names = Counter(id(m) for _, m in model.named_modules(remove_duplicate=False))
     uses = Counter(id(p) for _, p in model.named_parameters(remove_duplicate=False))
     untraceable: list[str] = []
-    pairs = _fold_pairs(model, "", untraceable)
+    pairs = producer_pairs(model, (_BatchlessNorm,), _foldable, untraceable)
     if untraceable:
         warnings.warn("fold: torch.fx cannot trace " + "; ".join(untraceable) + ". Their children "
                       "were traced (and folded where possible) on their own, which assumes such a "
@@ -145,6 +145,11 @@ def fold(model: nn.Module, *, inplace: bool = False) -> nn.Module:
                   or any(uses[id(p)] != 1 for p in producer.parameters())}
     pairs = [(producer, layer) for producer, layer in pairs if id(layer) not in unfoldable]
     for producer, layer in pairs:
+        if is_standardized(producer):  # its standardized weight becomes a plain one, in a class
+            # of its own: a deep copy shares the parametrized class, whose property removal deletes
+            cls = type(producer)
+            producer.__class__ = type(cls.__name__, cls.__bases__, dict(cls.__dict__))
+            parametrize.remove_parametrizations(producer, "weight", leave_parametrized=True)
         weight, bias = fold_into(producer.weight, producer.bias, *affine_of(layer))
         with torch.no_grad():
             producer.weight.copy_(weight)
@@ -171,56 +176,13 @@ def _hooks(module: nn.Module) -> bool:
     return bool(module._forward_hooks or module._forward_pre_hooks)
 
 
-class _Tracer(fx.Tracer):
-    """The default tracer, with batchless layers as leaves."""
-
-    def is_leaf_module(self, m: nn.Module, qualname: str) -> bool:
-        return isinstance(m, _BatchlessNorm) or super().is_leaf_module(m, qualname)
-
-
-def _fold_pairs(root: nn.Module, name: str,
-                untraceable: list[str]) -> list[tuple[nn.Module, _BatchlessNorm]]:
-    """``(producer, layer)`` for every batchless layer of ``root`` (named ``name``) all of whose
-    calls can fold into producers; the modules that torch.fx could not trace are added to
-    ``untraceable``."""
-    if isinstance(root, _BatchlessNorm) or not any(isinstance(m, _BatchlessNorm)
-                                                   for m in root.modules()):
-        return []
-    try:
-        graph = _Tracer().trace(root)
-    except Exception as error:  # untraceable (control flow on values, ...): each child on its own
-        first_line = (str(error).strip().splitlines() or [""])[0]
-        untraceable.append(f"{name or '<root>'} ({type(root).__name__}: {type(error).__name__}: "
-                           f"{first_line})")
-        return [pair for child_name, child in root.named_children() for pair in
-                _fold_pairs(child, f"{name}.{child_name}" if name else child_name, untraceable)]
-    calls = Counter(node.target for node in graph.nodes if node.op == "call_module")
-    attrs = [node.target for node in graph.nodes if node.op == "get_attr"]
-    sites: dict[str, list[fx.Node]] = {}
-    for node in graph.nodes:
-        if node.op == "call_module" and isinstance(root.get_submodule(node.target), _BatchlessNorm):
-            sites.setdefault(node.target, []).append(node)
-
-    def producer(node: fx.Node, layer: _BatchlessNorm) -> nn.Module | None:
-        src = node.args[0] if len(node.args) == 1 and not node.kwargs else None
-        if (not isinstance(src, fx.Node) or src.op != "call_module" or len(src.users) != 1
-                or calls[src.target] != 1):
-            return None
-        module = root.get_submodule(src.target)
-        ok = (
-            type(module) in _FOLDABLE
-            and layer.num_features == (module.out_features if isinstance(module, nn.Linear)
-                                       else module.out_channels)
-            and (isinstance(layer, BatchlessNorm1d) or not isinstance(module, nn.Linear))
-            and not (_hooks(module) or hasattr(module, "parametrizations"))
-            and not any(a == src.target or a.startswith(src.target + ".") for a in attrs)
-        )
-        return module if ok else None
-
-    pairs = []
-    for target, nodes in sites.items():
-        layer = root.get_submodule(target)
-        producers = [producer(node, layer) for node in nodes]
-        if all(p is not None for p in producers):
-            pairs += [(p, layer) for p in producers]
-    return pairs
+def _foldable(module: nn.Module, layer: _BatchlessNorm, attrs: list[str]) -> bool:
+    """Whether ``layer`` can fold into its producer ``module`` (see :func:`fold`)."""
+    parametrized = getattr(module, "parametrizations", {})
+    return (
+        layer.num_features == (module.out_features if isinstance(module, nn.Linear)
+                               else module.out_channels)
+        and (isinstance(layer, BatchlessNorm1d) or not isinstance(module, nn.Linear))
+        and not _hooks(module) and not attrs
+        and all(name == "weight" and is_standardized(module) for name in parametrized)
+    )

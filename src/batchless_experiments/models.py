@@ -51,6 +51,15 @@ def make_norm(norm: str, num_features: int, dims: int, nll: str = "implicit", st
 NormFactory = Callable[[int, int], nn.Module]
 
 
+def standardize_weights(model: nn.Module) -> nn.Module:
+    """``batchless.standardize_weights`` on the conv or linear layer feeding each normalization layer of
+    ``model`` (for ``none``: the ``nn.Identity`` in its place), whatever the norm."""
+    import batchless as bl
+
+    norms = (bl.BatchlessNorm1d, bl.BatchlessNorm2d, nn.BatchNorm1d, nn.BatchNorm2d, nn.GroupNorm, nn.Identity)
+    return bl.standardize_weights(model, before=norms)
+
+
 def conv_block(conv: nn.Module, channels: int, dims: int, norm: NormFactory, dropout: float) -> nn.Sequential:
     pool = nn.MaxPool1d(2) if dims == 1 else nn.MaxPool2d(2)
     return nn.Sequential(conv, norm(channels, dims), nn.LeakyReLU(0.2), pool, nn.Dropout(dropout))

@@ -110,6 +110,9 @@ def add_training_options(p: argparse.ArgumentParser, *, epochs: int | None, num_
     p.add_argument("--weight-decay", type=float, default=d.weight_decay,
                    help="AdamW's decoupled weight decay, applied to every parameter as AdamW(model.parameters()) "
                         "does (default 0)")
+    p.add_argument("--weight-std", action="store_true",
+                   help="standardize the weights of the conv or linear layer feeding each normalization layer "
+                        "(batchless.standardize_weights; for 'none' the layer where the norm would be)")
     p.add_argument("--schedule", choices=SCHEDULES, default=d.schedule,
                    help="learning rate over the run: constant (the paper) or cosine decay to 0 (default "
                         f"{d.schedule})")
@@ -150,7 +153,8 @@ def add_training_options(p: argparse.ArgumentParser, *, epochs: int | None, num_
 
 def config_from_args(args: argparse.Namespace, dataset: str) -> TrainConfig:
     fields = ("epochs", "lr", "num_samples", "model", "width", "optimizer", "weight_decay", "schedule", "data_init",
-              "init_samples", "stats_lr_scale", "stats_optimizer", "nll_mode", "nll_weight", "std_speed", "mean_speed")
+              "init_samples", "stats_lr_scale", "stats_optimizer", "nll_mode", "nll_weight", "std_speed", "mean_speed",
+              "weight_std")
     return TrainConfig(dataset=dataset, **{k: getattr(args, k) for k in fields})
 
 

@@ -30,7 +30,15 @@ import torch.nn.functional as F
 from torch import nn
 
 from .data import DATASETS, Splits
-from .models import MODELS, build_model, check_norm, default_model, is_batchless, statistics_parameters
+from .models import (
+    MODELS,
+    build_model,
+    check_norm,
+    default_model,
+    is_batchless,
+    standardize_weights,
+    statistics_parameters,
+)
 
 T = TypeVar("T")
 STATS_OPTIMIZERS = ("adam", "sgd", "ema")
@@ -78,6 +86,7 @@ class TrainConfig:
     nll_weight: float = 1.0
     std_speed: float = 1.0  # the layer's std_speed: 1 is the paper's method (the library's default is 0.1)
     mean_speed: float = 1.0  # the layer's mean_speed: 1 is the paper's method
+    weight_std: bool = False  # standardize the weights feeding every norm (models.standardize_weights)
     version: int = RESULT_VERSION
 
     def __post_init__(self) -> None:
@@ -297,6 +306,7 @@ def describe_cell(cell: Cell) -> str:
     variant = f" [{', '.join(f'{k}={v}' for k, v in sorted(changes.items()))}]" if changes else ""
     optimizer = "" if cfg.optimizer == "adam" else f" {cfg.optimizer}" + (
         f" wd={cfg.weight_decay:g}" if cfg.weight_decay else "")
+    optimizer += " ws" if cfg.weight_std else ""
     return (f"{cfg.dataset} {cfg.model or default_model(cfg.dataset)} {cell.norm}{variant}{optimizer} "
             f"bs={cell.batch_size} lr={cfg.lr:g} seed={cell.seed}")
 
@@ -315,6 +325,8 @@ def train_cell(cell: Cell, splits: Splits, *, device: str = "cpu", progress: boo
     torch.manual_seed(cell.seed)
     model = build_model(cfg.dataset, cell.norm, model=cfg.model, nll=cfg.nll_mode, width=cfg.width,
                         num_classes=splits.num_classes, std_speed=cfg.std_speed, mean_speed=cfg.mean_speed)
+    if cfg.weight_std:
+        standardize_weights(model)
     x, y = splits.x_train.to(device), splits.y_train.to(device)
     xv, yv = splits.x_val.to(device), splits.y_val.to(device)
     xt, yt = splits.x_test.to(device), splits.y_test.to(device)
