@@ -379,3 +379,30 @@ def test_the_speeds_reach_every_batchless_layer(name):
     args = build_parser().parse_args(["sweep", "--dataset", "mnist1d", "--norms", "batchless", "--batch-sizes", "4",
                                       "--results", "r.sqlite", f"--{name.replace('_', '-')}", "0.3"])
     assert getattr(config_from_args(args, "mnist1d"), name) == 0.3
+
+
+def test_weight_std_standardizes_the_layer_before_every_norm(tiny_splits, monkeypatch):
+    """--weight-std gives every norm (none included) the same standardized layers, leaves the keys of the
+    cells stored before it existed unchanged, and is what the cell trains with."""
+    from torch.nn.utils import parametrize
+
+    from batchless_experiments import models, train
+
+    def standardized(model):
+        return [name for name, m in model.named_modules() if parametrize.is_parametrized(m)]
+
+    want = standardized(models.standardize_weights(build_model("fashion-mnist", "batchless", model="resnet")))
+    assert len(want) == 9
+    for norm in NORMS:
+        got = standardized(models.standardize_weights(build_model("fashion-mnist", norm, model="resnet")))
+        assert got == want, norm
+    args = build_parser().parse_args(["sweep", "--dataset", "mnist1d", "--norms", "gn", "--batch-sizes", "4",
+                                      "--results", "r.sqlite", "--weight-std"])
+    config = config_from_args(args, "mnist1d")
+    assert config.weight_std and config_for_norm(config, "gn").weight_std
+    assert "weight_std" not in TrainConfig().changes()  # (so stored keys stay as they were)
+    assert Cell(config, "gn", 4, 0).key != Cell(dataclasses.replace(config, weight_std=False), "gn", 4, 0).key
+    built = []
+    monkeypatch.setattr(train, "standardize_weights", lambda m: built.append(models.standardize_weights(m)))
+    train_cell(_cell(norm="gn", weight_std=True), tiny_splits, progress=False)
+    assert len(built) == 1 and standardized(built[0])
