@@ -17,10 +17,9 @@
 #                             0.1) with std at the default (under Adam a step on mean moves it stats-lr-scale x lr,
 #                             one on std's parametrization std_speed x stats-lr-scale x lr)
 #   run_fashion.sh ws SIZES [NORMS [MODEL]]
-#                             scaled weight standardization of the layer before each norm (probes/ws.py), the
-#                             cnn or resnet at batch sizes SIZES, for NORMS (default: the library's batchless
-#                             layer); one run at a time (the probe patches the model in its own process: run
-#                             one call per batch size to use two cores)
+#                             weight standardization of the layer feeding each norm (--weight-std:
+#                             batchless.standardize_weights), the cnn or resnet at batch sizes SIZES, for NORMS
+#                             (default: the library's batchless layer)
 set -euo pipefail
 cd "$(dirname "$0")/../.."
 B=".venv/bin/batchless"
@@ -56,12 +55,11 @@ variants)
 ws)
   model=${4:-cnn}; store=results/fashion_ws.sqlite; epochs=20
   [ "$model" = resnet ] && store=results/fashion_resnet_ws.sqlite && epochs=10
-  W=("${FAIR[@]}" --jobs 1 --model "$model" --epochs $epochs --batch-sizes "$2" --results $store)
-  norms=${3:-batchless}
-  if [ "$norms" = batchless ]; then
-    .venv/bin/python docs/experiments/probes/ws.py sweep "${W[@]}" --norms batchless --std-speed 0.1 --mean-speed 0.1
+  W=("${FAIR[@]}" --weight-std --model "$model" --epochs $epochs --batch-sizes "$2" --results $store)
+  if [ "${3:-batchless}" = batchless ]; then
+    $B sweep "${W[@]}" --norms batchless --std-speed 0.1 --mean-speed 0.1
   else
-    .venv/bin/python docs/experiments/probes/ws.py sweep "${W[@]}" --norms "$norms"
+    $B sweep "${W[@]}" --norms "$3"
   fi ;;
 *) echo "usage: $0 main|resnet|adamw|sgd|variants|ws" >&2; exit 2 ;;
 esac

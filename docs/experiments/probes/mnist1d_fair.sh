@@ -18,8 +18,9 @@
 #                              apply: NORMS=none,gn,ln) and the library's default (std and mean 10x slower)
 #   mnist1d_fair.sh OPT nobias    batchless without a bias in the layer before it (nobias.py), at the previous
 #                              default's speeds (std 0.1, mean 1), the library default's and the paper's
-#   mnist1d_fair.sh OPT ws        scaled weight standardization of the layer before each norm (ws.py): batchless
-#                              at the library default's speeds and the paper's, then the norms $NORMS
+#   mnist1d_fair.sh OPT ws        weight standardization of the layer feeding each norm (--weight-std: batchless.
+#                              standardize_weights): batchless at the library default's speeds and the
+#                              paper's, then the norms $NORMS
 #   mnist1d_fair.sh adamw ...  AdamW, weight decay 0.05 on every parameter (grid around 3e-3)
 set -euo pipefail
 cd "$(dirname "$0")/../../.."
@@ -53,9 +54,9 @@ fi
 if [ "${2:-}" = ws ]; then
   for speeds in "--std-speed 0.1 --mean-speed 0.1" "--std-speed 1"; do
     # shellcheck disable=SC2086  # (two options in one word)
-    .venv/bin/python $P/ws.py sweep "${A[@]}" --norms batchless $speeds --results "results/${opt}_ws.sqlite"
+    $B sweep "${A[@]}" --weight-std --norms batchless $speeds --results "results/${opt}_ws.sqlite"
   done
-  .venv/bin/python $P/ws.py sweep "${A[@]}" --norms "${NORMS:-none,bn,gn,ln}" --results "results/${opt}_ws.sqlite"
+  $B sweep "${A[@]}" --weight-std --norms "${NORMS:-none,bn,gn,ln}" --results "results/${opt}_ws.sqlite"
   exit
 fi
 if [ "${2:-}" = frozen ]; then
