@@ -157,3 +157,15 @@ def test_copies_keep_working():
     model.eval()
     clone = copy.deepcopy(model)
     assert torch.equal(clone(X), model(X))
+
+
+def test_an_optimizer_made_before_keeps_training_the_weights():
+    model = make_model()
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.1)
+    bl.standardize_weights(model)
+    bl.init_from_data(model, [X])
+    raw = model[1].parametrizations.weight.original
+    before = raw.detach().clone()
+    F.cross_entropy(model(X), Y).backward()
+    optimizer.step()
+    assert not torch.equal(raw, before)

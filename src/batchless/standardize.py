@@ -56,10 +56,10 @@ def standardize_weights(model: nn.Module, *, eps: float = 1e-6,
     A producer is found as :func:`batchless.fold` finds it, in the model's ``torch.fx`` graph: its
     output goes to the layer and nowhere else. Others are left as they are (a layer after a
     pooling or at the model's input). Call it when building the model, before
-    :func:`batchless.init_from_data` (whose statistics it would invalidate: a warning says so) and
-    before creating the optimizer; a second call changes nothing. :func:`batchless.fold` folds a
-    batchless layer into its standardized producer. The weight's value is in
-    ``module.parametrizations.weight.original`` (also in the state dict).
+    :func:`batchless.init_from_data` (whose statistics it would invalidate: a warning says so); a
+    second call changes nothing. The raw weight, the same parameter as before (an optimizer holding
+    it keeps working), is then ``module.parametrizations.weight.original`` (also in the state dict).
+    :func:`batchless.fold` folds a batchless layer into its standardized producer.
 
     Args:
         model: the model.
