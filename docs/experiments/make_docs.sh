@@ -35,13 +35,13 @@ if have fashion_resnet; then
     > $D/fashion_resnet.md
   $B report --results results/fashion_resnet.sqlite --json > $D/fashion_resnet.json
 fi
-for store in fashion_variants fashion_resnet_variants fashion_sgd fashion_adamw; do  # run_fashion.sh variants, sgd, adamw
+for store in fashion_variants fashion_resnet_variants fashion_sgd fashion_adamw fashion_ws fashion_resnet_ws; do
   if have $store; then
     $B report --results results/$store.sqlite --metrics test_acc,test_acc_25,test_acc_50,lr > $D/$store.md
   fi
 done
 for store in sgd_mnist1d sgd_fold adam_mnist1d adamw_mnist1d adam_fold adam_frozen adam_variants adam_radial \
-    adam_nobias; do  # MNIST-1D, fair protocol (probes/mnist1d_fair.sh)
+    adam_nobias adam_ws; do  # MNIST-1D, fair protocol (probes/mnist1d_fair.sh)
   if have $store; then
     $B report --results results/$store.sqlite --metrics test_acc,test_acc_25,lr > $D/$store.md
   fi
