@@ -1,8 +1,9 @@
 """Weight standardization of the layers that feed batchless layers: ``standardize_weights``.
 
-Under Adam every weight moves about the learning rate a step, so the output of a wide conv can grow
-several-fold in its first epoch, far faster than a batchless layer's slowly learned statistics
-follow; the layer then stops normalizing. A standardized weight is used as ``(w - mean(w)) /
+Under Adam every weight moves about the learning rate a step, whatever its scale, so the weights
+and the outputs of the layers they belong to grow faster than a batchless layer's slowly learned
+statistics follow; at large batches the layer then stops normalizing (EXPERIMENTS.md, "Weight
+standardization"). A standardized weight is used as ``(w - mean(w)) /
 (std(w) * sqrt(fan_in))`` per output channel (Qiao et al., arXiv:1903.10520; the ``sqrt(fan_in)``
 of Brock et al., arXiv:2101.08692, keeps the output at its input's scale), so the producer's output
 no longer depends on its weights' scale. It uses nothing but the weights: batch size 1,
@@ -95,11 +96,11 @@ def standardize_weights(model: nn.Module, *, eps: float = 1e-6,
         if producer.weight[0].numel() < 2:
             raise BatchlessError(f"standardize_weights cannot standardize {producer}: each of its "
                                  "output channels has a single weight (its std is 0)")
-    fresh = [p for p in producers if not is_standardized(p)]
-    for producer in fresh:
+    fresh = {id(p): p for p in producers if not is_standardized(p)}
+    for producer in fresh.values():
         parametrize.register_parametrization(producer, "weight", WeightStandardization(eps))
-    stale = sorted({type(layer).__name__ for p, layer in pairs if isinstance(layer, _BatchlessNorm)
-                    and not layer._check_statistics and any(p is f for f in fresh)})
+    stale = sorted({type(layer).__name__ for p, layer in pairs if id(p) in fresh
+                    and isinstance(layer, _BatchlessNorm) and not layer._check_statistics})
     if stale:
         warn(f"standardize_weights changed the layers that feed {', '.join(stale)} layers whose "
              "statistics were already set (init_from_data, convert_batchnorm, set_mean/set_std, "
