@@ -21,6 +21,8 @@
 #   mnist1d_fair.sh OPT ws        weight standardization of the layer feeding each norm (--weight-std: batchless.
 #                              standardize_weights): batchless at the library default's speeds and the
 #                              paper's, then the norms $NORMS
+#   mnist1d_fair.sh OPT faststd   std at the optimizer's pace, the mean 10x slow (std_speed 1, mean_speed 0.1),
+#                              with weight standardization (into OPT_ws) and without (into OPT_variants)
 #   mnist1d_fair.sh adamw ...  AdamW, weight decay 0.05 on every parameter (grid around 3e-3)
 set -euo pipefail
 cd "$(dirname "$0")/../../.."
@@ -57,6 +59,12 @@ if [ "${2:-}" = ws ]; then
     $B sweep "${A[@]}" --weight-std --norms batchless $speeds --results "results/${opt}_ws.sqlite"
   done
   $B sweep "${A[@]}" --weight-std --norms "${NORMS:-none,bn,gn,ln}" --results "results/${opt}_ws.sqlite"
+  exit
+fi
+if [ "${2:-}" = faststd ]; then
+  F=(--norms batchless --std-speed 1 --mean-speed 0.1)
+  $B sweep "${A[@]}" "${F[@]}" --weight-std --results "results/${opt}_ws.sqlite"
+  $B sweep "${A[@]}" "${F[@]}" --results "results/${opt}_variants.sqlite"
   exit
 fi
 if [ "${2:-}" = frozen ]; then
