@@ -117,6 +117,19 @@ def test_other_normalization_layers_with_before():
     assert standardized(model) == ["0"]
 
 
+class OwnNorm(nn.Module):
+    """A user's normalization layer that torch.fx cannot trace into (control flow on values)."""
+
+    def forward(self, x):
+        return x / x.std() if x.std() > 0 else x
+
+
+def test_a_users_own_layer_in_before_is_a_leaf_of_the_graph():
+    model = nn.Sequential(nn.Conv2d(3, 4, 3), OwnNorm(), nn.ReLU(), nn.Conv2d(4, 4, 3), OwnNorm())
+    bl.standardize_weights(model, before=(OwnNorm,))
+    assert standardized(model) == ["0", "3"]
+
+
 def test_warns_when_the_statistics_were_already_set():
     model = make_model()
     bl.init_from_data(model, [X])

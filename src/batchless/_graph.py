@@ -14,10 +14,14 @@ PRODUCERS = (nn.Conv1d, nn.Conv2d, nn.Conv3d, nn.Linear)
 
 
 class _Tracer(fx.Tracer):
-    """The default tracer, with batchless layers as leaves."""
+    """The default tracer, with batchless layers and the layers looked for as leaves."""
+
+    def __init__(self, leaves: tuple[type, ...]):
+        super().__init__()
+        self.leaves = (_BatchlessNorm, *leaves)
 
     def is_leaf_module(self, m: nn.Module, qualname: str) -> bool:
-        return isinstance(m, _BatchlessNorm) or super().is_leaf_module(m, qualname)
+        return isinstance(m, self.leaves) or super().is_leaf_module(m, qualname)
 
 
 def producer_pairs(root: nn.Module, layer_types: tuple[type, ...], accept, untraceable: list[str],
@@ -30,7 +34,7 @@ def producer_pairs(root: nn.Module, layer_types: tuple[type, ...], accept, untra
     if isinstance(root, layer_types) or not any(isinstance(m, layer_types) for m in root.modules()):
         return []
     try:
-        graph = _Tracer().trace(root)
+        graph = _Tracer(layer_types).trace(root)
     except Exception as error:  # untraceable (control flow on values, ...): each child on its own
         first_line = (str(error).strip().splitlines() or [""])[0]
         untraceable.append(f"{name or '<root>'} ({type(root).__name__}: {type(error).__name__}: "
