@@ -8,8 +8,9 @@ images) with the options the probes of EXPERIMENTS.md ("The statistics' speed") 
         fast under Adam (the library's std_speed)
 and the run's: bs, epochs (8), lr (3e-3, cosine), seed, opt (adam, adamw + wd, sgd), stats_scale (a
 learning-rate multiplier for the statistics' parameter group; slow = which of them: both, std, mean),
-stats_opt (adam, or ema: the EMA-equivalent natural-gradient step), ws (weight standardization of the
-convs), norm (batchless, or the library's bn / none). It trains through batchless_experiments.train
+stats_opt (adam, or ema: the EMA-equivalent natural-gradient step), ws (batchless.standardize_weights on
+the layer feeding each norm; before 2026-12-07 a copy of the formula on the convs only), norm (batchless,
+or the library's bn / none), dataset (fashion-mnist, or mnist1d at its default size). It trains through batchless_experiments.train
 (cosine schedule, 12,000 images: 9,600 to train on) and prints one JSON line. Example:
     .venv/bin/python docs/experiments/probes/probe.py '{"proj":"none","gain":0.1}' '{"bs":4,"lr":0.00075}'
 """
@@ -88,7 +89,7 @@ def init_from_data(model, x):
             layer.mean.copy_(t.mean(dims)); layer.raw_std.copy_(t.std(dims).clamp_min(1e-3).log() / layer.gain)
     model.train()
 
-def run(norm_kwargs, bs=64, epochs=8, lr=3e-3, seed=0, stats_scale=1.0, wd=0.0, opt="adam", num_samples=12000, stats_opt="adam", ws=False, norm="batchless", slow="both"):
+def run(norm_kwargs, bs=64, epochs=8, lr=3e-3, seed=0, stats_scale=1.0, wd=0.0, opt="adam", num_samples=12000, stats_opt="adam", ws=False, norm="batchless", slow="both", dataset="fashion-mnist", schedule="cosine"):
     import batchless_experiments.models as M
     import batchless_experiments.train as T
     from batchless_experiments import data
@@ -98,30 +99,21 @@ def run(norm_kwargs, bs=64, epochs=8, lr=3e-3, seed=0, stats_scale=1.0, wd=0.0, 
         return Proto(c, **norm_kwargs)
     if norm == "batchless":
         M.make_norm = make_norm
-    if ws:
-        import torch.nn.utils.parametrize as P
-        class Std(nn.Module):
-            def forward(self, w):
-                dims = list(range(1, w.dim()))
-                return (w - w.mean(dims, keepdim=True)) / (w.std(dims, keepdim=True) + 1e-5) * (1.0 / math.sqrt(w[0].numel()))
-        orig_build = T.build_model
-        def build(*a, **k):
-            m = orig_build(*a, **k)
-            for mod in m.modules():
-                if isinstance(mod, nn.Conv2d):
-                    P.register_parametrization(mod, "weight", Std())
-            return m
-        T.build_model = build
+    if ws:  # the library's weight standardization of the layer feeding each norm (any norm)
+        import batchless as bl
+        T.standardize_weights = lambda m: bl.standardize_weights(
+            m, before=(Proto, nn.BatchNorm1d, nn.BatchNorm2d, nn.Identity))
     pick = {"both": ("mean", "raw_std"), "std": ("raw_std",), "mean": ("mean",)}[slow]
     M.statistics_parameters = lambda model: [getattr(m, n) for m in model.modules() if isinstance(m, Proto) for n in pick]
     T.statistics_parameters = M.statistics_parameters
     T._data_init = lambda model, x, cfg, seed: init_from_data(model, x[torch.randperm(len(x), generator=torch.Generator().manual_seed(seed))[:1000]])
     T._nll_reader = lambda model: (lambda: torch.zeros(()))
     T.is_batchless = lambda n: n == "batchless"
-    splits = data.load("fashion-mnist", num_samples=num_samples)
+    num_samples = num_samples if dataset == "fashion-mnist" else None  # (MNIST-1D: its default size)
+    splits = data.load(dataset, num_samples=num_samples)
     extra = {"weight_decay": wd} if wd else {}
-    cfg = TrainConfig(dataset="fashion-mnist", num_samples=num_samples, schedule="cosine", epochs=epochs, lr=lr,
-                      stats_lr_scale=stats_scale, optimizer=opt, stats_optimizer=stats_opt, **extra)
+    cfg = TrainConfig(dataset=dataset, num_samples=num_samples, schedule=schedule, epochs=epochs, lr=lr,
+                      stats_lr_scale=stats_scale, optimizer=opt, stats_optimizer=stats_opt, weight_std=ws, **extra)
     r = train_cell(Cell(cfg, norm, bs, seed), splits, progress=False)
     return r
 
