@@ -40,10 +40,21 @@ for store in fashion_variants fashion_resnet_variants fashion_sgd fashion_adamw 
     $B report --results results/$store.sqlite --metrics test_acc,test_acc_25,test_acc_50,lr > $D/$store.md
   fi
 done
+# time to accuracy with and without weight standardization (issue 17): the stores together, curves per epoch
+if have fashion && have fashion_ws; then
+  $B report --results results/fashion.sqlite results/fashion_ws.sqlite --norms bn,gn,batchless \
+    --batch-sizes 4,16,64,256 --metrics test_acc,test_acc_25,test_acc_50 --curves $D/fashion_ws_curves.png \
+    > $D/fashion_time_to_accuracy.md
+fi
+if have fashion_resnet && have fashion_resnet_ws; then
+  $B report --results results/fashion_resnet.sqlite results/fashion_resnet_ws.sqlite \
+    --metrics test_acc,test_acc_25,test_acc_50 --curves $D/fashion_resnet_ws_curves.png \
+    > $D/fashion_resnet_time_to_accuracy.md
+fi
 for store in sgd_mnist1d sgd_fold adam_mnist1d adamw_mnist1d adam_fold adam_frozen adam_variants adam_radial \
     adam_nobias adam_ws; do  # MNIST-1D, fair protocol (probes/mnist1d_fair.sh)
   if have $store; then
-    $B report --results results/$store.sqlite --metrics test_acc,test_acc_25,lr > $D/$store.md
+    $B report --results results/$store.sqlite --metrics test_acc,test_acc_25,test_acc_50,lr > $D/$store.md
   fi
 done
 if have mnist1d; then

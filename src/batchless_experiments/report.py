@@ -61,14 +61,19 @@ def describe(config: dict) -> str:
     return ", ".join(f"{k}={v}" for k, v in sorted(changes.items())) or "defaults"
 
 
-def load_rows(path: str, dataset: str | None = None, norms: list[str] | None = None,
+def load_rows(path: str | list[str], dataset: str | None = None, norms: list[str] | None = None,
               base_only: bool = False, batch_sizes: list[int] | None = None) -> list[dict]:
-    """Finished cells of ``path`` with a ``label``, optionally filtered by dataset, norm, batch size and
-    base config (labels are computed before filtering by norm or batch size)."""
-    if not os.path.exists(path):
-        raise FileNotFoundError(f"no results file at {path}; run `batchless sweep --results {path} ...` first")
-    with ResultStore(path, readonly=True) as store:
-        rows = relabel([r for r in store.rows() if dataset in (None, r["dataset"])])
+    """Finished cells of the store ``path`` (or of several, as one) with a ``label``, optionally filtered by
+    dataset, norm, batch size and base config (labels are computed before filtering by norm or batch size;
+    a cell in two stores counts once)."""
+    found: dict[str, dict] = {}
+    for one in [path] if isinstance(path, str) else path:
+        if not os.path.exists(one):
+            raise FileNotFoundError(f"no results file at {one}; run `batchless sweep --results {one} ...` first")
+        with ResultStore(one, readonly=True) as store:
+            found.update((json.dumps([r[k] for k in ("dataset", "norm", "batch_size", "seed", "config")],
+                                     sort_keys=True), r) for r in store.rows() if dataset in (None, r["dataset"]))
+    rows = relabel(list(found.values()))
     for r in rows:
         r["nll_last"] = r["history"][-1]["nll"]  # the gauged NLL of the last epoch (None without batchless)
         for q in (25, 50):  # time to accuracy: test accuracy after q % of the epochs (None if not measured)
@@ -230,9 +235,11 @@ def curves(rows: list[dict], path: str, title: str | None = None) -> None:
     import matplotlib.pyplot as plt
 
     sizes = sorted({r["batch_size"] for r in rows})
-    fig, axes = plt.subplots(1, max(len(sizes), 1), figsize=(3.6 * max(len(sizes), 1), 3.6), squeeze=False,
-                             sharey=True)
     labels = list(group(rows, "test_acc"))
+    legend_rows = math.ceil(len(labels) / 2)  # the legend goes under the panels, two labels a row
+    height = 3.6 + 0.2 * legend_rows
+    fig, axes = plt.subplots(1, max(len(sizes), 1), figsize=(max(3.6 * len(sizes), 7.2), height), squeeze=False,
+                             sharey=True)
     for ax, b in zip(axes[0], sizes, strict=False):
         for key in labels:
             runs = [r["history"] for r in rows if (r["dataset"], r["label"]) == key and r["batch_size"] == b]
@@ -253,10 +260,14 @@ def curves(rows: list[dict], path: str, title: str | None = None) -> None:
     axes[0][0].set_ylabel("validation accuracy (%)")
     lo = min((100 * r["history"][-1]["val_acc"] for r in rows), default=0)
     axes[0][0].set_ylim(max(lo - 8, 0), None)
-    axes[0][-1].legend(fontsize=7, loc="lower right")
+    handles = {}
+    for ax in axes[0]:
+        for handle, name in zip(*ax.get_legend_handles_labels(), strict=True):
+            handles.setdefault(name, handle)
+    fig.legend(handles.values(), handles.keys(), fontsize=7, loc="lower center", ncol=2, frameon=False)
     if title:
         fig.suptitle(title)
-    fig.tight_layout()
+    fig.tight_layout(rect=(0, (0.2 * legend_rows + 0.1) / height, 1, 1))
     make_parent(path)
     fig.savefig(path, dpi=110)
     plt.close(fig)
@@ -268,7 +279,7 @@ def run(args: argparse.Namespace) -> int:
         print(json.dumps(json_records(rows), indent=1, allow_nan=False))
     else:
         if not rows:
-            print(f"no finished cells in {args.results}")
+            print(f"no finished cells in {', '.join(args.results)}")
         for metric in args.metrics:
             print(table(rows, metric))
     if args.plot:
@@ -291,7 +302,8 @@ def _metric_list(text: str) -> list[str]:
 def add_parser(subparsers) -> argparse.ArgumentParser:
     p = subparsers.add_parser("report", help="tables, JSON and plot of a results store",
                               description="Mean ± std over seeds per norm x batch size, and the paper-style plot.")
-    p.add_argument("--results", required=True, help="SQLite results file written by sweep or demo")
+    p.add_argument("--results", required=True, nargs="+",
+                   help="SQLite results file written by sweep or demo; several are reported as one")
     p.add_argument("--json", action="store_true", help="print one JSON object per finished cell instead")
     p.add_argument("--plot", type=output_file, default=None, help="write accuracy vs batch size to this PNG file")
     p.add_argument("--curves", type=output_file, default=None,
