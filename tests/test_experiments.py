@@ -19,7 +19,7 @@ import torch
 
 from batchless_experiments import cifar, data, report, tuning
 from batchless_experiments.cli import build_parser, main
-from batchless_experiments.models import NORMS, build_model, statistics_parameters
+from batchless_experiments.models import NORMS, build_model, default_model, statistics_parameters
 from batchless_experiments.options import config_for_norm, config_from_args
 from batchless_experiments.store import ResultStore
 from batchless_experiments.sweep import plan
@@ -214,14 +214,15 @@ def test_store_keeps_a_diverged_run(tmp_path, tiny_splits):
 
 
 def test_report_reads_several_stores_as_one(tmp_path, tiny_splits, capsys):
-    cells = [_cell(norm="none", bs=32), _cell(norm="gn", bs=32)]
+    # (the second store names the dataset's default model, which the first leaves None: the same model)
+    cells = [_cell(norm="none", bs=32), _cell(norm="gn", bs=32, model=default_model("synthetic"))]
     paths = [str(tmp_path / f"{c.norm}.sqlite") for c in cells]
     for cell, path in zip(cells, paths, strict=True):
         with ResultStore(path) as store:
             store.add(cell, train_cell(cell, tiny_splits))
     with ResultStore(paths[1]) as store:  # the same cell in both stores counts once
         store.add(cells[0], train_cell(cells[0], tiny_splits))
-    assert sorted(r["norm"] for r in report.load_rows(paths)) == ["gn", "none"]
+    assert sorted(r["label"] for r in report.load_rows(paths)) == ["gn", "none"]
     assert main(["report", "--results", *paths]) == 0
     out = capsys.readouterr().out
     assert "| none |" in out and "| gn |" in out and "| 1 |" in out and "| 2 |" not in out

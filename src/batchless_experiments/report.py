@@ -18,7 +18,7 @@ import sys
 from collections import Counter, defaultdict
 
 from . import tuning
-from .models import NORMS, is_batchless
+from .models import NORMS, default_model, is_batchless
 from .options import int_list, make_parent, norm_list, output_file
 from .store import ResultStore
 from .train import BATCHLESS_OPTIONS, TrainConfig
@@ -30,7 +30,10 @@ HIGHER_IS_BETTER = PERCENT
 
 
 def without_lr(config: dict) -> dict:
-    return {k: v for k, v in config.items() if k != "lr"}
+    """``config`` as labels compare it: without ``lr``, and the dataset's default model named (None and its name
+    are the same model)."""
+    return {**{k: v for k, v in config.items() if k != "lr"},
+            "model": config.get("model") or default_model(config["dataset"])}
 
 
 def base_configs(rows: list[dict]) -> dict[str, dict]:
