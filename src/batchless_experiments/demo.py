@@ -70,7 +70,7 @@ def run(args: argparse.Namespace) -> int:
     with ResultStore(results) as store:
         run_cells(cells, store, splits, device=args.device, jobs=args.jobs, source=source)
         keys = {c.key for c in cells}
-        rows = report.relabel([r for r in store.rows() if _key(r) in keys])
+        rows = report.relabel([r for r in store.rows() if report.cell_key(r) in keys])
     print(report.table(rows, "test_acc"))
     print(report.table(rows, "lr"))
     print("— = not run: BatchNorm cannot train at batch size 1.\n"
@@ -82,12 +82,6 @@ def run(args: argparse.Namespace) -> int:
     print(f"plots: {png}, {curves_png}\nresults: {results} (batchless report --results {results})\n"
           f"wall time: {time.perf_counter() - start:.0f}s")
     return 0
-
-
-def _key(row: dict) -> str:
-    from .train import Cell, TrainConfig
-
-    return Cell(TrainConfig(**row["config"]), row["norm"], row["batch_size"], row["seed"]).key
 
 
 def add_parser(subparsers) -> argparse.ArgumentParser:

@@ -21,12 +21,17 @@ from . import tuning
 from .models import NORMS, default_model, is_batchless
 from .options import int_list, make_parent, norm_list, output_file
 from .store import ResultStore
-from .train import BATCHLESS_OPTIONS, TrainConfig
+from .train import BATCHLESS_OPTIONS, Cell, TrainConfig
 
 PERCENT = ("test_acc", "test_acc_25", "test_acc_50", "val_acc_best", "test_acc_at_best_val")
 METRICS = (*PERCENT, "val_acc_best_epoch", "wall_s", "act_mem_mb", "nll_last", "lr")
 ABLATIONS = ("data_init", "stats_lr_scale", "stats_optimizer", "nll_mode", "nll_weight", "std_speed", "mean_speed")
 HIGHER_IS_BETTER = PERCENT
+
+
+def cell_key(row: dict) -> str:
+    """The key of the cell a store's row records (:attr:`.train.Cell.key`)."""
+    return Cell(TrainConfig(**row["config"]), row["norm"], row["batch_size"], row["seed"]).key
 
 
 def without_lr(config: dict) -> dict:
@@ -74,8 +79,7 @@ def load_rows(path: str | list[str], dataset: str | None = None, norms: list[str
         if not os.path.exists(one):
             raise FileNotFoundError(f"no results file at {one}; run `batchless sweep --results {one} ...` first")
         with ResultStore(one, readonly=True) as store:
-            found.update((json.dumps([r[k] for k in ("dataset", "norm", "batch_size", "seed", "config")],
-                                     sort_keys=True), r) for r in store.rows() if dataset in (None, r["dataset"]))
+            found.update((cell_key(r), r) for r in store.rows() if dataset in (None, r["dataset"]))
     rows = relabel(list(found.values()))
     for r in rows:
         r["nll_last"] = r["history"][-1]["nll"]  # the gauged NLL of the last epoch (None without batchless)

@@ -89,7 +89,7 @@ def init_from_data(model, x):
             layer.mean.copy_(t.mean(dims)); layer.raw_std.copy_(t.std(dims).clamp_min(1e-3).log() / layer.gain)
     model.train()
 
-def run(norm_kwargs, bs=64, epochs=8, lr=3e-3, seed=0, stats_scale=1.0, wd=0.0, opt="adam", num_samples=12000, stats_opt="adam", ws=False, norm="batchless", slow="both", dataset="fashion-mnist", schedule="cosine"):
+def run(norm_kwargs, bs=64, epochs=8, lr=3e-3, seed=0, stats_scale=1.0, wd=0.0, opt="adam", num_samples=12000, stats_opt="adam", ws=False, norm="batchless", slow="both", dataset="fashion-mnist"):
     import batchless_experiments.models as M
     import batchless_experiments.train as T
     from batchless_experiments import data
@@ -112,7 +112,7 @@ def run(norm_kwargs, bs=64, epochs=8, lr=3e-3, seed=0, stats_scale=1.0, wd=0.0, 
     num_samples = num_samples if dataset == "fashion-mnist" else None  # (MNIST-1D: its default size)
     splits = data.load(dataset, num_samples=num_samples)
     extra = {"weight_decay": wd} if wd else {}
-    cfg = TrainConfig(dataset=dataset, num_samples=num_samples, schedule=schedule, epochs=epochs, lr=lr,
+    cfg = TrainConfig(dataset=dataset, num_samples=num_samples, schedule="cosine", epochs=epochs, lr=lr,
                       stats_lr_scale=stats_scale, optimizer=opt, stats_optimizer=stats_opt, weight_std=ws, **extra)
     r = train_cell(Cell(cfg, norm, bs, seed), splits, progress=False)
     return r
