@@ -9,8 +9,9 @@
 #                             previous default) and with mu 10x slower too (--mean-speed 0.1, the library default)
 #   run_fashion.sh resnet     ResNet-8 (norm after every conv) at batch 64, 10 epochs
 #   run_fashion.sh adamw      the CNN at batch 64 under AdamW, weight decay 0.05 on every parameter, as
-#                             AdamW(model.parameters()) gives it (batchless cancels it on its statistics)
-#   run_fashion.sh sgd        the CNN at batch 64 under SGD with momentum 0.9 (grid around 0.05)
+#                             AdamW(model.parameters()) gives it (batchless cancels it on its statistics),
+#                             the default layer also with weight standardization (--weight-std)
+#   run_fashion.sh sgd        the CNN at batch 64 under SGD with momentum 0.9 (grid around 0.05), the same
 #   run_fashion.sh variants [SIZES [MODEL]]
 #                             the statistics' speeds (issue 17) at batch sizes SIZES (default 64,256) of the cnn
 #                             or resnet: frozen at the data init (their lr x 1e-4), and the mean 10x slower (lr x
@@ -41,11 +42,13 @@ resnet)  # ResNet-8 (width 16, a norm after every conv), 10 epochs, ${2:-2} runs
 adamw)
   W=("${FAIR[@]}" --optimizer adamw --weight-decay 0.05 --batch-sizes 64 --results results/fashion_adamw.sqlite)
   $B sweep "${W[@]}" --norms none,bn,gn,ln
-  $B sweep "${W[@]}" --norms batchless --std-speed 0.1 --mean-speed 0.1 ;;
+  $B sweep "${W[@]}" --norms batchless --std-speed 0.1 --mean-speed 0.1
+  $B sweep "${W[@]}" --norms batchless --std-speed 0.1 --mean-speed 0.1 --weight-std ;;
 sgd)
   S=("${FAIR[@]}" --optimizer sgd --lr 0.05 --batch-sizes 64 --results results/fashion_sgd.sqlite)
   $B sweep "${S[@]}" --norms none,bn,gn,ln
-  $B sweep "${S[@]}" --norms batchless --std-speed 0.1 --mean-speed 0.1 ;;
+  $B sweep "${S[@]}" --norms batchless --std-speed 0.1 --mean-speed 0.1
+  $B sweep "${S[@]}" --norms batchless --std-speed 0.1 --mean-speed 0.1 --weight-std ;;
 variants)
   model=${3:-cnn}; store=results/fashion_variants.sqlite; epochs=20
   [ "$model" = resnet ] && store=results/fashion_resnet_variants.sqlite && epochs=10
