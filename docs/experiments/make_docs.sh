@@ -37,7 +37,10 @@ if have fashion_resnet; then
 fi
 for store in fashion_variants fashion_resnet_variants fashion_sgd fashion_adamw fashion_ws fashion_resnet_ws; do
   if have $store; then
-    $B report --results results/$store.sqlite --metrics test_acc,test_acc_25,test_acc_50,lr > $D/$store.md
+    curves=()  # the other optimizers' time to accuracy (issue 17): validation accuracy per epoch
+    case $store in fashion_sgd|fashion_adamw) curves=(--curves $D/${store}_curves.png) ;; esac
+    $B report --results results/$store.sqlite --metrics test_acc,test_acc_25,test_acc_50,lr "${curves[@]}" \
+      > $D/$store.md
   fi
 done
 # time to accuracy with and without weight standardization (issue 17): the stores together, curves per epoch
