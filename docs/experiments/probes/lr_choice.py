@@ -5,7 +5,11 @@ without the rate) and compares the protocol's rule (the best validation accuracy
 mean of the last 3 epochs; prints each group where the two disagree and the count. Example:
     .venv/bin/python docs/experiments/probes/lr_choice.py
 """
-import collections, glob, json, sqlite3, sys
+import collections
+import glob
+import json
+import sqlite3
+import sys
 
 stores = sys.argv[1:] or sorted(glob.glob("results/*.sqlite"))
 changed = total = 0
