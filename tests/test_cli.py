@@ -102,13 +102,16 @@ def test_demo_smoke(tmp_path, capsys):
     assert main(["demo", "--out", str(out), "--data-dir", str(tmp_path / "data"), "--batch-sizes", "64",
                  "--jobs", "1", *TINY]) == 0
     captured = capsys.readouterr()
-    assert captured.err.startswith("fashion-mnist (200 samples: 160 to train on), 4 runs")
+    assert captured.err.startswith("fashion-mnist (200 samples: 160 to train on), 5 runs")
     # each run named completely; batchless as users get it (the library's speeds), lr 3e-3 scaled to bs 1
     assert ("fashion-mnist cnn batchless [init_samples=50, mean_speed=0.1, std_speed=0.1] bs=1 lr=0.000375 seed=0"
             in captured.err)
     assert "| gn |" in captured.out and "| batchless |" in captured.out and "bs 1 " in captured.out
+    # at batch 64 also with weight standardization, as the README advises there
+    assert "batchless [init_samples=50, mean_speed=0.1, std_speed=0.1] ws bs=64" in captured.err
+    assert "| batchless [weight_std=True] |" in captured.out
     assert (out / "demo.png").read_bytes()[:4] == b"\x89PNG" and (out / "demo_curves.png").exists()
-    assert _count(str(out / "results.sqlite")) == 4  # bn, gn, batchless at 64; batchless at 1
+    assert _count(str(out / "results.sqlite")) == 5  # bn, gn, batchless (also with WS) at 64; batchless at 1
 
 
 def test_demo_falls_back_to_mnist1d_without_the_files(tmp_path, capsys, monkeypatch):

@@ -1,8 +1,9 @@
 """``batchless demo``: the README's main job, a small batch-size study on real images in a few minutes.
 
 The paper's CNN (adapted to 28x28) is trained on a subset of Fashion-MNIST with BatchNorm, GroupNorm and
-batchless (the library's defaults) at a small and a standard batch size, and batchless also at batch size 1,
-where BatchNorm cannot run. Each cell uses the centre of the fair protocol's learning-rate grid (``lr``
+batchless (the library's defaults) at a small and a standard batch size, batchless also at batch size 1,
+where BatchNorm cannot run, and from batch 64 up also with ``standardize_weights`` (the README's advice there).
+Each cell uses the centre of the fair protocol's learning-rate grid (``lr``
 scaled from batch size 64, :mod:`.tuning`) with a cosine decay: one run per cell and no grid, so that it
 fits a few minutes; the tuned study is ``batchless sweep --lr-grid`` (EXPERIMENTS.md). Without the
 Fashion-MNIST files the demo says so in one line and runs the same study on MNIST-1D, which is generated
@@ -12,6 +13,7 @@ offline. Results go to a SQLite store (re-running resumes), a table, and two plo
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import os
 import sys
 import time
@@ -31,6 +33,7 @@ from .sweep import grid_plan, run_cells
 
 DEMO_NORMS = "bn,gn,batchless"
 DEMO_BATCH_SIZES = "8,64"
+WS_FROM = 64  # batchless also with standardize_weights from this batch size up, as the README advises
 DEMO_LR = 3e-3  # at batch size 64, scaled by the square root of the batch size (the sweeps' grid centre)
 # (samples, epochs) per dataset: Fashion-MNIST 8,000 training images; MNIST-1D as in its study
 DEMO_DATA = {"fashion-mnist": (10000, 6), "mnist1d": (4000, 8)}
@@ -63,6 +66,9 @@ def run(args: argparse.Namespace) -> int:
     cells = grid_plan(config, args.norms, args.batch_sizes, args.seed, [1.0])
     if "batchless" in args.norms and 1 not in args.batch_sizes:
         cells = grid_plan(config, ["batchless"], [1], args.seed, [1.0]) + cells
+    large = [bs for bs in args.batch_sizes if bs >= WS_FROM]
+    if "batchless" in args.norms and large and not config.weight_std:  # the README's advice at large batches
+        cells += grid_plan(dataclasses.replace(config, weight_std=True), ["batchless"], large, args.seed, [1.0])
     source = {"dataset": dataset, "num_samples": args.num_samples, "data_dir": args.data_dir}
     print(f"{dataset} ({args.num_samples} samples: {int(args.num_samples * 0.8)} to train on), {len(cells)} runs "
           f"of {args.epochs} epochs, {args.jobs} at a time; results in {results}", file=sys.stderr)
@@ -89,7 +95,7 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
         "demo", help="small batch-size study on Fashion-MNIST (a few minutes on 2 CPU cores)",
         description="Train the paper's CNN on Fashion-MNIST (MNIST-1D if its files are missing) with BatchNorm, "
                     "GroupNorm and batchless at a small and a standard batch size (batchless also at batch "
-                    "size 1); print a table, write plots.")
+                    "size 1, and from batch 64 up also with standardize_weights); print a table, write plots.")
     p.add_argument("--out", default="batchless-demo", help="output folder (default ./batchless-demo)")
     p.add_argument("--seed", type=int, default=0, help="seed (default 0)")
     p.add_argument("--norms", type=norm_list, default=norm_list(DEMO_NORMS), help=f"default {DEMO_NORMS}")
