@@ -35,11 +35,12 @@ if have fashion_resnet; then
     > $D/fashion_resnet.md
   $B report --results results/fashion_resnet.sqlite --json > $D/fashion_resnet.json
 fi
-for store in fashion_variants fashion_resnet_variants fashion_sgd fashion_adamw fashion_ws fashion_resnet_ws; do
+for store in fashion_variants fashion_resnet_variants fashion_sgd fashion_sgd_ema fashion_adamw fashion_ws \
+    fashion_resnet_ws; do
   if have $store; then
     curves=()  # the other optimizers' time to accuracy (issue 17): validation accuracy per epoch
     case $store in fashion_sgd|fashion_adamw) curves=(--curves $D/${store}_curves.png) ;; esac
-    $B report --results results/$store.sqlite --metrics test_acc,test_acc_25,test_acc_50,lr "${curves[@]}" \
+    $B report --results results/$store.sqlite --metrics test_acc,test_acc_25,test_acc_50,lr,nll_last "${curves[@]}" \
       > $D/$store.md
   fi
 done

@@ -12,6 +12,9 @@
 #                             AdamW(model.parameters()) gives it (batchless cancels it on its statistics),
 #                             the default layer also with weight standardization (--weight-std)
 #   run_fashion.sh sgd        the CNN at batch 64 under SGD with momentum 0.9 (grid around 0.05), the same
+#   run_fashion.sh sgd-ema    probe: under SGD with WS at batch 64 (at the default's chosen rate, 0.0167), the
+#                             statistics stepped as EMAs of their input at rate 0.001 or 0.01 (--stats-optimizer
+#                             ema: they track it) instead of by SGD (where they hardly move)
 #   run_fashion.sh variants [SIZES [MODEL]]
 #                             the statistics' speeds (issue 17) at batch sizes SIZES (default 64,256) of the cnn
 #                             or resnet: frozen at the data init (their lr x 1e-4), and the mean 10x slower (lr x
@@ -49,6 +52,12 @@ sgd)
   $B sweep "${S[@]}" --norms none,bn,gn,ln
   $B sweep "${S[@]}" --norms batchless --std-speed 0.1 --mean-speed 0.1
   $B sweep "${S[@]}" --norms batchless --std-speed 0.1 --mean-speed 0.1 --weight-std ;;
+sgd-ema)
+  for scale in 0.06 0.6; do  # rate = lr x scale
+    $B sweep --dataset fashion-mnist --num-samples 12000 --epochs 20 --schedule cosine --lr 0.0167 --seeds 3 --jobs 2 \
+      --optimizer sgd --batch-sizes 64 --weight-std --norms batchless --std-speed 0.1 --mean-speed 0.1 \
+      --stats-optimizer ema --stats-lr-scale $scale --results results/fashion_sgd_ema.sqlite
+  done ;;
 variants)
   model=${3:-cnn}; store=results/fashion_variants.sqlite; epochs=20
   [ "$model" = resnet ] && store=results/fashion_resnet_variants.sqlite && epochs=10
@@ -64,5 +73,5 @@ ws)
   else
     $B sweep "${W[@]}" --norms "$3"
   fi ;;
-*) echo "usage: $0 main|resnet|adamw|sgd|variants|ws" >&2; exit 2 ;;
+*) echo "usage: $0 main|resnet|adamw|sgd|sgd-ema|variants|ws" >&2; exit 2 ;;
 esac
