@@ -251,6 +251,19 @@ def test_report_header_names_the_base_its_labels_use(tmp_path, capsys):
     assert "base config: epochs=1," in out and "| batchless |" in out and "| batchless [epochs=2] |" in out
 
 
+def test_weight_standardization_is_the_labelled_row_even_with_more_cells(tmp_path, capsys):
+    results = str(tmp_path / "r.sqlite")
+    base = ["sweep", "--dataset", "synthetic", "--norms", "none,batchless", "--batch-sizes", "64", "--results",
+            results, *TINY]
+    assert main([*base, "--seeds", "1"]) == 0
+    assert main([*base, "--seeds", "2", "--weight-std"]) == 0  # more cells with it than without
+    capsys.readouterr()
+    assert main(["report", "--results", results, "--metrics", "test_acc"]) == 0
+    out = capsys.readouterr().out
+    assert "| batchless |" in out and "| batchless [weight_std=True] |" in out
+    assert "| none |" in out and "| none [weight_std=True] |" in out and "weight_std=False" not in out
+
+
 def test_ablation_rows_are_labelled_and_filtered(tmp_path, capsys):
     results = str(tmp_path / "r.sqlite")
     base = ["sweep", "--dataset", "synthetic", "--batch-sizes", "64", "--seeds", "1", "--results", results, *TINY]

@@ -43,11 +43,13 @@ def without_lr(config: dict) -> dict:
 
 def base_configs(rows: list[dict]) -> dict[str, dict]:
     """Per dataset, the base config: the most common config of its batchless cells that run the paper's
-    method (every ablation option at its default); failing that, of its batchless cells; then of all."""
+    method (every ablation option at its default); failing that, of its batchless cells; then of all. Cells
+    without weight standardization come first at each step (it is a treatment for every norm, like an
+    ablation), so a store holding the same layer with and without it labels the one with it."""
     default = TrainConfig()
     counts: dict[str, Counter] = defaultdict(Counter)
     for r in rows:
-        batchless = is_batchless(r["norm"])
+        batchless = is_batchless(r["norm"]) and not r["config"].get("weight_std", False)
         paper = batchless and all(r["config"][k] == getattr(default, k) for k in ABLATIONS)
         counts[r["dataset"]][json.dumps(without_lr(r["config"]), sort_keys=True)] += 1 + (batchless + paper) * len(rows)
     return {d: json.loads(c.most_common(1)[0][0]) for d, c in counts.items()}
