@@ -9,10 +9,8 @@ B=".venv/bin/batchless"
 D=docs/experiments
 mkdir -p $D/stores
 
-have() {  # snapshots the store; one a sweep created but has not written a cell to yet counts as not there
-  if [ -f "results/$1.sqlite" ] && .venv/bin/python -c "import sqlite3, sys; s = sqlite3.connect(sys.argv[1]); \
-sys.exit(1) if not s.execute(\"SELECT 1 FROM sqlite_master WHERE name = 'cells'\").fetchone() else None; \
-d = sqlite3.connect(sys.argv[2]); s.backup(d); d.close(); s.close()" "results/$1.sqlite" "$D/stores/$1.sqlite"; then
+have() {  # snapshots the store (snapshot_store.py); one with no cell yet counts as not there
+  if [ -f "results/$1.sqlite" ] && .venv/bin/python $D/snapshot_store.py "results/$1.sqlite" "$D/stores/$1.sqlite"; then
     return 0
   fi
   echo "results/$1.sqlite is not here: skipped" >&2
