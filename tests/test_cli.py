@@ -262,6 +262,13 @@ def test_weight_standardization_is_the_labelled_row_even_with_more_cells(tmp_pat
     out = capsys.readouterr().out
     assert "| batchless |" in out and "| batchless [weight_std=True] |" in out
     assert "| none |" in out and "| none [weight_std=True] |" in out and "weight_std=False" not in out
+    only_ws = str(tmp_path / "ws.sqlite")  # a store of WS cells alone: batchless's config is still the base
+    assert main(["sweep", "--dataset", "synthetic", "--norms", "none,batchless", "--batch-sizes", "64", "--results",
+                 only_ws, "--seeds", "1", "--weight-std", "--std-speed", "0.1", *TINY]) == 0
+    capsys.readouterr()
+    assert main(["report", "--results", only_ws, "--metrics", "test_acc"]) == 0
+    out = capsys.readouterr().out
+    assert "| batchless |" in out and "std_speed=0.1, weight_std=True" in out
 
 
 def test_ablation_rows_are_labelled_and_filtered(tmp_path, capsys):

@@ -15,7 +15,7 @@ import math
 import os
 import statistics
 import sys
-from collections import Counter, defaultdict
+from collections import defaultdict
 
 from . import tuning
 from .models import NORMS, default_model, is_batchless
@@ -43,16 +43,18 @@ def without_lr(config: dict) -> dict:
 
 def base_configs(rows: list[dict]) -> dict[str, dict]:
     """Per dataset, the base config: the most common config of its batchless cells that run the paper's
-    method (every ablation option at its default); failing that, of its batchless cells; then of all. Cells
-    without weight standardization come first at each step (it is a treatment for every norm, like an
+    method (every ablation option at its default); failing that, of its batchless cells; then of all. Batchless
+    cells without weight standardization rank above those with it (a treatment for every norm, like an
     ablation), so a store holding the same layer with and without it labels the one with it."""
     default = TrainConfig()
-    counts: dict[str, Counter] = defaultdict(Counter)
+    ranks: dict[str, dict[str, list[int]]] = defaultdict(dict)  # per config: [its best tier, its cells]
     for r in rows:
-        batchless = is_batchless(r["norm"]) and not r["config"].get("weight_std", False)
+        batchless = is_batchless(r["norm"])
+        plain = batchless and not r["config"].get("weight_std", False)
         paper = batchless and all(r["config"][k] == getattr(default, k) for k in ABLATIONS)
-        counts[r["dataset"]][json.dumps(without_lr(r["config"]), sort_keys=True)] += 1 + (batchless + paper) * len(rows)
-    return {d: json.loads(c.most_common(1)[0][0]) for d, c in counts.items()}
+        rank = ranks[r["dataset"]].setdefault(json.dumps(without_lr(r["config"]), sort_keys=True), [0, 0])
+        rank[0], rank[1] = max(rank[0], batchless + plain + paper), rank[1] + 1
+    return {d: json.loads(max(c, key=lambda k: c[k])) for d, c in ranks.items()}
 
 
 def label(row: dict, base: dict) -> str:
