@@ -10,7 +10,8 @@
 #   run_fashion.sh resnet     ResNet-8 (norm after every conv) at batch 64, 10 epochs
 #   run_fashion.sh adamw      the CNN at batch 64 under AdamW, weight decay 0.05 on every parameter, as
 #                             AdamW(model.parameters()) gives it (batchless cancels it on its statistics),
-#                             the default layer also with weight standardization (--weight-std)
+#                             the default layer, BatchNorm and GroupNorm also with weight standardization
+#                             (--weight-std)
 #   run_fashion.sh sgd        the CNN at batch 64 under SGD with momentum 0.9 (grid around 0.05), the same
 #   run_fashion.sh sgd-ema    probe: under SGD with WS at batch 64 (at the default's chosen rate, 0.0167), the
 #                             statistics stepped as EMAs of their input at rate 0.001 or 0.01 (--stats-optimizer
@@ -46,12 +47,14 @@ adamw)
   W=("${FAIR[@]}" --optimizer adamw --weight-decay 0.05 --batch-sizes 64 --results results/fashion_adamw.sqlite)
   $B sweep "${W[@]}" --norms none,bn,gn,ln
   $B sweep "${W[@]}" --norms batchless --std-speed 0.1 --mean-speed 0.1
-  $B sweep "${W[@]}" --norms batchless --std-speed 0.1 --mean-speed 0.1 --weight-std ;;
+  $B sweep "${W[@]}" --norms batchless --std-speed 0.1 --mean-speed 0.1 --weight-std
+  $B sweep "${W[@]}" --norms bn,gn --weight-std ;;
 sgd)
   S=("${FAIR[@]}" --optimizer sgd --lr 0.05 --batch-sizes 64 --results results/fashion_sgd.sqlite)
   $B sweep "${S[@]}" --norms none,bn,gn,ln
   $B sweep "${S[@]}" --norms batchless --std-speed 0.1 --mean-speed 0.1
-  $B sweep "${S[@]}" --norms batchless --std-speed 0.1 --mean-speed 0.1 --weight-std ;;
+  $B sweep "${S[@]}" --norms batchless --std-speed 0.1 --mean-speed 0.1 --weight-std
+  $B sweep "${S[@]}" --norms bn,gn --weight-std ;;
 sgd-ema)
   for scale in 0.06 0.6; do  # rate = lr x scale
     $B sweep --dataset fashion-mnist --num-samples 12000 --epochs 20 --schedule cosine --lr 0.0167 --seeds 3 --jobs 2 \
