@@ -67,7 +67,7 @@ def run(args: argparse.Namespace) -> int:
     if "batchless" in args.norms and 1 not in args.batch_sizes:
         cells = grid_plan(config, ["batchless"], [1], args.seed, [1.0]) + cells
     large = [bs for bs in args.batch_sizes if bs >= WS_FROM]
-    if "batchless" in args.norms and large and not config.weight_std:  # the README's advice at large batches
+    if "batchless" in args.norms and large and not config.weight_std:
         cells += grid_plan(dataclasses.replace(config, weight_std=True), ["batchless"], large, args.seed, [1.0])
     source = {"dataset": dataset, "num_samples": args.num_samples, "data_dir": args.data_dir}
     print(f"{dataset} ({args.num_samples} samples: {int(args.num_samples * 0.8)} to train on), {len(cells)} runs "

@@ -42,18 +42,19 @@ def without_lr(config: dict) -> dict:
 
 
 def base_configs(rows: list[dict]) -> dict[str, dict]:
-    """Per dataset, the base config: the most common config of its batchless cells that run the paper's
-    method (every ablation option at its default); failing that, of its batchless cells; then of all. Batchless
-    cells without weight standardization rank above those with it (a treatment for every norm, like an
-    ablation), so a store holding the same layer with and without it labels the one with it."""
+    """Per dataset, the base config: the config of its highest-tier cells, the most common among equals. A
+    cell's tier counts one each for being batchless, for running without weight standardization (a treatment
+    for every norm, like an ablation) and for the paper's method (every ablation option at its default), so
+    a store with the layer both with and without WS labels the one with it."""
     default = TrainConfig()
-    ranks: dict[str, dict[str, list[int]]] = defaultdict(dict)  # per config: [its best tier, its cells]
+    ranks: dict[str, dict[str, tuple[int, int]]] = defaultdict(dict)  # per config: (its best tier, its cells)
     for r in rows:
         batchless = is_batchless(r["norm"])
         plain = batchless and not r["config"].get("weight_std", False)
         paper = batchless and all(r["config"][k] == getattr(default, k) for k in ABLATIONS)
-        rank = ranks[r["dataset"]].setdefault(json.dumps(without_lr(r["config"]), sort_keys=True), [0, 0])
-        rank[0], rank[1] = max(rank[0], batchless + plain + paper), rank[1] + 1
+        key = json.dumps(without_lr(r["config"]), sort_keys=True)
+        tier, cells = ranks[r["dataset"]].get(key, (0, 0))
+        ranks[r["dataset"]][key] = (max(tier, batchless + plain + paper), cells + 1)
     return {d: json.loads(max(c, key=lambda k: c[k])) for d, c in ranks.items()}
 
 
