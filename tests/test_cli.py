@@ -321,3 +321,25 @@ def test_a_choice_at_an_end_of_the_grid_extends_it(tmp_path, capsys):
         rates = sorted(json.loads(c)["lr"] for (c,) in db.execute("SELECT config FROM cells WHERE seed = 0"))
     assert len(rates) == 3 and {0.000177, 0.000707} < set(rates)
     assert _count(results) == 4  # 2 grid + 1 beyond its end + seed 1 at the choice
+
+
+def test_choose_seeds_trains_every_rate_with_them_and_chooses_on_their_mean(tmp_path, capsys):
+    write_idx_dataset(tmp_path / "data", n_train=60, n_test=20)
+    results = str(tmp_path / "r.sqlite")
+    argv = ["sweep", "--dataset", "fashion-mnist", "--data-dir", str(tmp_path / "data"), "--norms", "none",
+            "--batch-sizes", "8", "--seeds", "3", "--lr-grid", "0.5,2", "--extend-grid", "1", "--choose-seeds", "2",
+            "--results", results, "--epochs", "1"]
+    assert main(argv) == 0
+    err = capsys.readouterr().err
+    assert "stage 1: 4 runs, seeds 0, 1 at each learning rate" in err and "stage 2: 1 runs, seeds [2]" in err
+    with contextlib.closing(sqlite3.connect(results)) as db:
+        runs = [(json.loads(c)["lr"], s, json.loads(h)[-1]["val_acc"])
+                for c, s, h in db.execute("SELECT config, seed, history FROM cells")]
+    val = {}
+    for lr, seed, acc in runs:
+        val.setdefault(lr, {})[seed] = acc
+    assert len(val) == 3 and all({0, 1} <= set(v) for v in val.values())  # the grid and its extension, 2 seeds
+    chosen = max(sorted(val), key=lambda lr: (val[lr][0] + val[lr][1], -lr))
+    assert set(val[chosen]) == {0, 1, 2} and _count(results) == 7  # seed 2 at the rate the 2-seed mean chose
+    assert main([*argv, "--choose-seeds", "4"]) == 2  # the last value given counts
+    assert "--choose-seeds must be at most --seeds (3), got 4" in capsys.readouterr().err

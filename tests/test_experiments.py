@@ -22,8 +22,8 @@ from batchless_experiments.cli import build_parser, main
 from batchless_experiments.models import NORMS, build_model, default_model, statistics_parameters
 from batchless_experiments.options import config_for_norm, config_from_args
 from batchless_experiments.store import ResultStore
-from batchless_experiments.sweep import plan
-from batchless_experiments.train import Cell, EMAStatistics, TrainConfig, batches, train_cell
+from batchless_experiments.sweep import chosen_plan, grid_plan, plan
+from batchless_experiments.train import Cell, CellResult, EMAStatistics, EpochLog, TrainConfig, batches, train_cell
 
 torch.set_num_threads(1)
 
@@ -354,6 +354,20 @@ def test_choose_compares_common_seeds_and_flags_the_grid_ends():
     assert tuning.choose({1e-3: {0: math.nan}, 3e-3: {0: 0.1}}).lr == 3e-3  # diverged: the worst
     with pytest.raises(ValueError, match="share no seed"):
         tuning.choose({1e-3: {0: 0.9}, 3e-3: {1: 0.85}})
+
+
+def test_the_sweeps_choice_averages_the_choosing_seeds(tmp_path):
+    # seed 0 alone would choose the smaller rate (0.9 > 0.8); the mean over seeds 0 and 1 the larger (0.7 < 0.8)
+    grid = grid_plan(TrainConfig(lr=1e-3), ["none"], [64], [0, 1], [1, 3])
+    val = {(1e-3, 0): 0.9, (1e-3, 1): 0.5, (3e-3, 0): 0.8, (3e-3, 1): 0.8}
+    assert sorted((c.config.lr, c.seed) for c in grid) == sorted(val)
+    with ResultStore(str(tmp_path / "r.sqlite")) as store:
+        for c in grid:
+            acc = val[(c.config.lr, c.seed)]
+            store.add(c, CellResult(acc, 0.0, acc, 0, 0.0, acc, 0.0, 0.0, 0.0, [EpochLog(0, 0.0, 0.0, acc, None, 0.0)]))
+        assert [(c.config.lr, c.seed) for c in chosen_plan(grid, store, [2])] == [(3e-3, 2)]
+        seed0 = [c for c in grid if c.seed == 0]
+        assert [(c.config.lr, c.seed) for c in chosen_plan(seed0, store, [2])] == [(1e-3, 2)]  # seed 0 alone
 
 
 def test_report_keeps_only_each_cells_chosen_learning_rate():

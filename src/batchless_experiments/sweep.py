@@ -39,11 +39,12 @@ def plan(config: TrainConfig, norms: Iterable[str], batch_sizes: Iterable[int], 
     return [c for c in cells if c.runnable]
 
 
-def grid_plan(config: TrainConfig, norms: Iterable[str], batch_sizes: Iterable[int], seed: int,
+def grid_plan(config: TrainConfig, norms: Iterable[str], batch_sizes: Iterable[int], seeds: Iterable[int],
               factors: list[float]) -> list[Cell]:
-    """The fair protocol's first stage: every learning rate of each cell's grid with ``seed``."""
+    """The fair protocol's first stage: every learning rate of each cell's grid with each of ``seeds`` (the
+    choice compares their mean validation accuracy)."""
     return [dataclasses.replace(c, config=dataclasses.replace(c.config, lr=lr))
-            for c in plan(config, norms, batch_sizes, [seed])
+            for c in plan(config, norms, batch_sizes, seeds)
             for lr in tuning.grid(config.lr, c.batch_size, config.optimizer, factors)]
 
 
@@ -57,21 +58,22 @@ def _choices(grid_cells: list[Cell], store: ResultStore) -> dict[tuple[str, int]
         row = store.get(c)
         if row is None:
             raise ValueError(f"the grid run {describe_cell(c)} is not in {store.path}; rerun the sweep")
-        groups.setdefault((c.norm, c.batch_size), {})[c.config.lr] = {c.seed: row["history"][-1]["val_acc"]}
+        groups.setdefault((c.norm, c.batch_size), {}).setdefault(c.config.lr, {})[c.seed] = \
+            row["history"][-1]["val_acc"]
         configs[(c.norm, c.batch_size)] = c.config
     return {k: (configs[k], tuning.choose(v), sorted(v)) for k, v in groups.items()}
 
 
 def edge_plan(grid_cells: list[Cell], store: ResultStore) -> list[Cell]:
-    """One more learning rate, a grid step beyond the end, for each cell whose choice is an end of its grid:
-    the grid may not bracket the optimum there."""
+    """One more learning rate, a grid step beyond the end, for each cell whose choice is an end of its grid
+    (with the grid's seeds): the grid may not bracket the optimum there."""
     cells = []
     for (norm, batch_size), (config, choice, rates) in _choices(grid_cells, store).items():
         if choice.edge:
             lr = tuning.beyond(rates, choice.lr)
             log_line(f"  {norm} bs={batch_size} chose lr={choice.lr:g}, an end of {rates}: trying lr={lr:g}")
-            seed = next(c.seed for c in grid_cells if (c.norm, c.batch_size) == (norm, batch_size))
-            cells.append(Cell(dataclasses.replace(config, lr=lr), norm, batch_size, seed))
+            seeds = dict.fromkeys(c.seed for c in grid_cells if (c.norm, c.batch_size) == (norm, batch_size))
+            cells += [Cell(dataclasses.replace(config, lr=lr), norm, batch_size, s) for s in seeds]
     return cells
 
 
@@ -139,6 +141,8 @@ def run(args: argparse.Namespace) -> int:
     apply_threads(args)
     config = config_from_args(args, args.dataset)
     seeds = list(range(args.seed_offset, args.seed_offset + args.seeds))
+    if args.choose_seeds > args.seeds:
+        raise ValueError(f"--choose-seeds must be at most --seeds ({args.seeds}), got {args.choose_seeds}")
     runnable = plan(config, args.norms, args.batch_sizes, [0])
     if len(runnable) < len(set(args.norms)) * len(set(args.batch_sizes)):
         log_line("BatchNorm is skipped at batch size 1: it cannot train on one instance")
@@ -147,8 +151,10 @@ def run(args: argparse.Namespace) -> int:
     kwargs = {"device": args.device, "jobs": args.jobs, "source": source}
     with ResultStore(args.results) as store:
         if args.lr_grid:
-            grid_cells = grid_plan(config, args.norms, args.batch_sizes, seeds[0], args.lr_grid)
-            log_line(f"stage 1: {len(grid_cells)} runs, seed {seeds[0]} at each learning rate of the grids")
+            chooser, others = seeds[:args.choose_seeds], seeds[args.choose_seeds:]
+            grid_cells = grid_plan(config, args.norms, args.batch_sizes, chooser, args.lr_grid)
+            log_line(f"stage 1: {len(grid_cells)} runs, seed{'s' if len(chooser) > 1 else ''} "
+                     f"{', '.join(map(str, chooser))} at each learning rate of the grids")
             run_cells(grid_cells, store, splits, **kwargs)
             for _ in range(args.extend_grid):
                 extra = edge_plan(grid_cells, store)
@@ -156,8 +162,8 @@ def run(args: argparse.Namespace) -> int:
                     break
                 run_cells(extra, store, splits, **kwargs)
                 grid_cells += extra
-            second = chosen_plan(grid_cells, store, seeds[1:])
-            log_line(f"stage 2: {len(second)} runs, seeds {seeds[1:]} at each cell's chosen learning rate")
+            second = chosen_plan(grid_cells, store, others)
+            log_line(f"stage 2: {len(second)} runs, seeds {others} at each cell's chosen learning rate")
             run_cells(second, store, splits, **kwargs)
         else:
             run_cells(plan(config, args.norms, args.batch_sizes, seeds), store, splits, **kwargs)
@@ -189,6 +195,10 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
     p.add_argument("--extend-grid", type=int, default=2,
                    help="with --lr-grid: where a cell's choice is an end of its grid, try one more value a grid "
                         "step beyond it, up to this many times (default 2; 0: the grid only)")
+    p.add_argument("--choose-seeds", type=positive_int, default=1,
+                   help="with --lr-grid: how many of the seeds train at every learning rate of the grid, the "
+                        "choice going to the best mean validation accuracy over them (default 1: the first "
+                        "seed alone; more makes the choice less noisy where the validation set is small)")
     p.add_argument("--jobs", type=positive_int, default=1,
                    help="cells trained at a time, each in its own process with one thread (default 1)")
     add_training_options(p, epochs=10, num_samples=None)

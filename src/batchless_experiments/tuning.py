@@ -3,9 +3,10 @@
 Every norm and batch size trains at its own best learning rate, so that no method is judged at a step size
 tuned for another. A cell's grid is ``factors`` (e.g. 1/3, 1, 3) times a centre that follows the batch size
 by the usual scaling rules from ``lr`` at batch size 64: the square root for Adam and AdamW (Malladi et al.
-2022, "On the SDEs and scaling rules for adaptive gradient algorithms"), linear for SGD. The first seed
-trains at every grid value; the value with the best final-epoch validation accuracy is then trained with
-the other seeds, and only that value's runs are reported (on the test set, which the choice never sees). A
+2022, "On the SDEs and scaling rules for adaptive gradient algorithms"), linear for SGD. The first seed (or
+the first few: ``sweep --choose-seeds``) trains at every grid value; the value with the best final-epoch
+validation accuracy, averaged over those seeds, is then trained with the other seeds, and only that value's
+runs are reported (on the test set, which the choice never sees). A
 choice at either end of the grid may not bracket the optimum: the sweep then tries a value one grid step
 beyond it (:func:`beyond`, ``--extend-grid`` times at most), and a choice still at an end is flagged.
 """
