@@ -63,12 +63,12 @@ def run(args: argparse.Namespace) -> int:
     os.makedirs(args.out, exist_ok=True)
     results = os.path.join(args.out, "results.sqlite")
     config = config_from_args(args, dataset)
-    cells = grid_plan(config, args.norms, args.batch_sizes, args.seed, [1.0])
+    cells = grid_plan(config, args.norms, args.batch_sizes, [args.seed], [1.0])
     if "batchless" in args.norms and 1 not in args.batch_sizes:
-        cells = grid_plan(config, ["batchless"], [1], args.seed, [1.0]) + cells
+        cells = grid_plan(config, ["batchless"], [1], [args.seed], [1.0]) + cells
     large = [bs for bs in args.batch_sizes if bs >= WS_FROM]
     if "batchless" in args.norms and large and not config.weight_std:
-        cells += grid_plan(dataclasses.replace(config, weight_std=True), ["batchless"], large, args.seed, [1.0])
+        cells += grid_plan(dataclasses.replace(config, weight_std=True), ["batchless"], large, [args.seed], [1.0])
     source = {"dataset": dataset, "num_samples": args.num_samples, "data_dir": args.data_dir}
     print(f"{dataset} ({args.num_samples} samples: {int(args.num_samples * 0.8)} to train on), {len(cells)} runs "
           f"of {args.epochs} epochs, {args.jobs} at a time; results in {results}", file=sys.stderr)
