@@ -24,7 +24,8 @@
 #   mnist1d_fair.sh OPT faststd   std at the optimizer's pace, the mean 10x slow (std_speed 1, mean_speed 0.1),
 #                              with weight standardization (into OPT_ws) and without (into OPT_variants)
 #   mnist1d_fair.sh OPT choose3   the norms $NORMS and the default, each learning rate chosen on the mean of 3
-#                              seeds (sweep --choose-seeds 3), into OPT_mnist1d_c3 (seed_store.py)
+#                              seeds (sweep --choose-seeds 3), into OPT_mnist1d_c3 (seed_store.py); `OPT
+#                              choose3 ws`: with weight standardization, into OPT_ws_c3
 #   mnist1d_fair.sh adamw ...  AdamW, weight decay 0.05 on every parameter (grid around 3e-3)
 set -euo pipefail
 cd "$(dirname "$0")/../../.."
@@ -100,10 +101,13 @@ if [ "${2:-}" = choose3 ]; then
   # The norms and the default with the learning rate chosen on the mean of 3 seeds at every grid rate
   # (--choose-seeds 3), into a store seeded with the single-seed study's runs at the grids' rates (reused, not
   # re-run; its extensions beyond a grid's end are left out, so that every rate of a cell has the 3 seeds)
-  store="results/${opt}_mnist1d_c3.sqlite"
-  [ -f "$store" ] || .venv/bin/python $P/seed_store.py "results/${opt}_mnist1d.sqlite" "$store" "$opt" "$lr"
-  $B sweep "${A[@]}" --choose-seeds 3 --norms "${NORMS:-none,bn,gn,ln}" --results "$store"
-  $B sweep "${A[@]}" --choose-seeds 3 --norms batchless --std-speed 0.1 --mean-speed 0.1 --results "$store"
+  # (`OPT choose3 ws`: every norm with weight standardization, into OPT_ws_c3, seeded from OPT_ws)
+  old="results/${opt}_mnist1d.sqlite" store="results/${opt}_mnist1d_c3.sqlite" ws=()
+  [ "${3:-}" = ws ] && old="results/${opt}_ws.sqlite" store="results/${opt}_ws_c3.sqlite" ws=(--weight-std)
+  [ -f "$store" ] || .venv/bin/python $P/seed_store.py "$old" "$store" "$opt" "$lr" "${3:-}"
+  C=("${A[@]}" "${ws[@]}" --choose-seeds 3 --results "$store")
+  $B sweep "${C[@]}" --norms "${NORMS:-none,bn,gn,ln}"
+  $B sweep "${C[@]}" --norms batchless --std-speed 0.1 --mean-speed 0.1
   exit
 fi
 S=(--results "results/${opt}_mnist1d.sqlite")
