@@ -104,7 +104,8 @@ if [ "${2:-}" = choose3 ]; then
   # (`OPT choose3 ws`: every norm with weight standardization, into OPT_ws_c3, seeded from OPT_ws)
   old="results/${opt}_mnist1d.sqlite" store="results/${opt}_mnist1d_c3.sqlite" ws=()
   [ "${3:-}" = ws ] && old="results/${opt}_ws.sqlite" store="results/${opt}_ws_c3.sqlite" ws=(--weight-std)
-  [ -f "$store" ] || .venv/bin/python $P/seed_store.py "$old" "$store" "$opt" "$lr" "${3:-}"
+  [ -f "$store" ] || .venv/bin/python $P/seed_store.py "$old" "$store" "$opt" "$lr" "${NORMS:-none,bn,gn,ln},batchless" \
+    "${BS:-64}" "${3:-}"
   C=("${A[@]}" "${ws[@]}" --choose-seeds 3 --results "$store")
   $B sweep "${C[@]}" --norms "${NORMS:-none,bn,gn,ln}"
   $B sweep "${C[@]}" --norms batchless --std-speed 0.1 --mean-speed 0.1
