@@ -54,7 +54,8 @@ if have fashion_resnet && have fashion_resnet_ws; then
     > $D/fashion_resnet_time_to_accuracy.md
 fi
 for store in sgd_mnist1d sgd_fold adam_mnist1d adamw_mnist1d adam_fold adam_frozen adam_variants adam_radial \
-    adam_nobias adam_ws sgd_ws adamw_ws adam_mnist1d_c3 adamw_mnist1d_c3 adam_ws_c3 adamw_ws_c3; do
+    adam_nobias adam_ws sgd_ws adamw_ws adam_mnist1d_c3 adamw_mnist1d_c3 sgd_mnist1d_c3 adam_ws_c3 adamw_ws_c3 \
+    sgd_ws_c3; do
   # MNIST-1D, fair protocol (probes/mnist1d_fair.sh; _c3: the rate chosen on 3 seeds)
   if have $store; then
     $B report --results results/$store.sqlite --metrics test_acc,test_acc_25,test_acc_50,lr > $D/$store.md
