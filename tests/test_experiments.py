@@ -109,13 +109,25 @@ def test_hold_out_keeps_everything_once():
     assert got == list(range(50)) and len(s.y_val) == 10
 
 
-@pytest.mark.parametrize("dataset,shape", [("mnist1d", (2, 1, 40)), ("synthetic", (2, 20)),
-                                           ("cifar10", (2, 3, 32, 32))])
+@pytest.mark.parametrize("dataset,shape,model", [("mnist1d", (2, 1, 40), None), ("synthetic", (2, 20), None),
+                                                 ("cifar10", (2, 3, 32, 32), None),
+                                                 ("fashion-mnist", (2, 1, 28, 28), "mlp"),
+                                                 ("cifar10", (2, 3, 32, 32), "mlp")])
 @pytest.mark.parametrize("norm", NORMS)
-def test_models_run_for_every_norm(dataset, shape, norm):
-    model = build_model(dataset, norm, num_classes=10 if dataset != "synthetic" else 4)
-    assert model(torch.randn(shape)).shape == (2, 10 if dataset != "synthetic" else 4)
-    assert bool(statistics_parameters(model)) == norm.startswith("batchless")
+def test_models_run_for_every_norm(dataset, shape, model, norm):
+    net = build_model(dataset, norm, model=model, num_classes=10 if dataset != "synthetic" else 4)
+    assert net(torch.randn(shape)).shape == (2, 10 if dataset != "synthetic" else 4)
+    assert bool(statistics_parameters(net)) == norm.startswith("batchless")
+
+
+def test_the_image_mlp_normalizes_each_image_channel_then_every_hidden_layer():
+    import batchless as bl
+
+    net = build_model("cifar10", "batchless", model="mlp")
+    layers = [m for m in net.modules() if isinstance(m, (bl.BatchlessNorm1d, bl.BatchlessNorm2d))]
+    assert [(type(m).__name__, m.num_features) for m in layers] == [
+        ("BatchlessNorm2d", 3), ("BatchlessNorm1d", 256), ("BatchlessNorm1d", 256)]
+    assert build_model("synthetic", "none", model="mlp")[1][0].out_features == 64  # the synthetic study's MLP
 
 
 def test_batches_drop_only_a_trailing_single_instance():

@@ -26,6 +26,11 @@
 #                             weight standardization of the layer feeding each norm (--weight-std:
 #                             batchless.standardize_weights), the cnn or resnet at batch sizes SIZES, for NORMS
 #                             (default: the library's batchless layer)
+#   run_fashion.sh mlp [SIZES]
+#                             issue 17's dense layers: an MLP (a norm on the input image, dense 256 x2 each
+#                             followed by a norm), every norm, the paper's layer, the default and the default
+#                             with WS, at batch sizes SIZES (default '64 256 16 4', one at a time in that order),
+#                             the rate chosen on 3 seeds (--choose-seeds 3)
 set -euo pipefail
 cd "$(dirname "$0")/../.."
 B=".venv/bin/batchless"
@@ -81,5 +86,12 @@ ws)
   else
     $B sweep "${W[@]}" --norms "$3"
   fi ;;
-*) echo "usage: $0 main|seeds5|resnet|adamw|sgd|sgd-ema|variants|ws" >&2; exit 2 ;;
+mlp)
+  for bs in ${2:-64 256 16 4}; do
+    M=("${FAIR[@]}" --model mlp --choose-seeds 3 --batch-sizes "$bs" --results results/fashion_mlp.sqlite)
+    $B sweep "${M[@]}" --norms none,bn,gn,ln,batchless
+    $B sweep "${M[@]}" --norms batchless --std-speed 0.1 --mean-speed 0.1
+    $B sweep "${M[@]}" --norms batchless --std-speed 0.1 --mean-speed 0.1 --weight-std
+  done ;;
+*) echo "usage: $0 main|seeds5|resnet|adamw|sgd|sgd-ema|variants|ws|mlp" >&2; exit 2 ;;
 esac

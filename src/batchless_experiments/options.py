@@ -121,11 +121,11 @@ def add_training_options(p: argparse.ArgumentParser, *, epochs: int | None, num_
                    "size of the generated dataset (default: mnist1d 5000, synthetic 6000); caps the train and the "
                    "test set of the image datasets")
     p.add_argument("--model", choices=MODELS, default=None,
-                   help="cnn (the paper's CNN, adapted to the input) or resnet (ResNet-8) for the image datasets; "
-                        "default: cnn (mlp for synthetic)")
+                   help="cnn (the paper's CNN, adapted to the input), resnet (ResNet-8) or mlp (dense 2x256) for the "
+                        "image datasets; default: cnn (mlp for synthetic)")
     p.add_argument("--width", type=positive_int, default=None,
-                   help="channels of the CNN or of the ResNet's first stage (default: mnist1d 32, cifar10 64, "
-                        "28x28 images 16, resnet 16)")
+                   help="channels of the CNN or of the ResNet's first stage, or the MLP's hidden units (default: "
+                        "mnist1d 32, cifar10 64, 28x28 images 16, resnet 16, mlp 256, synthetic's mlp 64)")
     p.add_argument("--device", type=device_name, default="cpu", help="torch device (default cpu)")
     p.add_argument("--threads", type=positive_int, default=threads,
                    help=f"torch.set_num_threads for the run (default: {threads or 'torch chooses'})")
