@@ -34,10 +34,10 @@ if have fashion_resnet; then
   $B report --results results/fashion_resnet.sqlite --json > $D/fashion_resnet.json
 fi
 for store in fashion_variants fashion_resnet_variants fashion_sgd fashion_sgd_ema fashion_adamw fashion_ws \
-    fashion_resnet_ws; do
+    fashion_resnet_ws fashion_mlp; do
   if have $store; then
     curves=()  # the other optimizers' time to accuracy (issue 17): validation accuracy per epoch
-    case $store in fashion_sgd|fashion_adamw) curves=(--curves $D/${store}_curves.png) ;; esac
+    case $store in fashion_sgd|fashion_adamw|fashion_mlp) curves=(--curves $D/${store}_curves.png) ;; esac
     $B report --results results/$store.sqlite --metrics test_acc,test_acc_25,test_acc_50,lr,nll_last "${curves[@]}" \
       > $D/$store.md
   fi

@@ -26,6 +26,9 @@
 #                             weight standardization of the layer feeding each norm (--weight-std:
 #                             batchless.standardize_weights), the cnn or resnet at batch sizes SIZES, for NORMS
 #                             (default: the library's batchless layer)
+#   run_fashion.sh target2 SIZES
+#                             issue 17's time to accuracy at batch sizes SIZES (e.g. 32,128): BatchNorm, GroupNorm,
+#                             the default, and the default with WS (into the ws store)
 #   run_fashion.sh mlp [SIZES]
 #                             issue 17's dense layers: an MLP (a norm on the input image, dense 256 x2 each
 #                             followed by a norm), every norm, the paper's layer, the default and the default
@@ -86,6 +89,10 @@ ws)
   else
     $B sweep "${W[@]}" --norms "$3"
   fi ;;
+target2)
+  $B sweep "${FAIR[@]}" --norms bn,gn --batch-sizes "$2" --results results/fashion.sqlite
+  "$0" default-bs "$2"
+  "$0" ws "$2" ;;
 mlp)
   for bs in ${2:-64 256 16 4}; do
     M=("${FAIR[@]}" --model mlp --choose-seeds 3 --batch-sizes "$bs" --results results/fashion_mlp.sqlite)
@@ -93,5 +100,5 @@ mlp)
     $B sweep "${M[@]}" --norms batchless --std-speed 0.1 --mean-speed 0.1
     $B sweep "${M[@]}" --norms batchless --std-speed 0.1 --mean-speed 0.1 --weight-std
   done ;;
-*) echo "usage: $0 main|seeds5|resnet|adamw|sgd|sgd-ema|variants|ws|mlp" >&2; exit 2 ;;
+*) echo "usage: $0 main|seeds5|resnet|adamw|sgd|sgd-ema|variants|ws|target2|mlp" >&2; exit 2 ;;
 esac

@@ -1,0 +1,77 @@
+"""Probe: with weight standardization, what still moves the batchless layers' inputs away from their learned
+statistics? Traces, per layer, the median over channels of log(batch std / learned std) of the layer's input
+and the RMS of the layer's affine weight (gamma), at a few steps of one fair-protocol run (MNIST-1D, Adam,
+cosine, seed 0), with and without WS and with the affine weight and bias 10x slow (``affine=slow``: a
+parametrization ``w = 0.1 * raw``, so that under Adam a step moves them 10x less, as the statistics' speeds do).
+
+Usage: drift.py BS LR EPOCHS [ws] [affine=slow] [norm=bn]. Prints one JSON record (test accuracy per epoch,
+the traces)."""
+import json
+import sys
+
+import torch
+from torch.nn.utils import parametrize
+
+import batchless as bl
+from batchless_experiments import data
+from batchless_experiments import train as T
+from batchless_experiments.train import Cell, TrainConfig, train_cell
+
+torch.set_num_threads(1)
+bs, lr, epochs = int(sys.argv[1]), float(sys.argv[2]), int(sys.argv[3])
+flags = set(sys.argv[4:])
+norm = "bn" if "norm=bn" in flags else "batchless"
+slow_affine = "affine=slow" in flags
+trace: dict[str, list] = {}
+LAYERS = (bl.BatchlessNorm1d, bl.BatchlessNorm2d, torch.nn.BatchNorm1d, torch.nn.BatchNorm2d)
+
+
+class Scale(torch.nn.Module):
+    def __init__(self, k):
+        super().__init__()
+        self.k = k
+
+    def forward(self, raw):
+        return self.k * raw
+
+    def right_inverse(self, w):
+        return w / self.k
+
+
+orig = T.build_model
+
+
+def build(*a, **k):
+    m = orig(*a, **k)
+    for name, layer in m.named_modules():
+        if not isinstance(layer, LAYERS):
+            continue
+        if slow_affine:
+            for p in ("weight", "bias"):
+                parametrize.register_parametrization(layer, p, Scale(0.1))
+
+        def hook(mod, inp, out, name=name):
+            if not mod.training:
+                return
+            x = inp[0].detach()
+            dims = [0] + list(range(2, x.dim()))
+            with torch.no_grad():
+                std = mod.std if hasattr(mod, "std") else torch.ones(x.shape[1])
+                lag = (x.std(dims).log() - std.log()).median().item()
+                gamma = mod.weight.pow(2).mean().sqrt().item()
+                xs = out.detach().pow(2).mean().sqrt().item()
+            trace.setdefault(name, []).append((round(lag, 3), round(gamma, 3), round(xs, 3)))
+        layer.register_forward_hook(hook)
+    return m
+
+
+T.build_model = build
+splits = data.load("mnist1d")
+cfg = TrainConfig(dataset="mnist1d", epochs=epochs, lr=lr, schedule="cosine", weight_std="ws" in flags,
+                  **({"std_speed": 0.1, "mean_speed": 0.1} if norm == "batchless" else {}))
+r = train_cell(Cell(cfg, norm, bs, 0), splits, progress=False)
+n = len(next(iter(trace.values())))
+pts = [p for p in (0, 10, 30, 100, 300, n // 4, n // 2, n - 1) if p < n]
+print(json.dumps({"bs": bs, "lr": lr, "epochs": epochs, "flags": sorted(flags), "test": r.test_acc,
+                  "curve": [h.test_acc for h in r.history if h.test_acc is not None],
+                  "steps": pts, "trace (lag, gamma rms, output rms)": {k: [v[p] for p in pts] for k, v in trace.items()}}))
