@@ -162,10 +162,11 @@ def run(args: argparse.Namespace) -> int:
                     break
                 run_cells(extra, store, splits, **kwargs)
                 grid_cells += extra
-            second = chosen_plan(grid_cells, store, others)
-            log_line(f"stage 2: {len(second)} runs, seeds {', '.join(map(str, others))} at each cell's chosen "
-                     "learning rate")
-            run_cells(second, store, splits, **kwargs)
+            if others:
+                second = chosen_plan(grid_cells, store, others)
+                log_line(f"stage 2: {len(second)} runs, seeds {', '.join(map(str, others))} at each cell's "
+                         "chosen learning rate")
+                run_cells(second, store, splits, **kwargs)
         else:
             run_cells(plan(config, args.norms, args.batch_sizes, seeds), store, splits, **kwargs)
         log_line(f"done: {store.count()} cells in {args.results}")
