@@ -55,4 +55,5 @@ n = len(next(iter(trace.values())))
 pts = [p for p in (0, 10, 30, 100, 300, n // 4, n // 2, n - 1) if p < n]
 print(json.dumps({"bs": bs, "lr": lr, "epochs": epochs, "flags": sorted(flags), "test": r.test_acc,
                   "curve": [h.test_acc for h in r.history if h.test_acc is not None],
-                  "steps": pts, "trace (lag, gamma rms, output rms)": {k: [v[p] for p in pts] for k, v in trace.items()}}))
+                  "steps": pts,
+                  "trace (lag, gamma rms, output rms)": {k: [v[p] for p in pts] for k, v in trace.items()}}))

@@ -64,6 +64,7 @@ def build(*a, **k):
 T.build_model = build
 cfg = TrainConfig(dataset="mnist1d", epochs=20, lr=lr, schedule="cosine", weight_std=ws, std_speed=0.1, mean_speed=0.1)
 r = train_cell(Cell(cfg, "batchless", bs, seed), splits, progress=False)
-print(json.dumps({"probe": "noise", "n0": n0, "shared": shared, "ws": ws, "bs": bs, "lr": lr, "seed": seed, "test": r.test_acc,
+print(json.dumps({"probe": "noise", "n0": n0, "shared": shared, "ws": ws, "bs": bs, "lr": lr, "seed": seed,
+                  "test": r.test_acc,
                   "curve": [h.test_acc for h in r.history if h.test_acc is not None],
                   "final (loss, acc), eval mode": final}))
