@@ -49,3 +49,15 @@ for a in '{"opt":"sgd","lr":0.003}' '{"opt":"sgd","lr":0.03}' '{"seed":1}' '{"bs
   $P '{"proj":"none","gain":0.1}' "$a"
 done
 $P '{"proj":"none"}' '{"opt":"sgd","lr":0.003}'; $P '{"proj":"none"}' '{"opt":"sgd","lr":0.003,"norm":"bn"}'
+# MNIST-1D (the fair protocol's Adam cells): what WS leaves (drift.py), fit against generalization (fit.py), and
+# BatchNorm-sized noise in the default's normalization (noise.py); each appends one JSON line
+R=docs/experiments/probes/results.jsonl
+for f in "" ws norm=bn; do .venv/bin/python docs/experiments/probes/drift.py 64 0.009 20 $f >> $R; done
+for seed in 0 1 2; do
+  for a in "bn 64 0.009" "default 64 0.009" "none 64 0.027" "bn 256 0.018" "default 256 0.018" "default 256 0.018 ws"; do
+    set -- $a; .venv/bin/python docs/experiments/probes/fit.py $1 $2 $3 $seed ${4:-} >> $R
+  done
+  for a in "64" "16" "64 shared"; do
+    set -- $a; .venv/bin/python docs/experiments/probes/noise.py 64 0.009 $seed $1 ${2:-} >> $R
+  done
+done
