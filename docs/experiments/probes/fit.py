@@ -9,10 +9,11 @@ import json
 import sys
 
 import torch
+from final_fit import measure_before_restore
 
 from batchless_experiments import data
 from batchless_experiments import train as T
-from batchless_experiments.train import Cell, TrainConfig, evaluate, train_cell
+from batchless_experiments.train import Cell, TrainConfig, train_cell
 
 torch.set_num_threads(1)
 norm, bs, lr, seed = sys.argv[1], int(sys.argv[2]), float(sys.argv[3]), int(sys.argv[4])
@@ -24,15 +25,7 @@ orig = T.build_model
 
 def build(*a, **k):
     model = orig(*a, **k)
-    load = model.load_state_dict
-
-    def measure_then_load(state, *args, **kwargs):  # train_cell's last step restores the best epoch
-        for name, x, y in (("train", splits.x_train, splits.y_train), ("val", splits.x_val, splits.y_val),
-                           ("test", splits.x_test, splits.y_test)):
-            final[name] = [round(v, 4) for v in evaluate(model, x, y)]
-        return load(state, *args, **kwargs)
-
-    model.load_state_dict = measure_then_load
+    measure_before_restore(model, splits, final)
     return model
 
 

@@ -15,11 +15,12 @@ import math
 import sys
 
 import torch
+from final_fit import measure_before_restore
 
 import batchless as bl
 from batchless_experiments import data
 from batchless_experiments import train as T
-from batchless_experiments.train import Cell, TrainConfig, evaluate, train_cell
+from batchless_experiments.train import Cell, TrainConfig, train_cell
 
 torch.set_num_threads(1)
 bs, lr, seed, n0 = int(sys.argv[1]), float(sys.argv[2]), int(sys.argv[3]), float(sys.argv[4])
@@ -49,15 +50,7 @@ def build(*a, **k):
     for m in model.modules():
         if isinstance(m, (bl.BatchlessNorm1d, bl.BatchlessNorm2d)):
             m.register_forward_hook(noisy)
-    load = model.load_state_dict
-
-    def measure_then_load(state, *args, **kwargs):  # train_cell's last step restores the best epoch
-        for name, x, y in (("train", splits.x_train, splits.y_train), ("val", splits.x_val, splits.y_val),
-                           ("test", splits.x_test, splits.y_test)):
-            final[name] = [round(v, 4) for v in evaluate(model, x, y)]
-        return load(state, *args, **kwargs)
-
-    model.load_state_dict = measure_then_load
+    measure_before_restore(model, splits, final)
     return model
 
 
