@@ -167,7 +167,7 @@ def build_model(dataset: str, norm: str, *, model: str | None = None, nll: str =
     def factory(channels: int, dims: int) -> nn.Module:
         return make_norm(norm, channels, dims, nll, std_speed, mean_speed)
 
-    channels = {"fashion-mnist": 1, "mnist": 1, "cifar10": 3}.get(dataset)
+    channels, size = {"fashion-mnist": (1, 28), "mnist": (1, 28), "cifar10": (3, 32)}.get(dataset, (None, None))
     if (dataset, model) == ("mnist1d", "cnn"):
         return cnn1d(factory, width=width, num_classes=num_classes)
     if (dataset, model) == ("synthetic", "mlp"):
@@ -180,7 +180,6 @@ def build_model(dataset: str, norm: str, *, model: str | None = None, nll: str =
         return resnet(lambda c: factory(c, 2), (width, 2 * width, 4 * width), num_classes=num_classes,
                       in_channels=channels)
     if channels and model == "mlp":
-        size = 32 if dataset == "cifar10" else 28
         return mlp(factory, channels * size * size, num_classes, hidden=width, in_channels=channels)
     allowed = {"mnist1d": "cnn", "synthetic": "mlp"}.get(dataset, "cnn, resnet, mlp")
     raise ValueError(f"model {model!r} is not available for {dataset}; expected one of: {allowed}")
