@@ -101,6 +101,8 @@ def run_cells(cells: list[Cell], store: ResultStore, splits: data.Splits | None 
         with multiprocessing.get_context("spawn").Pool(jobs, _worker_init, (source, store.path, device)) as pool:
             for line in progress_bar(pool.imap_unordered(_worker_run, todo), len(todo), "cells", leave=True):
                 log_line(line)
+            pool.close()  # let the idle workers exit on their own (the with block would terminate them,
+            pool.join()   # leaving the semaphores they created to Python's resource tracker)
     else:  # in this process; with jobs > 1 (one cell left) on one thread, as a worker would run it
         threads = torch.get_num_threads()
         if jobs > 1:
