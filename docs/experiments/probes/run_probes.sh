@@ -61,3 +61,11 @@ for seed in 0 1 2; do
     set -- $a; .venv/bin/python docs/experiments/probes/noise.py 64 0.009 $seed $1 ${2:-} >> $R
   done
 done
+# where BatchNorm's lead lives: some of the default's layers swapped for BatchNorm (swap.py), seeds 0-4, and the
+# two ends (fit.py) at seeds 3 and 4
+for seed in 0 1 2 3 4; do
+  for parts in dense conv input input,conv,dense conv,dense; do
+    .venv/bin/python docs/experiments/probes/swap.py 64 0.009 $seed $parts >> $R
+  done
+done
+for seed in 3 4; do for n in bn default; do .venv/bin/python docs/experiments/probes/fit.py $n 64 0.009 $seed >> $R; done; done
