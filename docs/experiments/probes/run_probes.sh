@@ -69,3 +69,14 @@ for seed in 0 1 2 3 4; do
   done
 done
 for seed in 3 4; do for n in bn default; do .venv/bin/python docs/experiments/probes/fit.py $n 64 0.009 $seed >> $R; done; done
+# BatchNorm's backward on the default's forward (bnback.py), with WS (and without, seeds 0-2), beside the default
+# with WS (fit.py ... ws); its parts and batch-free versions
+for seed in 0 1 2 3 4; do
+  .venv/bin/python docs/experiments/probes/fit.py default 64 0.009 $seed ws >> $R
+  for part in "" center project instance; do .venv/bin/python docs/experiments/probes/bnback.py 64 0.009 $seed ws $part >> $R; done
+done
+for seed in 0 1 2; do
+  .venv/bin/python docs/experiments/probes/bnback.py 64 0.009 $seed >> $R
+  .venv/bin/python docs/experiments/probes/bnback.py 64 0.009 $seed ws online >> $R
+done
+for a in 0.999 0.9999; do .venv/bin/python docs/experiments/probes/bnback.py 64 0.009 0 ws online=$a >> $R; done
