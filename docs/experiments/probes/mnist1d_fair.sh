@@ -26,6 +26,9 @@
 #   mnist1d_fair.sh OPT choose3   the norms $NORMS and the default, each learning rate chosen on the mean of 3
 #                              seeds (sweep --choose-seeds 3), into OPT_mnist1d_c3 (seed_store.py); `OPT
 #                              choose3 ws`: with weight standardization, into OPT_ws_c3
+#   mnist1d_fair.sh OPT seeds10   BatchNorm and the default at BS (default here 64,256) with 10 seeds: seeds 3-9
+#                              at the rate `OPT choose3` chose on seeds 0-2 (run that first); `OPT seeds10 ws`: with
+#                              weight standardization, in OPT_ws_c3
 #   mnist1d_fair.sh adamw ...  AdamW, weight decay 0.05 on every parameter (grid around 3e-3)
 set -euo pipefail
 cd "$(dirname "$0")/../../.."
@@ -109,6 +112,14 @@ if [ "${2:-}" = choose3 ]; then
   C=("${A[@]}" "${ws[@]}" --choose-seeds 3 --results "$store")
   $B sweep "${C[@]}" --norms "${NORMS:-none,bn,gn,ln}"
   $B sweep "${C[@]}" --norms batchless --std-speed 0.1 --mean-speed 0.1
+  exit
+fi
+if [ "${2:-}" = seeds10 ]; then
+  store="results/${opt}_mnist1d_c3.sqlite" ws=()
+  [ "${3:-}" = ws ] && store="results/${opt}_ws_c3.sqlite" ws=(--weight-std)
+  T=("${A[@]}" "${ws[@]}" --seeds 10 --choose-seeds 3 --batch-sizes "${BS:-64,256}" --results "$store")
+  $B sweep "${T[@]}" --norms bn
+  $B sweep "${T[@]}" --norms batchless --std-speed 0.1 --mean-speed 0.1
   exit
 fi
 S=(--results "results/${opt}_mnist1d.sqlite")
