@@ -80,3 +80,7 @@ for seed in 0 1 2; do
   .venv/bin/python docs/experiments/probes/bnback.py 64 0.009 $seed ws online >> $R
 done
 for a in 0.999 0.9999; do .venv/bin/python docs/experiments/probes/bnback.py 64 0.009 0 ws online=$a >> $R; done
+# BatchNorm by population statistics with the gradient through them (popnorm.py), seed 0
+for a in "0.009 decay=0.9" "0.009 decay=0.99" "0.003 decay=0.9" "0.027 decay=0.9"; do
+  set -- $a; .venv/bin/python docs/experiments/probes/popnorm.py 64 $1 0 $2 >> $R
+done
