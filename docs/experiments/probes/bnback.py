@@ -21,21 +21,16 @@ import json
 import sys
 
 import torch
-from final_fit import measure_before_restore
+from final_fit import run
 
 import batchless as bl
 from batchless_experiments import data
-from batchless_experiments import train as T
-from batchless_experiments.train import Cell, TrainConfig, train_cell
 
 torch.set_num_threads(1)
 bs, lr, seed = int(sys.argv[1]), float(sys.argv[2]), int(sys.argv[3])
 ws = "ws" in sys.argv[4:]
 part = next((a for a in sys.argv[4:] if a.split("=")[0] in ("center", "project", "online", "instance")), "both")
 decay = float(part.split("=")[1]) if "=" in part else 0.99
-splits = data.load("mnist1d")
-final = {}
-orig = T.build_model
 
 
 def keep_input(layer, inp):
@@ -71,19 +66,12 @@ def bn_backward(layer, grad_input, grad_output):
     return (g / std,)
 
 
-def build(*a, **k):
-    model = orig(*a, **k)
+def hook(model):
     for m in model.modules():
         if isinstance(m, (bl.BatchlessNorm1d, bl.BatchlessNorm2d)):
             m.register_forward_pre_hook(keep_input)
             m.register_full_backward_hook(bn_backward)
-    measure_before_restore(model, splits, final)
-    return model
 
 
-T.build_model = build
-cfg = TrainConfig(dataset="mnist1d", epochs=20, lr=lr, schedule="cosine", weight_std=ws, std_speed=0.1, mean_speed=0.1)
-r = train_cell(Cell(cfg, "batchless", bs, seed), splits, progress=False)
-print(json.dumps({"probe": "bnback", "part": part, "ws": ws, "bs": bs, "lr": lr, "seed": seed, "test": r.test_acc,
-                  "curve": [h.test_acc for h in r.history if h.test_acc is not None],
-                  "final (loss, acc), eval mode": final}))
+result = run(data.load("mnist1d"), "default", bs, lr, seed, ws, hook)
+print(json.dumps({"probe": "bnback", "part": part, "ws": ws, "bs": bs, "lr": lr, "seed": seed, **result}))

@@ -9,29 +9,13 @@ import json
 import sys
 
 import torch
-from final_fit import measure_before_restore
+from final_fit import run
 
 from batchless_experiments import data
-from batchless_experiments import train as T
-from batchless_experiments.train import Cell, TrainConfig, train_cell
 
 torch.set_num_threads(1)
 norm, bs, lr, seed = sys.argv[1], int(sys.argv[2]), float(sys.argv[3]), int(sys.argv[4])
 ws = "ws" in sys.argv[5:]
-splits = data.load("mnist1d")
-final = {}
-orig = T.build_model
-
-
-def build(*a, **k):
-    model = orig(*a, **k)
-    measure_before_restore(model, splits, final)
-    return model
-
-
-T.build_model = build
-speeds = {"std_speed": 0.1, "mean_speed": 0.1} if norm == "default" else {}
-cfg = TrainConfig(dataset="mnist1d", epochs=20, lr=lr, schedule="cosine", weight_std=ws, **speeds)
-train_cell(Cell(cfg, "batchless" if norm == "default" else norm, bs, seed), splits, progress=False)
+final = run(data.load("mnist1d"), norm, bs, lr, seed, ws)["final (loss, acc), eval mode"]
 print(json.dumps({"probe": "fit", "norm": norm, "ws": ws, "bs": bs, "lr": lr, "seed": seed,
                   "final (loss, acc), eval mode": final}))

@@ -15,20 +15,15 @@ import math
 import sys
 
 import torch
-from final_fit import measure_before_restore
+from final_fit import run
 
 import batchless as bl
 from batchless_experiments import data
-from batchless_experiments import train as T
-from batchless_experiments.train import Cell, TrainConfig, train_cell
 
 torch.set_num_threads(1)
 bs, lr, seed, n0 = int(sys.argv[1]), float(sys.argv[2]), int(sys.argv[3]), float(sys.argv[4])
 ws = "ws" in sys.argv[5:]
 shared = "shared" in sys.argv[5:]
-splits = data.load("mnist1d")
-final = {}
-orig = T.build_model
 
 
 def noisy(layer, inp, out):
@@ -45,19 +40,12 @@ def noisy(layer, inp, out):
     return out + layer.weight.reshape(shape) * (x_hat * (inv_b - 1) - a * inv_b)
 
 
-def build(*a, **k):
-    model = orig(*a, **k)
+def add_noise(model):
     for m in model.modules():
         if isinstance(m, (bl.BatchlessNorm1d, bl.BatchlessNorm2d)):
             m.register_forward_hook(noisy)
-    measure_before_restore(model, splits, final)
-    return model
 
 
-T.build_model = build
-cfg = TrainConfig(dataset="mnist1d", epochs=20, lr=lr, schedule="cosine", weight_std=ws, std_speed=0.1, mean_speed=0.1)
-r = train_cell(Cell(cfg, "batchless", bs, seed), splits, progress=False)
+result = run(data.load("mnist1d"), "default", bs, lr, seed, ws, add_noise)
 print(json.dumps({"probe": "noise", "n0": n0, "shared": shared, "ws": ws, "bs": bs, "lr": lr, "seed": seed,
-                  "test": r.test_acc,
-                  "curve": [h.test_acc for h in r.history if h.test_acc is not None],
-                  "final (loss, acc), eval mode": final}))
+                  **result}))

@@ -13,20 +13,15 @@ import sys
 
 import torch
 import torch.nn.functional as F
-from final_fit import measure_before_restore
+from final_fit import run
 from torch import nn
 
 import batchless as bl
 from batchless_experiments import data
-from batchless_experiments import train as T
-from batchless_experiments.train import Cell, TrainConfig, train_cell
 
 torch.set_num_threads(1)
 bs, lr, seed = int(sys.argv[1]), float(sys.argv[2]), int(sys.argv[3])
 decay = next((float(a.split("=")[1]) for a in sys.argv[4:] if a.startswith("decay=")), 0.9)
-splits = data.load("mnist1d")
-final = {}
-orig = T.build_model
 
 
 class PopBlock(nn.Module):
@@ -62,21 +57,14 @@ class PopBlock(nn.Module):
         return y
 
 
-def build(*a, **k):
-    model = orig(*a, **k)
+def replace_pairs(model):
     for seq in [m for m in model.modules() if isinstance(m, nn.Sequential)]:
         kids = list(seq.children())
         for i in range(len(kids) - 1):
             if isinstance(kids[i], (nn.Conv1d, nn.Linear)) and isinstance(kids[i + 1], bl.BatchlessNorm1d):
                 seq[i] = PopBlock(kids[i], kids[i + 1].num_features)
                 seq[i + 1] = nn.Identity()
-    measure_before_restore(model, splits, final)
-    return model
 
 
-T.build_model = build
-cfg = TrainConfig(dataset="mnist1d", epochs=20, lr=lr, schedule="cosine", std_speed=0.1, mean_speed=0.1)
-r = train_cell(Cell(cfg, "batchless", bs, seed), splits, progress=False)
-print(json.dumps({"probe": "popnorm", "decay": decay, "ws": False, "bs": bs, "lr": lr, "seed": seed,
-                  "test": r.test_acc, "curve": [h.test_acc for h in r.history if h.test_acc is not None],
-                  "final (loss, acc), eval mode": final}))
+result = run(data.load("mnist1d"), "default", bs, lr, seed, prepare=replace_pairs)
+print(json.dumps({"probe": "popnorm", "decay": decay, "ws": False, "bs": bs, "lr": lr, "seed": seed, **result}))

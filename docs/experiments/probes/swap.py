@@ -11,28 +11,19 @@ import json
 import sys
 
 import torch
-from final_fit import measure_before_restore
+from final_fit import run
 from torch import nn
 
 import batchless as bl
 from batchless_experiments import data
 from batchless_experiments import train as T
-from batchless_experiments.train import Cell, TrainConfig, train_cell
 
 torch.set_num_threads(1)
 bs, lr, seed, parts = int(sys.argv[1]), float(sys.argv[2]), int(sys.argv[3]), sys.argv[4].split(",")
 ws = "ws" in sys.argv[5:]
 if not set(parts) <= {"input", "conv", "dense"}:
     raise SystemExit(f"PARTS: a comma list of input, conv, dense; got {sys.argv[4]!r}")
-splits = data.load("mnist1d")
-final = {}
-orig_build, orig_init = T.build_model, T._data_init
-
-
-def build(*a, **k):
-    model = orig_build(*a, **k)
-    measure_before_restore(model, splits, final)
-    return model
+orig_init = T._data_init
 
 
 def init_then_swap(model, *a, **k):
@@ -50,9 +41,6 @@ def init_then_swap(model, *a, **k):
             setattr(model.get_submodule(parent) if parent else model, child, bn)
 
 
-T.build_model, T._data_init = build, init_then_swap
-cfg = TrainConfig(dataset="mnist1d", epochs=20, lr=lr, schedule="cosine", weight_std=ws, std_speed=0.1, mean_speed=0.1)
-r = train_cell(Cell(cfg, "batchless", bs, seed), splits, progress=False)
-print(json.dumps({"probe": "swap", "bn": parts, "ws": ws, "bs": bs, "lr": lr, "seed": seed, "test": r.test_acc,
-                  "curve": [h.test_acc for h in r.history if h.test_acc is not None],
-                  "final (loss, acc), eval mode": final}))
+T._data_init = init_then_swap
+result = run(data.load("mnist1d"), "default", bs, lr, seed, ws)
+print(json.dumps({"probe": "swap", "bn": parts, "ws": ws, "bs": bs, "lr": lr, "seed": seed, **result}))
