@@ -52,6 +52,8 @@ def test_convert_trained_model_keeps_eval_output(std_param, std_speed):
     assert not any(isinstance(m, nn.modules.batchnorm._BatchNorm) for m in model.modules())
     assert all(not m.training for m in model.modules())
     assert model[4].weight is None and model[1].std_param == std_param and model[8].std_speed == std_speed
+    assert not model[1].decay_affine  # exempt from weight decay by default (optim.py) ...
+    assert bl.convert_batchnorm(bn_model, decay_affine=True)[1].decay_affine  # ... or not, as asked
     # the original is untouched
     assert isinstance(bn_model[1], nn.BatchNorm2d)
     assert all(torch.equal(before[k], v) for k, v in bn_model.state_dict().items())

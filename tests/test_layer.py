@@ -277,6 +277,7 @@ def test_repr_shows_the_options():
     assert repr(bl.BatchlessNorm2d(4, std_speed=0.5, mean_speed=0.2, shared=True)) == (
         "BatchlessNorm2d(4, eps=1e-05, affine=True, std_param='log', nll='implicit', shared=True, std_speed=0.5, "
         "mean_speed=0.2)")
+    assert repr(bl.BatchlessNorm1d(2, decay_affine=True)).endswith("mean_speed=0.1, decay_affine=True)")
 
 
 def test_round_trips_state_dict_deepcopy_pickle():
@@ -331,10 +332,11 @@ def test_a_layer_pickled_before_the_speeds_keeps_its_function():
     v = Variant((4, 3, 5), std_speed=1.0, mean_speed=1.0)
     layer, x = v.layer().eval(), v.input(requires_grad=False)
     old = copy.deepcopy(layer)
-    del old.std_speed, old.mean_speed  # what an earlier version pickled: no speeds, a parameter `mean`
+    del old.std_speed, old.mean_speed, old.decay_affine  # what an earlier version pickled: no speeds,
+    # a parameter `mean`, no decay_affine
     old._parameters = {("mean" if k == "raw_mean" else k): p for k, p in old._parameters.items()}
     loaded = pickle.loads(pickle.dumps(old))
-    assert loaded.std_speed == 1.0 and loaded.mean_speed == 1.0
+    assert loaded.std_speed == 1.0 and loaded.mean_speed == 1.0 and loaded.decay_affine is False
     assert [n for n, _ in loaded.named_parameters()] == ["raw_mean", "raw_std", "weight", "bias"]
     torch.testing.assert_close(loaded(x), layer(x), rtol=0, atol=0)
 

@@ -1,6 +1,7 @@
-"""Weight decay and the batchless statistics: torch's optimizers step them as without weight decay
-(the library cancels it), any other optimizer warns once with the fix (bl.param_groups), whatever
-copies, conversions and reloads the model went through."""
+"""Weight decay and the batchless layers: torch's optimizers step their statistics, and their weight
+and bias unless decay_affine=True, as without weight decay (the library cancels it), any other
+optimizer warns once with the fix (bl.param_groups), whatever copies, conversions and reloads the
+model went through."""
 
 import copy
 import gc
@@ -49,11 +50,21 @@ class MyAdamW(torch.optim.AdamW):
     """A subclass: its update may differ from AdamW's, so the library only warns."""
 
 
-def make_model() -> nn.Module:
-    model = nn.Sequential(nn.Conv2d(3, 4, 3), bl.BatchlessNorm2d(4), nn.ReLU(), nn.Flatten(),
-                          nn.Linear(16, 5), bl.BatchlessNorm1d(5))
+def make_model(decay_affine: bool = False) -> nn.Module:
+    model = nn.Sequential(nn.Conv2d(3, 4, 3), bl.BatchlessNorm2d(4, decay_affine=decay_affine),
+                          nn.ReLU(), nn.Flatten(), nn.Linear(16, 5),
+                          bl.BatchlessNorm1d(5, decay_affine=decay_affine))
     bl.init_from_data(model, [torch.randn(8, 3, 4, 4)])
     return model
+
+
+def exempt(model: nn.Module) -> list:
+    """The parameters weight decay must not move: the batchless statistics, and the batchless
+    layers' weight and bias where decay_affine is False."""
+    ids = {id(p) for m in model.modules() if isinstance(m, (bl.BatchlessNorm1d, bl.BatchlessNorm2d))
+           for p in ([m.raw_mean, m.raw_std] + ([] if m.decay_affine else [m.weight, m.bias]))
+           if p is not None}
+    return [p for p in model.parameters() if id(p) in ids]
 
 
 def steps(model: nn.Module, optimizer: torch.optim.Optimizer, n: int = 3, seed: int = 0) -> list:
@@ -70,8 +81,8 @@ def steps(model: nn.Module, optimizer: torch.optim.Optimizer, n: int = 3, seed: 
 
 
 def without_decay(model: nn.Module, make_optimizer, n: int = 3) -> nn.Module:
-    """A copy of ``model`` after ``n`` steps of the optimizer with the statistics in a group of
-    their own without weight decay (``bl.param_groups``'s)."""
+    """A copy of ``model`` after ``n`` steps of the optimizer with the exempt parameters in a group
+    of their own without weight decay (``bl.param_groups``'s)."""
     twin = copy.deepcopy(model)
     decay = make_optimizer(twin.parameters()).param_groups[0]["weight_decay"]  # (never stepped)
     assert decay > 0
@@ -80,11 +91,11 @@ def without_decay(model: nn.Module, make_optimizer, n: int = 3) -> nn.Module:
 
 
 def differences(model: nn.Module, twin: nn.Module) -> tuple[float, float]:
-    """The largest relative differences of the statistics and of the other parameters."""
+    """The largest relative differences of the exempt parameters and of the other parameters."""
     def largest(pairs) -> float:
         return max(float(((a - b).abs() / b.abs().clamp_min(1e-3)).max()) for a, b in pairs)
 
-    ids = {id(p) for p in bl.statistics_parameters(model)}
+    ids = {id(p) for p in exempt(model)}
     with torch.no_grad():
         pairs = list(zip(model.parameters(), twin.parameters(), strict=True))
         return (largest((p, q) for p, q in pairs if id(p) in ids),
@@ -92,13 +103,15 @@ def differences(model: nn.Module, twin: nn.Module) -> tuple[float, float]:
 
 
 @pytest.mark.parametrize("name", TORCH)
-def test_torch_optimizers_step_the_statistics_without_weight_decay(name):
-    model = make_model()
+@pytest.mark.parametrize("decay_affine", [False, True])
+def test_torch_optimizers_step_the_exempt_parameters_without_weight_decay(name, decay_affine):
+    model = make_model(decay_affine)
+    assert len(exempt(model)) == (4 if decay_affine else 8)
     twin = without_decay(model, TORCH[name])
     assert steps(model, TORCH[name](model.parameters())) == []  # no warning: nothing to fix
-    statistics, rest = differences(model, twin)
-    assert statistics < 1e-5 and rest < 1e-5  # the others were decayed alike
-    # without the library, the statistics would have been decayed: a visible difference
+    exempted, rest = differences(model, twin)
+    assert exempted < 1e-5 and rest < 1e-5  # the others were decayed alike
+    # without the library, the exempt parameters would have been decayed: a visible difference
     plain = copy.deepcopy(model)
     optimizer = TORCH[name](plain.parameters())
     with _hook_removed():
@@ -111,7 +124,7 @@ class _hook_removed:
         bl.optim._HOOK.remove()
 
     def __exit__(self, *_):
-        bl.optim._HOOK = register_optimizer_step_pre_hook(bl.optim._exempt_statistics)
+        bl.optim._HOOK = register_optimizer_step_pre_hook(bl.optim._exempt_from_decay)
 
 
 def test_the_cancelled_decay_follows_the_learning_rate_schedule():
@@ -197,7 +210,7 @@ def test_other_optimizers_warn_once_with_the_fix():
     message = str(caught.message)
     assert caught.filename == __file__  # the user's optimizer.step() line
     assert message.startswith("MyAdamW is about to step with weight_decay=0.01")
-    assert "on 4 batchless statistics parameters" in message and "mean towards 0" in message
+    assert "on 8 batchless parameters" in message and "mean towards 0" in message
     assert "MyAdamW(batchless.param_groups(model, weight_decay=0.01)" in message
     assert steps(model, MyAdamW(model.parameters())) != []  # once per optimizer, not process
     # and the decay is not cancelled: the subclass's step may differ from AdamW's
@@ -205,6 +218,10 @@ def test_other_optimizers_warn_once_with_the_fix():
     twin = without_decay(model, lambda params: MyAdamW(params, lr=1e-2, weight_decay=0.5))
     steps(model, MyAdamW(model.parameters(), lr=1e-2, weight_decay=0.5))
     assert differences(model, twin)[0] > 1e-3
+    # with decay_affine=True only the statistics are counted
+    model = make_model(decay_affine=True)
+    (caught,) = steps(model, MyAdamW(model.parameters()))
+    assert "on 4 batchless parameters" in str(caught.message)
 
 
 def test_no_warning_for_param_groups():
@@ -221,17 +238,17 @@ def test_no_warning_without_weight_decay(optimizer):
     assert steps(model, optimizer(model.parameters())) == []
 
 
-def test_no_warning_for_statistics_in_a_group_without_weight_decay():
+def test_no_warning_for_exempt_parameters_in_a_group_without_weight_decay():
     model = make_model()
-    stats = set(bl.statistics_parameters(model))
+    stats = set(exempt(model))
     groups = [{"params": [p for p in model.parameters() if p not in stats]},
               {"params": list(stats), "weight_decay": 0}]
     assert steps(model, MyAdamW(groups, weight_decay=0.1)) == []
 
 
-def test_statistics_added_in_a_later_group_are_found():
+def test_exempt_parameters_added_in_a_later_group_are_found():
     model = make_model()
-    stats = set(bl.statistics_parameters(model))
+    stats = set(exempt(model))
     optimizer = MyAdamW([p for p in model.parameters() if p not in stats])
     assert steps(model, optimizer) == []
     optimizer.add_param_group({"params": list(stats)})
@@ -303,7 +320,8 @@ def test_the_registries_keep_nothing_alive():
 
 def test_param_groups_hold_every_trainable_parameter_once():
     shared = nn.Linear(5, 5)
-    model = nn.Sequential(make_model(), shared, shared, bl.BatchlessNorm1d(5, affine=False))
+    model = nn.Sequential(make_model(), shared, shared, bl.BatchlessNorm1d(5, affine=False),
+                          bl.BatchlessNorm1d(5, decay_affine=True))
     model[0][0].bias.requires_grad_(False)  # frozen: in no group
     groups = bl.param_groups(model, weight_decay=0.05, lr=1e-2, betas=(0.8, 0.9))
     trainable = [p for p in model.parameters() if p.requires_grad]
@@ -311,7 +329,10 @@ def test_param_groups_hold_every_trainable_parameter_once():
     assert len(grouped) == len(trainable) == len({id(p) for p in grouped})
     assert {id(p) for p in grouped} == {id(p) for p in trainable}
     decay, no_decay = groups
-    assert [id(p) for p in no_decay["params"]] == [id(p) for p in bl.statistics_parameters(model)]
+    assert [id(p) for p in no_decay["params"]] == [id(p) for p in exempt(model)]
+    assert len(no_decay["params"]) == 2 * 4 + 2 + 2  # the last layer's weight and bias decay
+    ids = ({id(p) for p in decay["params"]}, {id(p) for p in no_decay["params"]})
+    assert id(model[4].weight) in ids[0] and id(model[4].raw_std) in ids[1]
     assert decay["weight_decay"] == 0.05 and no_decay["weight_decay"] == 0.0
     assert all(g["lr"] == 1e-2 and g["betas"] == (0.8, 0.9) for g in groups)
     torch.optim.AdamW(groups)  # a torch optimizer takes them

@@ -344,6 +344,8 @@ def test_properties(n, spatial, std_param, affine, init_mean, init_std, scale, d
     (lambda: bl.BatchlessNorm2d(3, mean_speed=float("nan")), "mean_speed must be a finite number > 0 .*got nan$"),
     (lambda: bl.BatchlessNorm2d(3, mean_speed="1"), "mean_speed must be a finite number > 0 .*got '1'$"),
     (lambda: bl.BatchlessNorm2d(3, mean_speed=False), "mean_speed must be a finite number > 0 .*got False$"),
+    (lambda: bl.BatchlessNorm2d(3, decay_affine=1), "decay_affine must be True or False, got 1$"),
+    (lambda: bl.BatchlessNorm2d(3, decay_affine="no"), "decay_affine must be True or False, got 'no'$"),
     (lambda: bl.BatchlessNorm2d(3)(torch.randn(2, 3, 4)), "expects a 4D input.*got a 3D input"),
     (lambda: bl.BatchlessNorm1d(3)(torch.randn(2, 3, 4, 4)), "expects a 2D or 3D input.*got a 4D"),
     (lambda: bl.BatchlessNorm3d(3)(torch.randn(2, 3, 4, 4)), "expects a 5D input"),

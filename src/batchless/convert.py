@@ -52,7 +52,7 @@ _TO_BATCHLESS: dict[type, type[_BatchlessNorm]] = {
     _BatchNorm: _BatchlessNormXd,
 }
 _TO_BATCHNORM = {new: old for old, new in _TO_BATCHLESS.items() if old is not _BatchNorm}
-_CONVERT_KWARGS = ("eps", "std_param", "nll", "std_speed")
+_CONVERT_KWARGS = ("eps", "std_param", "nll", "std_speed", "decay_affine")
 
 Conversion = Callable[[nn.Module, _BatchlessNorm], nn.Module]
 # BatchNorm subclass -> its conversion: what users taught with register_conversion ...
@@ -252,8 +252,9 @@ def convert_batchnorm(model: nn.Module, *, inplace: bool = False, **layer_kwargs
         inplace: convert ``model`` itself instead of a deep copy. Default: False. The returned
             module is the converted model either way (a BatchNorm at the root cannot be replaced in
             place).
-        **layer_kwargs: ``std_param``, ``nll``, ``eps`` or ``std_speed`` for the new layers (the
-            function stays the same whatever their values, within the checks above).
+        **layer_kwargs: ``std_param``, ``nll``, ``eps``, ``std_speed`` or ``decay_affine`` for
+            the new layers (the function stays the same whatever their values, within the checks
+            above).
 
     Example::
 

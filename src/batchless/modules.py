@@ -64,7 +64,9 @@ _CONTRACT = r"""Normalises each channel by a learned Gaussian, ``(x - mean) / st
 
     Weight decay would pull ``mean`` and ``raw_std`` away from the input's statistics: torch's own
     optimizers step them as without it (:mod:`batchless.optim`), others warn once with the fix,
-    :func:`batchless.param_groups`.
+    :func:`batchless.param_groups`. ``weight`` and ``bias`` are exempted alike unless
+    ``decay_affine=True``: AdamW's decay on them cost the default 1-2 points at batch 2
+    (EXPERIMENTS.md), as it does not GroupNorm.
 
     Args:
         num_features: number of channels ``C``.
@@ -78,6 +80,8 @@ _CONTRACT = r"""Normalises each channel by a learned Gaussian, ``(x - mean) / st
         shared: one Gaussian for all channels instead of one per channel. Default: False.
         std_speed: the gain on ``std``'s parametrization, see above. Default: 0.1.
         mean_speed: the gain on ``mean``, see above. Default: None, ``std_speed``'s value.
+        decay_affine: let weight decay move ``weight`` and ``bias``, as it moves BatchNorm's.
+            Default: False (exempt, like the statistics).
 """
 
 
@@ -106,10 +110,11 @@ class _BatchlessNorm(nn.Module):
     def __init__(self, num_features: int, eps: float = 1e-5, affine: bool = True,
                  std_param: str = "log", init_mean: float = 0.0, init_std: float = 1.0,
                  nll: str = "implicit", shared: bool = False, std_speed: float = 0.1,
-                 mean_speed: float | None = None, device=None, dtype=None) -> None:
+                 mean_speed: float | None = None, decay_affine: bool = False, device=None,
+                 dtype=None) -> None:
         mean_speed = std_speed if mean_speed is None else mean_speed
         _check_arguments(num_features, eps, std_param, init_mean, init_std, nll, std_speed,
-                         mean_speed)
+                         mean_speed, decay_affine)
         super().__init__()
         factory = {"device": device, "dtype": dtype}
         self.num_features, self.eps, self.affine = num_features, eps, affine
@@ -117,6 +122,7 @@ class _BatchlessNorm(nn.Module):
         self.nll, self.shared = nll, shared
         self.std_speed = float(std_speed)  # (a Python number: a constant of the native node)
         self.mean_speed = float(mean_speed)
+        self.decay_affine = decay_affine  # read by optim.py at an optimizer's first step
         stat_shape = (1,) if shared else (num_features,)
         self.raw_mean = nn.Parameter(torch.empty(stat_shape, **factory))
         self.raw_std = nn.Parameter(torch.empty(stat_shape, **factory))
@@ -293,7 +299,8 @@ class _BatchlessNorm(nn.Module):
         s = (f"{self.num_features}, eps={self.eps}, affine={self.affine}, "
              f"std_param={self.std_param!r}, nll={self.nll!r}")
         return (s + (", shared=True" if self.shared else "")
-                + f", std_speed={self.std_speed}, mean_speed={self.mean_speed}")
+                + f", std_speed={self.std_speed}, mean_speed={self.mean_speed}"
+                + (", decay_affine=True" if self.decay_affine else ""))
 
     def _load_from_state_dict(self, state_dict, prefix, local_metadata, strict, missing_keys,
                               unexpected_keys, error_msgs):
@@ -326,6 +333,7 @@ class _BatchlessNorm(nn.Module):
     def __setstate__(self, state):
         state.setdefault("std_speed", 1.0)  # pickled before std_speed existed: it had gain 1
         state.setdefault("_check_statistics", False)
+        state.setdefault("decay_affine", False)  # pickled before decay_affine existed
         if "mean" in state["_parameters"]:  # pickled before mean_speed existed: gain 1
             state["_parameters"] = {("raw_mean" if k == "mean" else k): v
                                     for k, v in state["_parameters"].items()}
@@ -368,7 +376,7 @@ def _real(value) -> bool:
 
 
 def _check_arguments(num_features, eps, std_param, init_mean, init_std, nll, std_speed,
-                     mean_speed) -> None:
+                     mean_speed, decay_affine) -> None:
     if isinstance(num_features, bool) or not isinstance(num_features, int) or num_features <= 0:
         raise BatchlessError(f"num_features must be a positive int (the channel count C), got "
                              f"{num_features!r}")
@@ -387,6 +395,8 @@ def _check_arguments(num_features, eps, std_param, init_mean, init_std, nll, std
         if not _real(speed) or not (math.isfinite(speed) and speed > 0):
             raise BatchlessError(f"{name} must be a finite number > 0 (1: the paper's method), "
                                  f"got {speed!r}")
+    if not isinstance(decay_affine, bool):
+        raise BatchlessError(f"decay_affine must be True or False, got {decay_affine!r}")
 
 
 def _warn_once(key: str, message: str) -> None:

@@ -31,9 +31,10 @@ def check_norm(norm: str) -> str:
 
 
 def make_norm(norm: str, num_features: int, dims: int, nll: str = "implicit", std_speed: float = 1.0,
-              mean_speed: float = 1.0) -> nn.Module:
+              mean_speed: float = 1.0, decay_affine: bool = True) -> nn.Module:
     """A normalization layer for inputs ``(N, C)`` (``dims=0``), ``(N, C, L)`` (1) or ``(N, C, H, W)`` (2);
-    ``nll``, ``std_speed`` and ``mean_speed`` are the batchless layers' arguments."""
+    ``nll``, ``std_speed``, ``mean_speed`` and ``decay_affine`` are the batchless layers' arguments (the
+    last True by default here, as the study's cells before it existed ran; the library's default is False)."""
     check_norm(norm)
     if norm == "none":
         return nn.Identity()
@@ -45,7 +46,8 @@ def make_norm(norm: str, num_features: int, dims: int, nll: str = "implicit", st
     import batchless as bl
 
     cls = bl.BatchlessNorm1d if dims < 2 else bl.BatchlessNorm2d
-    return cls(num_features, std_param=BATCHLESS_STD[norm], nll=nll, std_speed=std_speed, mean_speed=mean_speed)
+    return cls(num_features, std_param=BATCHLESS_STD[norm], nll=nll, std_speed=std_speed, mean_speed=mean_speed,
+               decay_affine=decay_affine)
 
 
 NormFactory = Callable[[int, int], nn.Module]
@@ -155,7 +157,7 @@ def default_width(dataset: str, model: str) -> int:
 
 def build_model(dataset: str, norm: str, *, model: str | None = None, nll: str = "implicit",
                 width: int | None = None, num_classes: int = 10, std_speed: float = 1.0,
-                mean_speed: float = 1.0) -> nn.Module:
+                mean_speed: float = 1.0, decay_affine: bool = True) -> nn.Module:
     """The ``model`` (default: :func:`default_model`) for ``dataset`` with normalization ``norm``.
 
     ``width``: channels of the CNNs, or of the ResNet's first stage (its stages have width, 2 width,
@@ -165,7 +167,7 @@ def build_model(dataset: str, norm: str, *, model: str | None = None, nll: str =
     width = width or default_width(dataset, model)
 
     def factory(channels: int, dims: int) -> nn.Module:
-        return make_norm(norm, channels, dims, nll, std_speed, mean_speed)
+        return make_norm(norm, channels, dims, nll, std_speed, mean_speed, decay_affine)
 
     channels, size = {"fashion-mnist": (1, 28), "mnist": (1, 28), "cifar10": (3, 32)}.get(dataset, (None, None))
     if (dataset, model) == ("mnist1d", "cnn"):

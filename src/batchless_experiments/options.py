@@ -149,12 +149,15 @@ def add_training_options(p: argparse.ArgumentParser, *, epochs: int | None, num_
                    help="the layers' mean_speed: mu learns this many times as fast as at 1 under Adam "
                         f"(default {d.mean_speed:g}, the paper's method; the library's own default is "
                         f"{library_speeds()[1]:g})")
+    g.add_argument("--no-decay-affine", dest="decay_affine", action="store_false",
+                   help="exempt the layers' weight and bias from weight decay, as the library does by default "
+                        "(decay_affine=False); without it they are decayed, as in every cell run before the option")
 
 
 def config_from_args(args: argparse.Namespace, dataset: str) -> TrainConfig:
     fields = ("epochs", "lr", "num_samples", "model", "width", "optimizer", "weight_decay", "schedule", "data_init",
               "init_samples", "stats_lr_scale", "stats_optimizer", "nll_mode", "nll_weight", "std_speed", "mean_speed",
-              "weight_std")
+              "weight_std", "decay_affine")
     return TrainConfig(dataset=dataset, **{k: getattr(args, k) for k in fields})
 
 

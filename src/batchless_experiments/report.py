@@ -25,7 +25,8 @@ from .train import BATCHLESS_OPTIONS, Cell, TrainConfig
 
 PERCENT = ("test_acc", "test_acc_25", "test_acc_50", "val_acc_best", "test_acc_at_best_val")
 METRICS = (*PERCENT, "val_acc_best_epoch", "wall_s", "act_mem_mb", "nll_last", "lr")
-ABLATIONS = ("data_init", "stats_lr_scale", "stats_optimizer", "nll_mode", "nll_weight", "std_speed", "mean_speed")
+ABLATIONS = ("data_init", "stats_lr_scale", "stats_optimizer", "nll_mode", "nll_weight", "std_speed", "mean_speed",
+             "decay_affine")
 HIGHER_IS_BETTER = PERCENT
 
 

@@ -49,7 +49,7 @@ SGD_MOMENTUM = 0.9
 RESULT_VERSION = 2  # bump when the training protocol changes, so old cells are not mistaken for new ones
 # Options that only change batchless layers: other norms' cells run with their defaults (one shared baseline).
 BATCHLESS_OPTIONS = ("data_init", "init_samples", "stats_lr_scale", "stats_optimizer", "nll_mode", "nll_weight",
-                     "std_speed", "mean_speed")
+                     "std_speed", "mean_speed", "decay_affine")
 
 
 def _choice(name: str, value: str, allowed: tuple[str, ...]) -> None:
@@ -87,6 +87,9 @@ class TrainConfig:
     std_speed: float = 1.0  # the layer's std_speed: 1 is the paper's method (the library's default is 0.1)
     mean_speed: float = 1.0  # the layer's mean_speed: 1 is the paper's method
     weight_std: bool = False  # standardize the weights feeding every norm (models.standardize_weights)
+    # the layers' decay_affine: True (weight decay moves their weight and bias) is how every cell ran before
+    # the option existed; the library's default is False (exempt, like the statistics)
+    decay_affine: bool = True
     version: int = RESULT_VERSION
 
     def __post_init__(self) -> None:
@@ -324,7 +327,8 @@ def train_cell(cell: Cell, splits: Splits, *, device: str = "cpu", progress: boo
     start = time.perf_counter()
     torch.manual_seed(cell.seed)
     model = build_model(cfg.dataset, cell.norm, model=cfg.model, nll=cfg.nll_mode, width=cfg.width,
-                        num_classes=splits.num_classes, std_speed=cfg.std_speed, mean_speed=cfg.mean_speed)
+                        num_classes=splits.num_classes, std_speed=cfg.std_speed, mean_speed=cfg.mean_speed,
+                        decay_affine=cfg.decay_affine)
     if cfg.weight_std:
         standardize_weights(model)
     x, y = splits.x_train.to(device), splits.y_train.to(device)

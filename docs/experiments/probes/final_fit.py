@@ -18,9 +18,10 @@ def measure_before_restore(model, splits, final: dict) -> None:
     model.load_state_dict = measure_then_load
 
 
-def run(splits, norm: str, bs: int, lr: float, seed: int, ws: bool = False, prepare=None) -> dict:
+def run(splits, norm: str, bs: int, lr: float, seed: int, ws: bool = False, prepare=None, **config) -> dict:
     """Trains ``norm`` (``default``: the library's batchless layer, std and mean 10x slow) on MNIST-1D, with
-    ``prepare(model)`` applied to the model as built; returns the record's results: test accuracy, the curve at
+    ``prepare(model)`` applied to the model as built and ``config`` (e.g. ``optimizer="adamw"``) given to its
+    TrainConfig; returns the record's results: test accuracy, the curve at
     25/50/75/100 % of the run, and the final model's eval-mode loss and accuracy."""
     final, build = {}, T.build_model
 
@@ -32,7 +33,8 @@ def run(splits, norm: str, bs: int, lr: float, seed: int, ws: bool = False, prep
         return model
 
     speeds = {"std_speed": 0.1, "mean_speed": 0.1} if norm == "default" else {}
-    cfg = TrainConfig(dataset="mnist1d", epochs=20, lr=lr, schedule="cosine", weight_std=ws, **speeds)
+    cfg = TrainConfig(dataset="mnist1d", epochs=20, lr=lr, schedule="cosine", weight_std=ws, **speeds,
+                      **config)
     T.build_model = build_and_prepare
     try:
         r = train_cell(Cell(cfg, "batchless" if norm == "default" else norm, bs, seed), splits, progress=False)

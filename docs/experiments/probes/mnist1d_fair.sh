@@ -30,6 +30,10 @@
 #                              at the rate `OPT choose3` chose on seeds 0-2 (run that first); `OPT seeds10 ws`: with
 #                              weight standardization, in OPT_ws_c3
 #   mnist1d_fair.sh adamw ...  AdamW, weight decay 0.05 on every parameter (grid around 3e-3)
+#   mnist1d_fair.sh adamw exempt   the default with its layers' weight and bias exempt from the decay
+#                              (--no-decay-affine: the library's default since decay.py), the rate chosen on
+#                              3 seeds, into adamw_mnist1d_c3; `adamw exempt seeds10`: seeds 3-9 at BS (here
+#                              default 64,256) at the rate chosen there
 set -euo pipefail
 cd "$(dirname "$0")/../../.."
 P=docs/experiments/probes
@@ -112,6 +116,13 @@ if [ "${2:-}" = choose3 ]; then
   C=("${A[@]}" "${ws[@]}" --choose-seeds 3 --results "$store")
   $B sweep "${C[@]}" --norms "${NORMS:-none,bn,gn,ln}"
   $B sweep "${C[@]}" --norms batchless --std-speed 0.1 --mean-speed 0.1
+  exit
+fi
+if [ "${2:-}" = exempt ]; then
+  E=("${A[@]}" --choose-seeds 3 --results "results/${opt}_mnist1d_c3.sqlite" --norms batchless --std-speed 0.1
+     --mean-speed 0.1 --no-decay-affine)
+  if [ "${3:-}" = seeds10 ]; then E+=(--seeds 10 --batch-sizes "${BS:-64,256}"); fi
+  $B sweep "${E[@]}"
   exit
 fi
 if [ "${2:-}" = seeds10 ]; then
