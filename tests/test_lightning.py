@@ -148,9 +148,10 @@ def test_no_weight_is_left_in_force_after_a_skipped_batch_or_fit():
     assert bl.weighting.current_nll_weight() == 1.0
 
 
-def test_weight_decay_does_not_reach_the_statistics():
-    """Lightning steps the optimizer with a closure; AdamW's decay of mean and raw_std is cancelled in
-    it as in a plain loop: the statistics end as with a group without decay, the rest decayed."""
+def test_weight_decay_does_not_reach_the_batchless_parameters():
+    """Lightning steps the optimizer with a closure; AdamW's decay of the batchless layers' mean,
+    raw_std, weight and bias is cancelled in it as in a plain loop: they end as in a group without
+    decay, the rest decayed."""
 
     class Decaying(Classifier):
         def __init__(self, model, groups):

@@ -12,7 +12,8 @@
 #   run_fashion.sh adamw      the CNN at batch 64 under AdamW, weight decay 0.05 on every parameter, as
 #                             AdamW(model.parameters()) gives it (batchless cancels it on its statistics),
 #                             the default layer, BatchNorm and GroupNorm also with weight standardization
-#                             (--weight-std)
+#                             (--weight-std); then the default as the library now builds it, its weight and
+#                             bias exempt from the decay too (--no-decay-affine), with and without WS
 #   run_fashion.sh sgd        the CNN at batch 64 under SGD with momentum 0.9 (grid around 0.05), the same
 #   run_fashion.sh sgd-ema    probe: under SGD with WS at batch 64 (at the default's chosen rate, 0.0167), the
 #                             statistics stepped as EMAs of their input at rate 0.001 or 0.01 (--stats-optimizer
@@ -61,7 +62,9 @@ adamw)
   $B sweep "${W[@]}" --norms none,bn,gn,ln
   $B sweep "${W[@]}" --norms batchless --std-speed 0.1 --mean-speed 0.1
   $B sweep "${W[@]}" --norms batchless --std-speed 0.1 --mean-speed 0.1 --weight-std
-  $B sweep "${W[@]}" --norms bn,gn --weight-std ;;
+  $B sweep "${W[@]}" --norms bn,gn --weight-std
+  $B sweep "${W[@]}" --norms batchless --std-speed 0.1 --mean-speed 0.1 --no-decay-affine
+  $B sweep "${W[@]}" --norms batchless --std-speed 0.1 --mean-speed 0.1 --no-decay-affine --weight-std ;;
 sgd)
   S=("${FAIR[@]}" --optimizer sgd --lr 0.05 --batch-sizes 64 --results results/fashion_sgd.sqlite)
   $B sweep "${S[@]}" --norms none,bn,gn,ln

@@ -54,15 +54,16 @@ def nll_loss(model: nn.Module) -> Tensor:
 def statistics_parameters(model: nn.Module) -> Iterator[nn.Parameter]:
     """Every ``raw_mean`` and ``raw_std`` parameter of the model's batchless layers.
 
-    For optimizer parameter groups, e.g. no weight decay (what :func:`batchless.param_groups`
-    builds) and their own learning rate::
+    For optimizer parameter groups, e.g. a learning rate of their own (for the groups without
+    weight decay, which also hold the layers' ``weight`` and ``bias`` by default, see
+    :func:`batchless.param_groups`)::
 
         >>> import torch, batchless as bl
         >>> model = torch.nn.Sequential(torch.nn.Linear(4, 3), bl.BatchlessNorm1d(3))
         >>> stats = set(bl.statistics_parameters(model))
         >>> rest = [p for p in model.parameters() if p not in stats]
-        >>> groups = [{"params": rest}, {"params": list(stats), "weight_decay": 0.0}]
-        >>> opt = torch.optim.AdamW(groups)
+        >>> groups = [{"params": rest}, {"params": list(stats), "lr": 1e-4}]
+        >>> opt = torch.optim.Adam(groups, lr=1e-3)
     """
     for _, layer in batchless_layers(model, "statistics_parameters"):
         yield layer.raw_mean
