@@ -11,6 +11,8 @@ on every parameter as in the fair protocol, the library cancelling it on the sta
 - ``comove``: decay as in ``plain``, and after every step each batchless layer's mean and std are multiplied by
   the factor its feeding layer's weight and bias were (1 - lr x wd), so that the decay leaves the normalized
   output unchanged, as it does under BatchNorm.
+- ``both``: ``noaffine`` and ``comove`` together (the library's default since, with its feeding layers' decay
+  made invisible too).
 
 ``nofeed``, ``noaffine`` and ``plain`` also run for another norm (NORM: gn, ln or bn; the pairs are then its
 layers and their feeding layers), as a control.
@@ -31,9 +33,9 @@ from batchless_experiments import train as T
 torch.set_num_threads(1)
 bs, lr, seed, variant = int(sys.argv[1]), float(sys.argv[2]), int(sys.argv[3]), sys.argv[4]
 norm_name = sys.argv[5] if len(sys.argv) > 5 else "default"
-if variant not in ("plain", "nofeed", "noaffine", "comove") or norm_name not in ("default", "gn", "ln", "bn"):
+if variant not in ("plain", "nofeed", "noaffine", "comove", "both") or norm_name not in ("default", "gn", "ln", "bn"):
     raise SystemExit(f"unknown variant {variant!r} or norm {norm_name!r}")
-if variant == "comove" and norm_name != "default":
+if variant in ("comove", "both") and norm_name != "default":
     raise SystemExit("comove moves batchless statistics: norm 'default' only")
 NORM_TYPES = (bl.BatchlessNorm1d, torch.nn.GroupNorm, torch.nn.BatchNorm1d)
 WD = 0.05
@@ -49,7 +51,7 @@ def prepare(model):
     assert len(pairs) == 5, pairs  # 3 convs and 2 dense layers (the input's layer has no feeding layer)
     for feed, norm in pairs:
         group = [feed.weight, feed.bias] if variant == "nofeed" else (
-            [norm.weight, norm.bias] if variant == "noaffine" else [])
+            [norm.weight, norm.bias] if variant in ("noaffine", "both") else [])
         no_decay.update(id(p) for p in group)
 
 
@@ -81,8 +83,9 @@ def comove(optimizer, args, kwargs):
 
 
 T._optimizers = optimizers
-if variant == "comove":
+if variant in ("comove", "both"):
     register_optimizer_step_post_hook(comove)
 splits = data.load("mnist1d")
 record = run(splits, norm_name, bs, lr, seed, prepare=prepare, optimizer="adamw", weight_decay=WD)
-print(json.dumps({"probe": "decay", "variant": variant, "norm": norm_name, "bs": bs, "lr": lr, "seed": seed, **record}))
+print(json.dumps({"probe": "decay", "variant": variant, "norm": norm_name, "bs": bs, "lr": lr, "seed": seed,
+                  **record}))

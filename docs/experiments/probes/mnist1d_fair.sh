@@ -25,7 +25,8 @@
 #                              with weight standardization (into OPT_ws) and without (into OPT_variants)
 #   mnist1d_fair.sh OPT choose3   the norms $NORMS and the default, each learning rate chosen on the mean of 3
 #                              seeds (sweep --choose-seeds 3), into OPT_mnist1d_c3 (seed_store.py); `OPT
-#                              choose3 ws`: with weight standardization, into OPT_ws_c3
+#                              choose3 ws`: with weight standardization, into OPT_ws_c3; `OPT choose3 norms`: the
+#                              norms alone (for AdamW, whose default is now `adamw exempt`'s)
 #   mnist1d_fair.sh OPT seeds10   BatchNorm and the default at BS (default here 64,256) with 10 seeds: seeds 3-9
 #                              at the rate `OPT choose3` chose on seeds 0-2 (run that first); `OPT seeds10 ws`: with
 #                              weight standardization, in OPT_ws_c3
@@ -115,7 +116,7 @@ if [ "${2:-}" = choose3 ]; then
     "${BS:-64}" "${3:-}"
   C=("${A[@]}" "${ws[@]}" --choose-seeds 3 --results "$store")
   $B sweep "${C[@]}" --norms "${NORMS:-none,bn,gn,ln}"
-  $B sweep "${C[@]}" --norms batchless --std-speed 0.1 --mean-speed 0.1
+  [ "${3:-}" = norms ] || $B sweep "${C[@]}" --norms batchless --std-speed 0.1 --mean-speed 0.1
   exit
 fi
 if [ "${2:-}" = exempt ]; then
