@@ -27,9 +27,10 @@
 #                              seeds (sweep --choose-seeds 3), into OPT_mnist1d_c3 (seed_store.py); `OPT
 #                              choose3 ws`: with weight standardization, into OPT_ws_c3; `OPT choose3 norms`: the
 #                              norms alone (for AdamW, whose default is now `adamw exempt`'s)
-#   mnist1d_fair.sh OPT seeds10   BatchNorm and the default at BS (default here 64,256) with 10 seeds: seeds 3-9
-#                              at the rate `OPT choose3` chose on seeds 0-2 (run that first); `OPT seeds10 ws`: with
-#                              weight standardization, in OPT_ws_c3
+#   mnist1d_fair.sh OPT seeds10   BatchNorm (or the norms $NORMS) and the default at BS (default here 64,256) with
+#                              10 seeds: seeds 3-9 at the rate `OPT choose3` chose on seeds 0-2 (run that first);
+#                              `OPT seeds10 ws`: with weight standardization, in OPT_ws_c3; `OPT seeds10 norms`:
+#                              the norms alone
 #   mnist1d_fair.sh adamw ...  AdamW, weight decay 0.05 on every parameter (grid around 3e-3)
 #   mnist1d_fair.sh adamw exempt   the default with its layers' weight and bias exempt from the decay
 #                              (--no-decay-affine: the library's default since decay.py), the rate chosen on
@@ -130,8 +131,8 @@ if [ "${2:-}" = seeds10 ]; then
   store="results/${opt}_mnist1d_c3.sqlite" ws=()
   [ "${3:-}" = ws ] && store="results/${opt}_ws_c3.sqlite" ws=(--weight-std)
   T=("${A[@]}" "${ws[@]}" --seeds 10 --choose-seeds 3 --batch-sizes "${BS:-64,256}" --results "$store")
-  $B sweep "${T[@]}" --norms bn
-  $B sweep "${T[@]}" --norms batchless --std-speed 0.1 --mean-speed 0.1
+  $B sweep "${T[@]}" --norms "${NORMS:-bn}"
+  [ "${3:-}" = norms ] || $B sweep "${T[@]}" --norms batchless --std-speed 0.1 --mean-speed 0.1
   exit
 fi
 S=(--results "results/${opt}_mnist1d.sqlite")

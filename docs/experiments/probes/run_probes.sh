@@ -92,3 +92,4 @@ for seed in 0 1 2; do
   .venv/bin/python docs/experiments/probes/decay.py 2 0.00159 $seed noaffine gn >> $R
 done
 .venv/bin/python docs/experiments/probes/decay.py 2 0.00476 0 plain >> $R
+for seed in 0 1 2; do .venv/bin/python docs/experiments/probes/decay.py 2 0.00476 $seed both >> $R; done
