@@ -1,9 +1,11 @@
 """Probe: with weight standardization, what still moves the batchless layers' inputs away from their learned
 statistics? Traces, per layer, the median over channels of log(batch std / learned std) of the layer's input,
 the RMS of the layer's affine weight (gamma) and of its output, at a few steps of one fair-protocol run
-(MNIST-1D, Adam, cosine, seed 0), the library's default layer with and without WS, or BatchNorm (``norm=bn``).
+(MNIST-1D, Adam, cosine, seed 0), the library's default layer with and without WS, or BatchNorm (``norm=bn``);
+with ``adamw``, under AdamW (weight decay 0.05 on every parameter but the statistics, the layers' weight and bias
+decayed as before ``decay_affine``, or with ``exempt`` not: the library's default since).
 
-Usage: drift.py BS LR EPOCHS [ws] [norm=bn]. Prints one JSON record (test accuracy at 25/50/75/100 % of the
+Usage: drift.py BS LR EPOCHS [ws] [norm=bn] [adamw [exempt]]. Prints one JSON record (test accuracy at 25/50/75/100 % of the
 run, the traces)."""
 import json
 import sys
@@ -48,8 +50,9 @@ def build(*a, **k):
 
 T.build_model = build
 splits = data.load("mnist1d")
+decay = {"optimizer": "adamw", "weight_decay": 0.05, "decay_affine": "exempt" not in flags} if "adamw" in flags else {}
 cfg = TrainConfig(dataset="mnist1d", epochs=epochs, lr=lr, schedule="cosine", weight_std="ws" in flags,
-                  **({"std_speed": 0.1, "mean_speed": 0.1} if norm == "batchless" else {}))
+                  **({"std_speed": 0.1, "mean_speed": 0.1} if norm == "batchless" else {}), **decay)
 r = train_cell(Cell(cfg, norm, bs, 0), splits, progress=False)
 n = len(next(iter(trace.values())))
 pts = [p for p in (0, 10, 30, 100, 300, n // 4, n // 2, n - 1) if p < n]

@@ -93,3 +93,5 @@ for seed in 0 1 2; do
 done
 .venv/bin/python docs/experiments/probes/decay.py 2 0.00476 0 plain >> $R
 for seed in 0 1 2; do .venv/bin/python docs/experiments/probes/decay.py 2 0.00476 $seed both >> $R; done
+# AdamW at batch 2: the layers' gamma and output scale with weight and bias decayed (as before) and exempt (now)
+for f in adamw "adamw exempt"; do .venv/bin/python docs/experiments/probes/drift.py 2 0.00476 20 $f >> $R; done
