@@ -424,6 +424,25 @@ def test_the_speeds_reach_every_batchless_layer(name):
     assert getattr(config_from_args(args, "mnist1d"), name) == 0.3
 
 
+def test_no_decay_affine_reaches_every_batchless_layer_and_the_training(tiny_splits):
+    """--no-decay-affine builds the layers as the library does by default (weight and bias exempt from weight
+    decay); without it they are decayed, as every stored cell ran, and the stored keys stay as they were."""
+    import batchless as bl
+
+    for exempt in (True, False):
+        model = build_model("fashion-mnist", "batchless", decay_affine=not exempt)
+        layers = [m for m in model.modules() if isinstance(m, (bl.BatchlessNorm1d, bl.BatchlessNorm2d))]
+        assert len(layers) == 6 and {m.decay_affine for m in layers} == {not exempt}
+    args = build_parser().parse_args(["sweep", "--dataset", "mnist1d", "--norms", "batchless", "--batch-sizes", "4",
+                                      "--results", "r.sqlite", "--no-decay-affine"])
+    config = config_from_args(args, "mnist1d")
+    assert not config.decay_affine and config_for_norm(config, "gn").decay_affine  # (a batchless option)
+    assert "decay_affine" not in TrainConfig().changes()
+    runs = [train_cell(_cell(optimizer="adamw", weight_decay=0.5, decay_affine=decay), tiny_splits, progress=False)
+            for decay in (True, False)]
+    assert runs[0].history[-1].train_loss != runs[1].history[-1].train_loss
+
+
 def test_weight_std_standardizes_the_layer_before_every_norm(tiny_splits, monkeypatch):
     """--weight-std gives every norm (none included) the same standardized layers, leaves the keys of the
     cells stored before it existed unchanged, and is what the cell trains with."""
