@@ -35,7 +35,8 @@
 #   mnist1d_fair.sh adamw exempt   the default with its layers' weight and bias exempt from the decay
 #                              (--no-decay-affine: the library's default since decay.py), the rate chosen on
 #                              3 seeds, into adamw_mnist1d_c3; `adamw exempt seeds10`: seeds 3-9 at BS (here
-#                              default 64,256) at the rate chosen there
+#                              default 64,256) at the rate chosen there; `adamw exempt ws [seeds10]`: the same
+#                              with weight standardization, into adamw_ws_c3
 set -euo pipefail
 cd "$(dirname "$0")/../../.."
 P=docs/experiments/probes
@@ -121,8 +122,10 @@ if [ "${2:-}" = choose3 ]; then
   exit
 fi
 if [ "${2:-}" = exempt ]; then
-  E=("${A[@]}" --choose-seeds 3 --results "results/${opt}_mnist1d_c3.sqlite" --norms batchless --std-speed 0.1
-     --mean-speed 0.1 --no-decay-affine)
+  store="results/${opt}_mnist1d_c3.sqlite" ws=()
+  if [ "${3:-}" = ws ]; then store="results/${opt}_ws_c3.sqlite" ws=(--weight-std); shift; fi
+  E=("${A[@]}" "${ws[@]}" --choose-seeds 3 --results "$store" --norms batchless --std-speed 0.1 --mean-speed 0.1
+     --no-decay-affine)
   if [ "${3:-}" = seeds10 ]; then E+=(--seeds 10 --batch-sizes "${BS:-64,256}"); fi
   $B sweep "${E[@]}"
   exit
