@@ -22,7 +22,7 @@ if have fashion; then  # the README's headline table, the lr choices, curves, JS
     --curves $D/fashion_curves.png > $D/fashion.md
   $B report --results results/fashion.sqlite --json > $D/fashion.json
   # the README's headline and the batch-size plot: test accuracy, rows named as the README names them
-  $B report --results results/fashion.sqlite --metrics test_acc --batch-sizes 1,4,16,64,256 \
+  $B report --results results/fashion.sqlite --metrics test_acc --batch-sizes 1,4,8,16,64,256 \
     --plot $D/fashion_batch_size.png | sed -e 's/^| bn |/| BatchNorm |/' \
     -e 's/^| gn |/| GroupNorm |/' -e 's/^| ln |/| LayerNorm |/' -e 's/^| batchless |/| batchless (paper) |/' \
     -e 's/^| batchless \[std_speed=0.1\] |/| batchless (`std_speed=0.1`: the previous default) |/' \
@@ -34,7 +34,7 @@ if have fashion_resnet; then
   $B report --results results/fashion_resnet.sqlite --json > $D/fashion_resnet.json
 fi
 for store in fashion_variants fashion_resnet_variants fashion_sgd fashion_sgd_ema fashion_adamw fashion_ws \
-    fashion_resnet_ws fashion_mlp; do
+    fashion_resnet_ws fashion_mlp fashion_demo; do
   if have $store; then
     curves=()  # the other optimizers' time to accuracy (issue 17): validation accuracy per epoch
     case $store in fashion_sgd|fashion_adamw|fashion_mlp) curves=(--curves $D/${store}_curves.png) ;; esac

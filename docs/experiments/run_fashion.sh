@@ -30,6 +30,9 @@
 #   run_fashion.sh target2 SIZES
 #                             issue 17's time to accuracy at batch sizes SIZES (e.g. 32,128): BatchNorm, GroupNorm,
 #                             the default, and the default with WS (into the ws store)
+#   run_fashion.sh demo-cell  the demo's batch-64 cell (`batchless demo`: 8,000 training images, 6 epochs, cosine,
+#                             the grid's centre rate 3e-3, no tuning) with 5 seeds: BatchNorm, GroupNorm, the
+#                             default, the default with WS (a user's first run, measured)
 #   run_fashion.sh mlp [SIZES]
 #                             issue 17's dense layers: an MLP (a norm on the input image, dense 256 x2 each
 #                             followed by a norm), every norm, the paper's layer, the default and the default
@@ -96,6 +99,11 @@ target2)
   $B sweep "${FAIR[@]}" --norms bn,gn --batch-sizes "$2" --results results/fashion.sqlite
   "$0" default-bs "$2"
   "$0" ws "$2" ;;
+demo-cell)
+  D=(--dataset fashion-mnist --num-samples 10000 --epochs 6 --schedule cosine --lr 3e-3 --std-speed 0.1 --mean-speed 0.1
+     --batch-sizes 64 --seeds 5 --jobs 2 --results results/fashion_demo.sqlite)
+  $B sweep "${D[@]}" --norms bn,gn,batchless
+  $B sweep "${D[@]}" --norms batchless --weight-std ;;
 mlp)
   for bs in ${2:-64 256 16 4}; do
     M=("${FAIR[@]}" --model mlp --choose-seeds 3 --batch-sizes "$bs" --results results/fashion_mlp.sqlite)
@@ -103,5 +111,5 @@ mlp)
     $B sweep "${M[@]}" --norms batchless --std-speed 0.1 --mean-speed 0.1
     $B sweep "${M[@]}" --norms batchless --std-speed 0.1 --mean-speed 0.1 --weight-std
   done ;;
-*) echo "usage: $0 main|seeds5|resnet|adamw|sgd|sgd-ema|variants|ws|target2|mlp" >&2; exit 2 ;;
+*) echo "usage: $0 main|seeds5|resnet|adamw|sgd|sgd-ema|variants|ws|target2|demo-cell|mlp" >&2; exit 2 ;;
 esac
