@@ -9,6 +9,9 @@
 #                             previous default) and with mu 10x slower too (--mean-speed 0.1, the library default)
 #   run_fashion.sh seeds5     the default, GroupNorm and BatchNorm at batch 16, 64, 256 with 5 seeds (2 more)
 #   run_fashion.sh resnet     ResNet-8 (norm after every conv) at batch 64, 10 epochs
+#   run_fashion.sh resnet-bs SIZES
+#                             issue 17 on ResNet-8 at other batch sizes (e.g. 256, 16): BatchNorm, GroupNorm and
+#                             the default, then the default with WS (into the resnet ws store)
 #   run_fashion.sh adamw      the CNN at batch 64 under AdamW, weight decay 0.05 on every parameter, as
 #                             AdamW(model.parameters()) gives it (batchless cancels it on its statistics),
 #                             the default layer, BatchNorm and GroupNorm also with weight standardization
@@ -60,6 +63,11 @@ resnet)  # ResNet-8 (width 16, a norm after every conv), 10 epochs, ${2:-2} runs
   $B sweep "${R[@]}" --norms none,bn,gn,ln,batchless
   $B sweep "${R[@]}" --norms batchless --std-speed 0.1
   $B sweep "${R[@]}" --norms batchless --std-speed 0.1 --mean-speed 0.1 ;;
+resnet-bs)
+  R=("${FAIR[@]}" --model resnet --epochs 10 --batch-sizes "$2" --results results/fashion_resnet.sqlite)
+  $B sweep "${R[@]}" --norms bn,gn
+  $B sweep "${R[@]}" --norms batchless --std-speed 0.1 --mean-speed 0.1
+  "$0" ws "$2" batchless resnet ;;
 adamw)
   W=("${FAIR[@]}" --optimizer adamw --weight-decay 0.05 --batch-sizes 64 --results results/fashion_adamw.sqlite)
   $B sweep "${W[@]}" --norms none,bn,gn,ln
@@ -111,5 +119,5 @@ mlp)
     $B sweep "${M[@]}" --norms batchless --std-speed 0.1 --mean-speed 0.1
     $B sweep "${M[@]}" --norms batchless --std-speed 0.1 --mean-speed 0.1 --weight-std
   done ;;
-*) echo "usage: $0 main|seeds5|resnet|adamw|sgd|sgd-ema|variants|ws|target2|demo-cell|mlp" >&2; exit 2 ;;
+*) echo "usage: $0 main|seeds5|resnet|resnet-bs|adamw|sgd|sgd-ema|variants|ws|target2|demo-cell|mlp" >&2; exit 2 ;;
 esac
