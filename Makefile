@@ -64,7 +64,7 @@ test-all: install
 	$(BIN)/python -m pytest -q
 
 lint: install
-	$(BIN)/ruff check src tests
+	$(BIN)/ruff check src tests docs/experiments
 
 # On a CUDA machine whose python3 already has torch (nothing installed): the CUDA tests, then the CUDA
 # speed (fused vs eager vs cuDNN BatchNorm) and memory benchmarks, written to $(GPU_OUT).

@@ -23,8 +23,8 @@ import json
 import sys
 
 import torch
-from torch.optim.optimizer import register_optimizer_step_post_hook
 from final_fit import run
+from torch.optim.optimizer import register_optimizer_step_post_hook
 
 import batchless as bl
 from batchless_experiments import data
@@ -47,7 +47,7 @@ def prepare(model):
     for block in model.modules():
         if isinstance(block, torch.nn.Sequential):
             kids = list(block.children())
-            pairs.extend((a, b) for a, b in zip(kids, kids[1:]) if isinstance(b, NORM_TYPES))
+            pairs.extend((a, b) for a, b in zip(kids, kids[1:], strict=False) if isinstance(b, NORM_TYPES))
     assert len(pairs) == 5, pairs  # 3 convs and 2 dense layers (the input's layer has no feeding layer)
     for feed, norm in pairs:
         group = [feed.weight, feed.bias] if variant == "nofeed" else (

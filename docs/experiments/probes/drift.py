@@ -5,8 +5,8 @@ the RMS of the layer's affine weight (gamma) and of its output, at a few steps o
 with ``adamw``, under AdamW (weight decay 0.05 on every parameter but the statistics, the layers' weight and bias
 decayed as before ``decay_affine``, or with ``exempt`` not: the library's default since).
 
-Usage: drift.py BS LR EPOCHS [ws] [norm=bn] [adamw [exempt]]. Prints one JSON record (test accuracy at 25/50/75/100 % of the
-run, the traces)."""
+Usage: drift.py BS LR EPOCHS [ws] [norm=bn] [adamw [exempt]]. Prints one JSON record (test accuracy at
+25/50/75/100 % of the run, the traces)."""
 import json
 import sys
 

@@ -1,8 +1,13 @@
 """Probe: how far do the learned statistics lag behind the batch statistics during training?"""
-import sys, json, math, torch
+import sys
+
+import torch
+
 import batchless as bl
-from batchless_experiments import data, train as T
+from batchless_experiments import data
+from batchless_experiments import train as T
 from batchless_experiments.train import Cell, TrainConfig, train_cell
+
 torch.set_num_threads(1)
 bs, lr, epochs = int(sys.argv[1]), float(sys.argv[2]), int(sys.argv[3])
 scale = float(sys.argv[4]) if len(sys.argv) > 4 else 1.0
@@ -14,7 +19,8 @@ def build(*a, **k):
     for name, layer in m.named_modules():
         if isinstance(layer, bl.BatchlessNorm2d) or isinstance(layer, bl.BatchlessNorm1d):
             def hook(mod, inp, out, name=name):
-                if not mod.training: return
+                if not mod.training:
+                    return
                 x = inp[0].detach()
                 dims = [0] + list(range(2, x.dim()))
                 mb, sb = x.mean(dims), x.std(dims) if x.numel() // x.shape[1] > 1 else None
@@ -27,7 +33,8 @@ def build(*a, **k):
     return m
 T.build_model = build
 splits = data.load("fashion-mnist", num_samples=12000)
-cfg = TrainConfig(dataset="fashion-mnist", epochs=epochs, lr=lr, num_samples=12000, schedule="cosine", stats_lr_scale=scale)
+cfg = TrainConfig(dataset="fashion-mnist", epochs=epochs, lr=lr, num_samples=12000, schedule="cosine",
+                  stats_lr_scale=scale)
 r = train_cell(Cell(cfg, "batchless", bs, 0), splits, progress=False)
 print(f"bs={bs} lr={lr} scale={scale} test={r.test_acc:.4f}", {h.epoch: h.test_acc for h in r.history if h.test_acc})
 n = len(next(iter(log.values())))

@@ -21,7 +21,7 @@ def build_model(*args, **kwargs) -> nn.Module:
     model = _build_model(*args, **kwargs)
     for module in model.modules():
         children = list(module.children())
-        for before, after in zip(children, children[1:]):
+        for before, after in zip(children, children[1:], strict=False):
             if (isinstance(after, (bl.BatchlessNorm1d, bl.BatchlessNorm2d, bl.BatchlessNorm3d))
                     and isinstance(before, (nn.Conv1d, nn.Conv2d, nn.Linear)) and before.bias is not None):
                 before.bias = None

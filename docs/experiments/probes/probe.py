@@ -10,12 +10,16 @@ and the run's: bs, epochs (8), lr (3e-3, cosine), seed, opt (adam, adamw + wd, s
 learning-rate multiplier for the statistics' parameter group; slow = which of them: both, std, mean),
 stats_opt (adam, or ema: the EMA-equivalent natural-gradient step), ws (batchless.standardize_weights on
 the layer feeding each norm; before 2026-12-07 a copy of the formula on the convs only), norm (batchless,
-or the library's bn / none), dataset (fashion-mnist, or mnist1d at its default size). It trains through batchless_experiments.train
-(cosine schedule, 12,000 images: 9,600 to train on) and prints one JSON line. Example:
+or the library's bn / none), dataset (fashion-mnist, or mnist1d at its default size). It trains through
+batchless_experiments.train (cosine schedule, 12,000 images: 9,600 to train on) and prints one JSON line. Example:
     .venv/bin/python docs/experiments/probes/probe.py '{"proj":"none","gain":0.1}' '{"bs":4,"lr":0.00075}'
 """
-import math, sys, json, torch
+import json
+import sys
+
+import torch
 from torch import nn
+
 
 class Fn(torch.autograd.Function):
     @staticmethod
@@ -56,17 +60,19 @@ class Fn(torch.autograd.Function):
             if L.raw is None:
                 L.raw = [mg, a, mgx, vx]
             else:
-                L.raw = [(1 - r) * o + r * n for o, n in zip(L.raw, [mg, a, mgx, vx])]
+                L.raw = [(1 - r) * o + r * n for o, n in zip(L.raw, [mg, a, mgx, vx], strict=True)]
             L.state = (L.raw[0], L.raw[1], L.raw[2] / L.raw[3].clamp_min(1e-6))
         return gx, g_mu, g_logs, g_gamma, g_beta, None
 
 class Proto(nn.Module):
     def __init__(self, c, proj="none", rate=0.1, k1=1.0, ky=1.0, w=1.0, gain=1.0):
         super().__init__()
-        self.mean = nn.Parameter(torch.zeros(c)); self.raw_std = nn.Parameter(torch.zeros(c))
-        self.weight = nn.Parameter(torch.ones(c)); self.bias = nn.Parameter(torch.zeros(c))
+        self.mean = nn.Parameter(torch.zeros(c))
+        self.raw_std = nn.Parameter(torch.zeros(c))
+        self.weight = nn.Parameter(torch.ones(c))
+        self.bias = nn.Parameter(torch.zeros(c))
         self.proj, self.rate, self.k1, self.ky, self.w = proj, rate, k1, ky, w
-        self.state = None; self.raw = None; self.gain = gain
+        self.state, self.raw, self.gain = None, None, gain
     @property
     def std(self): return (self.gain * self.raw_std).exp()
     def forward(self, x):
@@ -82,14 +88,17 @@ def init_from_data(model, x):
     with torch.no_grad():
         for layer in layers:
             got = {}
-            h = layer.register_forward_pre_hook(lambda m, inp: got.setdefault("x", inp[0]))
+            h = layer.register_forward_pre_hook(lambda m, inp, got=got: got.setdefault("x", inp[0]))
             model(x)
             h.remove()
-            t = got["x"]; dims = [0] + list(range(2, t.dim()))
-            layer.mean.copy_(t.mean(dims)); layer.raw_std.copy_(t.std(dims).clamp_min(1e-3).log() / layer.gain)
+            t = got["x"]
+            dims = [0] + list(range(2, t.dim()))
+            layer.mean.copy_(t.mean(dims))
+            layer.raw_std.copy_(t.std(dims).clamp_min(1e-3).log() / layer.gain)
     model.train()
 
-def run(norm_kwargs, bs=64, epochs=8, lr=3e-3, seed=0, stats_scale=1.0, wd=0.0, opt="adam", num_samples=12000, stats_opt="adam", ws=False, norm="batchless", slow="both", dataset="fashion-mnist"):
+def run(norm_kwargs, bs=64, epochs=8, lr=3e-3, seed=0, stats_scale=1.0, wd=0.0, opt="adam", num_samples=12000,
+        stats_opt="adam", ws=False, norm="batchless", slow="both", dataset="fashion-mnist"):
     import batchless_experiments.models as M
     import batchless_experiments.train as T
     from batchless_experiments import data
@@ -104,9 +113,11 @@ def run(norm_kwargs, bs=64, epochs=8, lr=3e-3, seed=0, stats_scale=1.0, wd=0.0, 
         T.standardize_weights = lambda m: bl.standardize_weights(
             m, before=(Proto, nn.BatchNorm1d, nn.BatchNorm2d, nn.Identity))
     pick = {"both": ("mean", "raw_std"), "std": ("raw_std",), "mean": ("mean",)}[slow]
-    M.statistics_parameters = lambda model: [getattr(m, n) for m in model.modules() if isinstance(m, Proto) for n in pick]
+    M.statistics_parameters = lambda model: [
+        getattr(m, n) for m in model.modules() if isinstance(m, Proto) for n in pick]
     T.statistics_parameters = M.statistics_parameters
-    T._data_init = lambda model, x, cfg, seed: init_from_data(model, x[torch.randperm(len(x), generator=torch.Generator().manual_seed(seed))[:1000]])
+    T._data_init = lambda model, x, cfg, seed: init_from_data(
+        model, x[torch.randperm(len(x), generator=torch.Generator().manual_seed(seed))[:1000]])
     T._nll_reader = lambda model: (lambda: torch.zeros(()))
     T.is_batchless = lambda n: n == "batchless"
     num_samples = num_samples if dataset == "fashion-mnist" else None  # (MNIST-1D: its default size)
@@ -118,7 +129,9 @@ def run(norm_kwargs, bs=64, epochs=8, lr=3e-3, seed=0, stats_scale=1.0, wd=0.0, 
     return r
 
 if __name__ == "__main__":
-    kw = json.loads(sys.argv[1]); run_kw = json.loads(sys.argv[2]) if len(sys.argv) > 2 else {}
+    kw = json.loads(sys.argv[1])
+    run_kw = json.loads(sys.argv[2]) if len(sys.argv) > 2 else {}
     r = run(kw, **run_kw)
-    print(json.dumps({"norm": kw, "run": run_kw, "test": r.test_acc, "curve": {h.epoch: h.test_acc for h in r.history if h.test_acc},
+    print(json.dumps({"norm": kw, "run": run_kw, "test": r.test_acc,
+                      "curve": {h.epoch: h.test_acc for h in r.history if h.test_acc},
                       "val": [round(h.val_acc, 4) for h in r.history]}), flush=True)
