@@ -95,3 +95,7 @@ done
 for seed in 0 1 2; do .venv/bin/python docs/experiments/probes/decay.py 2 0.00476 $seed both >> $R; done
 # AdamW at batch 2: the layers' gamma and output scale with weight and bias decayed (as before) and exempt (now)
 for f in adamw "adamw exempt"; do .venv/bin/python docs/experiments/probes/drift.py 2 0.00476 20 $f >> $R; done
+# BatchNorm's real batch noise on MNIST-1D at 64 (bnnoise_size.py), then a noise of that size, shared by the batch,
+# in the default (noise.py, N0 = 12: the std's noise of BatchNorm's conv layers)
+for seed in 0 1 2; do .venv/bin/python docs/experiments/probes/bnnoise_size.py 64 0.009 $seed >> $R; done
+for seed in 0 1 2 3 4; do .venv/bin/python docs/experiments/probes/noise.py 64 0.009 $seed 12 shared >> $R; done
