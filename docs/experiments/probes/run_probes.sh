@@ -99,3 +99,5 @@ for f in adamw "adamw exempt"; do .venv/bin/python docs/experiments/probes/drift
 # in the default (noise.py, N0 = 12: the std's noise of BatchNorm's conv layers)
 for seed in 0 1 2; do .venv/bin/python docs/experiments/probes/bnnoise_size.py 64 0.009 $seed >> $R; done
 for seed in 0 1 2 3 4; do .venv/bin/python docs/experiments/probes/noise.py 64 0.009 $seed 12 shared >> $R; done
+# BatchNorm's forward without its backward (bnfwd.py: batch statistics detached), with and without WS
+for seed in 0 1 2; do for f in "" ws; do .venv/bin/python docs/experiments/probes/bnfwd.py 64 0.009 $seed $f >> $R; done; done
