@@ -46,6 +46,7 @@ cd "$(dirname "$0")/../.."
 B=".venv/bin/batchless"
 FAIR=(--dataset fashion-mnist --num-samples 12000 --epochs 20 --schedule cosine --lr 3e-3 --lr-grid 0.333,1,3
       --seeds 3 --jobs 2)
+RESNET=("${FAIR[@]}" --model resnet --epochs 10 --results results/fashion_resnet.sqlite)  # ResNet-8, width 16
 case "${1:-main}" in
 main)  # batch size 1 last: its runs take 5 to 10 times longer than the others'
   for sizes in 4,16,64,256 1; do "$0" main-bs "$sizes"; "$0" variant-bs "$sizes"; "$0" default-bs "$sizes"; done ;;
@@ -59,12 +60,12 @@ seeds5)  # issue 17's comparisons at 16-256, where they hinge on 0.1-0.3 points:
   $B sweep "${F5[@]}" --norms batchless --std-speed 0.1 --mean-speed 0.1
   $B sweep "${F5[@]}" --norms gn,bn ;;
 resnet)  # ResNet-8 (width 16, a norm after every conv), 10 epochs, ${2:-2} runs at a time
-  R=("${FAIR[@]}" --model resnet --epochs 10 --jobs "${2:-2}" --batch-sizes 64 --results results/fashion_resnet.sqlite)
+  R=("${RESNET[@]}" --jobs "${2:-2}" --batch-sizes 64)
   $B sweep "${R[@]}" --norms none,bn,gn,ln,batchless
   $B sweep "${R[@]}" --norms batchless --std-speed 0.1
   $B sweep "${R[@]}" --norms batchless --std-speed 0.1 --mean-speed 0.1 ;;
 resnet-bs)
-  R=("${FAIR[@]}" --model resnet --epochs 10 --batch-sizes "$2" --results results/fashion_resnet.sqlite)
+  R=("${RESNET[@]}" --batch-sizes "$2")
   $B sweep "${R[@]}" --norms bn,gn
   $B sweep "${R[@]}" --norms batchless --std-speed 0.1 --mean-speed 0.1
   "$0" ws "$2" batchless resnet ;;

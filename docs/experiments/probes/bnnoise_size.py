@@ -20,7 +20,6 @@ from batchless_experiments import data
 
 torch.set_num_threads(1)
 bs, lr, seed = int(sys.argv[1]), float(sys.argv[2]), int(sys.argv[3])
-steps_per_epoch = None
 seen: dict[str, list] = {}
 
 
