@@ -20,7 +20,8 @@ from batchless_experiments.train import Cell, TrainConfig, train_cell
 torch.set_num_threads(1)
 bs, lr, epochs = int(sys.argv[1]), float(sys.argv[2]), int(sys.argv[3])
 flags = set(sys.argv[4:])
-norm = "bn" if "norm=bn" in flags else "batchless"
+opts = dict(f.split("=") for f in flags if "=" in f)
+norm = opts.get("norm", "batchless")
 trace: dict[str, list] = {}
 LAYERS = (bl.BatchlessNorm1d, bl.BatchlessNorm2d, torch.nn.BatchNorm1d, torch.nn.BatchNorm2d)
 
@@ -49,10 +50,13 @@ def build(*a, **k):
 
 
 T.build_model = build
-splits = data.load("mnist1d")
+task = ({"dataset": "fashion-mnist", "num_samples": 12000, "model": "resnet"} if "resnet" in flags
+        else {"dataset": "mnist1d"})
+splits = data.load(task["dataset"], num_samples=task.get("num_samples"))
 decay = {"optimizer": "adamw", "weight_decay": 0.05, "decay_affine": "exempt" not in flags} if "adamw" in flags else {}
-cfg = TrainConfig(dataset="mnist1d", epochs=epochs, lr=lr, schedule="cosine", weight_std="ws" in flags,
-                  **({"std_speed": 0.1, "mean_speed": 0.1} if norm == "batchless" else {}), **decay)
+speeds = {"std_speed": float(opts.get("std", 0.1)), "mean_speed": float(opts.get("mean", 0.1))}
+cfg = TrainConfig(**task, epochs=epochs, lr=lr, schedule="cosine", weight_std="ws" in flags,
+                  **(speeds if norm == "batchless" else {}), **decay)
 r = train_cell(Cell(cfg, norm, bs, 0), splits, progress=False)
 n = len(next(iter(trace.values())))
 pts = [p for p in (0, 10, 30, 100, 300, n // 4, n // 2, n - 1) if p < n]

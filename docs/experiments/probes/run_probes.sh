@@ -101,3 +101,11 @@ for seed in 0 1 2; do .venv/bin/python docs/experiments/probes/bnnoise_size.py 6
 for seed in 0 1 2 3 4; do .venv/bin/python docs/experiments/probes/noise.py 64 0.009 $seed 12 shared >> $R; done
 # BatchNorm's forward without its backward (bnfwd.py: batch statistics detached), with and without WS
 for seed in 0 1 2; do for f in "" ws; do .venv/bin/python docs/experiments/probes/bnfwd.py 64 0.009 $seed $f >> $R; done; done
+# The ResNet-8 at batch 256 (Fashion-MNIST, 10 epochs, seed 0): the default with WS, and BatchNorm (drift.py resnet)
+.venv/bin/python docs/experiments/probes/drift.py 256 0.006 10 ws resnet >> $R
+.venv/bin/python docs/experiments/probes/drift.py 256 0.006 10 norm=bn resnet >> $R
+# The statistics fast early, slow after (statswarm.py: their rate K-fold at the start, back to 1x by step N):
+# MNIST-1D at batch 256 (the default's rate, 0.018; with WS too), then the ResNet-8 at 256 with WS (seed 0)
+for k in 1 10 100; do for seed in 0 1 2; do .venv/bin/python docs/experiments/probes/statswarm.py 256 0.018 $seed $k 50 >> $R; done; done
+for k in 1 30 100; do for seed in 0 1 2; do .venv/bin/python docs/experiments/probes/statswarm.py 256 0.018 $seed $k 50 ws >> $R; done; done
+.venv/bin/python docs/experiments/probes/statswarm.py 256 0.006 0 30 100 ws resnet >> $R
