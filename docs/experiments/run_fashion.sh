@@ -9,8 +9,9 @@
 #                             previous default) and with mu 10x slower too (--mean-speed 0.1, the library default)
 #   run_fashion.sh seeds5     the default, GroupNorm and BatchNorm at batch 16, 64, 256 with 5 seeds (2 more)
 #   run_fashion.sh resnet     ResNet-8 (norm after every conv) at batch 64, 10 epochs
-#   run_fashion.sh resnet-bs SIZES
-#                             issue 17 on ResNet-8 at other batch sizes (e.g. 256, 16): BatchNorm, GroupNorm and
+#   run_fashion.sh resnet-bs SIZES [NORMS]
+#                             issue 17 on ResNet-8 at other batch sizes (e.g. 256, 16): NORMS (default bn,gn;
+#                             at batch 1-8, where target 1 is against the best batch-free norm, none,bn,gn,ln) and
 #                             the default, then the default with WS (into the resnet ws store)
 #   run_fashion.sh adamw      the CNN at batch 64 under AdamW, weight decay 0.05 on every parameter, as
 #                             AdamW(model.parameters()) gives it (batchless cancels it on its statistics),
@@ -66,7 +67,7 @@ resnet)  # ResNet-8 (width 16, a norm after every conv), 10 epochs, ${2:-2} runs
   $B sweep "${R[@]}" --norms batchless --std-speed 0.1 --mean-speed 0.1 ;;
 resnet-bs)
   R=("${RESNET[@]}" --batch-sizes "$2")
-  $B sweep "${R[@]}" --norms bn,gn
+  $B sweep "${R[@]}" --norms "${3:-bn,gn}"
   $B sweep "${R[@]}" --norms batchless --std-speed 0.1 --mean-speed 0.1
   "$0" ws "$2" batchless resnet ;;
 adamw)
