@@ -17,21 +17,29 @@ have() {  # snapshots the store (snapshot_store.py); one with no cell yet counts
   return 1
 }
 
+# the README's headline tables name the rows as the README does
+NAMES=(-e 's/^| bn /| BatchNorm /' -e 's/^| gn /| GroupNorm /' -e 's/^| ln /| LayerNorm /'
+       -e 's/^| batchless |/| batchless (paper) |/'
+       -e 's/^| batchless \[std_speed=0.1\] |/| batchless (`std_speed=0.1`: the previous default) |/'
+       -e 's/^| batchless \[mean_speed=0.1, std_speed=0.1\] |/| batchless (default) |/'
+       -e 's/^| batchless \[mean_speed=0.1, std_speed=0.1, weight_std=True\] |/| batchless (default) [weight_std=True] |/'
+       -e 's/ \[weight_std=True\] |/ + `standardize_weights` |/')
 if have fashion; then  # the README's headline table, the lr choices, curves, JSON
   $B report --results results/fashion.sqlite --metrics test_acc,test_acc_25,test_acc_50,lr,val_acc_best,wall_s \
     --curves $D/fashion_curves.png > $D/fashion.md
   $B report --results results/fashion.sqlite --json > $D/fashion.json
-  # the README's headline and the batch-size plot: test accuracy, rows named as the README names them
+  # the README's headline and the batch-size plot: test accuracy
   $B report --results results/fashion.sqlite --metrics test_acc --batch-sizes 1,2,4,8,16,64,256 \
-    --plot $D/fashion_batch_size.png | sed -e 's/^| bn |/| BatchNorm |/' \
-    -e 's/^| gn |/| GroupNorm |/' -e 's/^| ln |/| LayerNorm |/' -e 's/^| batchless |/| batchless (paper) |/' \
-    -e 's/^| batchless \[std_speed=0.1\] |/| batchless (`std_speed=0.1`: the previous default) |/' \
-    -e 's/^| batchless \[mean_speed=0.1, std_speed=0.1\] |/| batchless (default) |/' > $D/fashion_headline.md
+    --plot $D/fashion_batch_size.png | sed "${NAMES[@]}" > $D/fashion_headline.md
 fi
 if have fashion_resnet; then
   $B report --results results/fashion_resnet.sqlite --metrics test_acc,lr --curves $D/fashion_resnet_curves.png \
     > $D/fashion_resnet.md
   $B report --results results/fashion_resnet.sqlite --json > $D/fashion_resnet.json
+fi
+if have fashion_resnet && have fashion_resnet_ws; then  # the README's ResNet table: test accuracy
+  $B report --results results/fashion_resnet.sqlite results/fashion_resnet_ws.sqlite --metrics test_acc \
+    --batch-sizes 4,8,16,32,64,256 | sed "${NAMES[@]}" > $D/fashion_resnet_headline.md
 fi
 for store in fashion_variants fashion_resnet_variants fashion_sgd fashion_sgd_ema fashion_adamw fashion_ws \
     fashion_resnet_ws fashion_mlp fashion_demo; do
