@@ -9,7 +9,6 @@ Usage: statswarm.py BS LR SEED K N [ws] [resnet]. MNIST-1D (final_fit.run, 20 ep
 Fashion-MNIST ResNet-8 of the fair protocol (12,000 images, 10 epochs). Prints one JSON record (test accuracy
 at 25/50/75/100 % of the run)."""
 import json
-import math
 import sys
 
 import torch
@@ -23,17 +22,19 @@ bs, lr, seed, k, n = int(sys.argv[1]), float(sys.argv[2]), int(sys.argv[3]), flo
 flags = set(sys.argv[6:])
 
 
+_schedulers = T._schedulers
+
+
 def schedulers(opts, cfg, steps):
-    """The cosine of train._schedulers on every group; the statistics' group (the main optimizer's second)
-    also boosted K-fold at the start, linearly back to 1 by step N."""
-    def cosine(t):
-        return 0.5 * (1.0 + math.cos(math.pi * min(t / steps, 1.0)))
+    """train._schedulers' cosine on every group; the statistics' group (the main optimizer's second) also
+    boosted K-fold at the start, linearly back to 1 by step N."""
+    ((main,), (cosine_scheduler,)) = opts, _schedulers(opts, cfg, steps)
+    cosine = cosine_scheduler.lr_lambdas[0]
+    assert len(main.param_groups) == 2, "the statistics in the main optimizer's second group"
 
     def boosted(t):
         return cosine(t) * (1.0 + (k - 1.0) * max(0.0, 1.0 - t / n))
 
-    (main,) = opts
-    assert len(main.param_groups) == 2, "the statistics in the main optimizer's second group"
     return [torch.optim.lr_scheduler.LambdaLR(main, [cosine, boosted])]
 
 
