@@ -39,7 +39,7 @@ if have fashion_resnet; then
 fi
 if have fashion_resnet && have fashion_resnet_ws; then  # the README's ResNet table: test accuracy
   $B report --results results/fashion_resnet.sqlite results/fashion_resnet_ws.sqlite --metrics test_acc \
-    --batch-sizes 4,8,16,32,64,256 | sed "${NAMES[@]}" > $D/fashion_resnet_headline.md
+    --batch-sizes 2,4,8,16,32,64,256 | sed "${NAMES[@]}" > $D/fashion_resnet_headline.md
 fi
 for store in fashion_variants fashion_resnet_variants fashion_sgd fashion_sgd_ema fashion_adamw fashion_ws \
     fashion_resnet_ws fashion_mlp fashion_demo; do
