@@ -22,7 +22,7 @@ bs, lr, seed, k, n = int(sys.argv[1]), float(sys.argv[2]), int(sys.argv[3]), flo
 flags = set(sys.argv[6:])
 
 
-_schedulers = T._schedulers
+_schedulers = T._schedulers  # the original: schedulers() below replaces it in train
 
 
 def schedulers(opts, cfg, steps):
